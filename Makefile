@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh Debian/Ubuntu machine:
+#   make demo   set up, then run the main job on generated data (now: the loader benchmark)
+#   make test   set up, then run the test suite
+# Setup installs what is missing: ffcv's system libraries (apt), a virtual environment in .venv,
+# and `pip install -e .[all]` into it (re-run only when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps demo test bench clean
+
+setup: $(VENV)/.installed
+
+system-deps:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		echo "installing ffcv's system libraries: $(APT_PACKAGES)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | system-deps
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[all]"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/viewpipe bench
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	$(VENV)/bin/viewpipe state clean 2>/dev/null || true

@@ -1,0 +1,167 @@
+"""`viewpipe bench`: images/s and views/s of each backend beside the decode-only ceiling, in one run,
+so the ratios hold on a noisy machine. Speed is judged here, never in tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from viewpipe.augment import preset
+from viewpipe.crop import CropConfig
+from viewpipe.errors import ViewpipeError
+from viewpipe.pipelines import BACKENDS, LoaderConfig, get_backend
+from viewpipe.pipelines.reference import DecodeDataset
+from viewpipe.sources import Source, open_source
+from viewpipe.state import SampleState
+from viewpipe.synthetic import make_folder
+
+
+@dataclass
+class BenchRow:
+    name: str
+    images: int
+    seconds: float
+    views: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def views_per_s(self) -> float:
+        return self.images * self.views / self.seconds
+
+
+def machine() -> str:
+    """One line naming the CPU (and GPU) this ran on."""
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        desc += f", {torch.cuda.get_device_name()}"
+    return desc
+
+
+def generated_data(n: int = 1024) -> Path:
+    """The default benchmark data: generated JPEGs of varied sizes, made once and cached."""
+    cache = Path(os.environ.get("VIEWPIPE_CACHE", Path.home() / ".cache" / "viewpipe"))
+    root = cache / f"synthetic-v1-{n}"
+    if not root.exists():  # made under a temporary name and renamed: a folder there is complete
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".synthetic-"))
+        make_folder(tmp, n=n, progress=True)
+        try:
+            tmp.rename(root)
+        except OSError:  # another run made it meanwhile
+            shutil.rmtree(tmp)
+    return root
+
+
+def time_batches(loader: Iterable, batches: int, views: int, name: str, count: Callable[[Any], int]) -> BenchRow:
+    """Time `batches` batches after one warm-up batch (worker start-up), cycling epochs if needed;
+    `count(batch)` is the number of images in a batch."""
+    from tqdm import tqdm
+
+    it = iter(loader)
+    next(it)
+    images, t0 = 0, time.perf_counter()
+    for _ in tqdm(range(batches), desc=name, unit="batch", leave=False, disable=None):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        images += count(batch)
+    return BenchRow(name, images, time.perf_counter() - t0, views)
+
+
+def run(
+    source: Source, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0
+) -> list[BenchRow]:
+    """Decode ceiling, then each backend with boxes and without (plain RandomResizedCrop)."""
+    if batches < 1:
+        raise ViewpipeError(f"--batches must be at least 1, got {batches}")
+    if len(source) < 2 * cfg.batch_size:
+        raise ViewpipeError(
+            f"the data has {len(source)} images, fewer than two batches of {cfg.batch_size}; lower --batch-size"
+        )
+    decode = DataLoader(
+        DecodeDataset(source), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+        collate_fn=lambda items: items,
+    )
+    rows = [time_batches(decode, batches, 1, "decode only (PIL, ceiling)", len)]
+    rng = np.random.default_rng(seed)
+    with SampleState.create(len(source)) as state:
+        lo = rng.uniform(0.0, 0.5, size=(len(source), 2))
+        state.set_boxes(np.concatenate([lo, lo + rng.uniform(0.2, 0.5, size=(len(source), 2))], 1).astype(np.float32))
+        for name in backends:
+            factory = get_backend(name)
+            for use_box in (True, False):
+                c = replace(cfg, crop=replace(cfg.crop, use_box=use_box))
+                label = f"{name}, {cfg.views} views, {'ContrastiveCrop boxes' if use_box else 'RandomResizedCrop'}"
+                loader = factory(source, c, state)
+                rows.append(time_batches(loader, batches, cfg.views, label, lambda b: len(b[2])))
+    return rows
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure loader throughput beside the decode ceiling",
+                       description=__doc__)
+    p.add_argument("--data", help="image folder or .npz JPEG collection (default: generated images)")
+    p.add_argument("--split", default="train", help="split of a .npz collection (default: train)")
+    p.add_argument("--backend", action="append", choices=sorted(BACKENDS),
+                   help="backend(s) to measure (repeatable; default: all installed)")
+    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per row, after one warm-up batch")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--size", type=int, default=224, help="output side of each view")
+    p.add_argument("--alpha", type=float, default=0.6, help="Beta(α, α) of ContrastiveCrop")
+    p.add_argument("--preset", default="mocov2", help="augmentation preset")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    source = open_source(args.data, args.split) if args.data else open_source(generated_data())
+    cfg = LoaderConfig(
+        views=args.views, batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
+        augment=preset(args.preset, size=args.size), workers=args.workers,
+    )
+    rows = run(source, args.backend or sorted(BACKENDS), cfg, args.batches)
+    where = args.data or "generated images"
+    if args.json:
+        out = {"data": str(where), "images": len(source), "machine": machine(), "config": {
+            "views": cfg.views, "batch_size": cfg.batch_size, "batches": args.batches, "workers": cfg.workers,
+            "size": args.size, "alpha": args.alpha, "preset": args.preset},
+            "rows": [asdict(r) | {"images_per_s": r.images_per_s, "views_per_s": r.views_per_s} for r in rows]}
+        print(json.dumps(out, indent=2))
+        return 0
+    ceiling = rows[0].images_per_s
+    print(f"viewpipe bench: {where} ({len(source)} images), {cfg.views} views of {args.size}px, "
+          f"batch {cfg.batch_size} × {args.batches}, {cfg.workers} workers")
+    print(f"machine: {machine()}")
+    print(f"{'':48s} {'images/s':>10s} {'views/s':>10s} {'of decode':>10s}")
+    for r in rows:
+        views = f"{r.views_per_s:10.1f}" if r.views > 1 else f"{'-':>10s}"
+        print(f"{r.name:48s} {r.images_per_s:10.1f} {views} {r.images_per_s / ceiling:10.2f}")
+    return 0

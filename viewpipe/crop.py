@@ -1,0 +1,203 @@
+"""ContrastiveCrop window sampler (CVPR 2022), exactly as the authors' fixed code (SPEC.md §1).
+
+Per view: up to `tries` RandomResizedCrop (scale, ratio) proposals; the first that fits gives the size;
+its top-left corner is the box edge minus half the crop, both bounds clamped into the image, plus
+(hi - lo) · Beta(α, α) — an independent draw per axis. α < 1 makes the Beta U-shaped, pushing crop
+centres to the box's edges so two views overlap less. If no proposal fits: RandomResizedCrop's centre crop.
+With `use_box=False` the corner is uniform over all positions: plain RandomResizedCrop.
+
+The random numbers are drawn apart from the arithmetic (`draw`) so that every implementation — NumPy
+here for the reference loader and DALI, the numba kernel for FFCV — gives identical windows from
+identical draws, which the tests check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Crop-window sampling: α of the Beta, RandomResizedCrop's scale and ratio ranges, the number of tries."""
+
+    alpha: float = 0.6
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    use_box: bool = True
+    tries: int = 10
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must satisfy 0 < min <= max, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if self.tries < 1:
+            raise ValueError(f"tries must be >= 1, got {self.tries}")
+
+
+class CropDraws(NamedTuple):
+    """The random numbers behind n windows: scale and log-ratio uniforms per try, and the corner draws
+    (Beta(α, α) with boxes, uniform without), all in [0, 1)."""
+
+    scale: np.ndarray  # (n, tries) float64
+    log_ratio: np.ndarray  # (n, tries) float64
+    corner: np.ndarray  # (n, 2) float64: rows, columns
+
+
+def draw(rng: np.random.Generator, n: int, cfg: CropConfig) -> CropDraws:
+    """Draw the random numbers for n windows."""
+    corner = rng.beta(cfg.alpha, cfg.alpha, size=(n, 2)) if cfg.use_box else rng.random((n, 2))
+    # Beta draws can round to exactly 1.0 in float64; the pseudo-code assumes [0, 1).
+    corner = np.minimum(corner, np.nextafter(1.0, 0.0))
+    return CropDraws(rng.random((n, cfg.tries)), rng.random((n, cfg.tries)), corner)
+
+
+def windows_from_draws(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, cfg: CropConfig) -> np.ndarray:
+    """Crop windows (n, 4) int32 as (top, left, height, width) in pixels, vectorised over the batch.
+
+    sizes: (n, 2) image (height, width); boxes: (n, 4) normalised (h0, w0, h1, w1), valid rows.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    H, W = sizes[:, 0:1].astype(np.float64), sizes[:, 1:2].astype(np.float64)
+    area = H * W
+    target = area * (cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * draws.scale)
+    lo, hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    aspect = np.exp(lo + (hi - lo) * draws.log_ratio)
+    w = np.rint(np.sqrt(target * aspect))
+    h = np.rint(np.sqrt(target / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.argmax(axis=1)
+    found = fits[np.arange(len(sizes)), first]
+    pick = (np.arange(len(sizes)), first)
+    h, w = h[pick].astype(np.int64), w[pick].astype(np.int64)
+    Hi, Wi = sizes[:, 0], sizes[:, 1]
+
+    if cfg.use_box:
+        b = np.asarray(boxes, dtype=np.float64)
+        top_lo = np.clip((Hi * b[:, 0]).astype(np.int64) - h // 2, 0, Hi - h)
+        top_hi = np.clip((Hi * b[:, 2]).astype(np.int64) - h // 2, 0, Hi - h)
+        left_lo = np.clip((Wi * b[:, 1]).astype(np.int64) - w // 2, 0, Wi - w)
+        left_hi = np.clip((Wi * b[:, 3]).astype(np.int64) - w // 2, 0, Wi - w)
+        top = top_lo + ((top_hi - top_lo) * draws.corner[:, 0]).astype(np.int64)
+        left = left_lo + ((left_hi - left_lo) * draws.corner[:, 1]).astype(np.int64)
+    else:
+        top = ((Hi - h + 1) * draws.corner[:, 0]).astype(np.int64)
+        left = ((Wi - w + 1) * draws.corner[:, 1]).astype(np.int64)
+
+    if not found.all():
+        fh, fw = _fallback_size(Hi, Wi, cfg.ratio)
+        miss = ~found
+        h[miss], w[miss] = fh[miss], fw[miss]
+        top[miss], left[miss] = (Hi[miss] - fh[miss]) // 2, (Wi[miss] - fw[miss]) // 2
+    return np.stack([top, left, h, w], axis=1).astype(np.int32)
+
+
+def _fallback_size(H: np.ndarray, W: np.ndarray, ratio: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """RandomResizedCrop's fallback: the largest centred crop whose aspect ratio lies in `ratio`."""
+    in_ratio = W / H
+    w = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.rint(H * ratio[1]), W))
+    h = np.where(in_ratio < ratio[0], np.rint(W / ratio[0]), H)
+    return h.astype(np.int64), w.astype(np.int64)
+
+
+class CropSampler:
+    """Draws crop windows for batches of (size, box) with its own seeded generator.
+
+    >>> sampler = CropSampler(CropConfig(alpha=0.6), seed=0)
+    >>> sampler(np.array([[480, 640]]), np.array([[0.2, 0.3, 0.7, 0.9]]))  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: CropConfig = CropConfig(), seed: int | np.random.SeedSequence | None = None) -> None:
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, sizes: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
+        sizes = np.asarray(sizes).reshape(-1, 2)
+        if boxes is None:
+            boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(sizes), 1))
+        return windows_from_draws(sizes, boxes, draw(self.rng, len(sizes), self.cfg), self.cfg)
+
+
+def _windows_loop(sizes, boxes, u_scale, u_ratio, corner, smin, smax, rmin, rmax, use_box, out):  # noqa: ANN001
+    """The sampler as a plain loop over samples: the body of the numba kernel (see `windows_kernel`)."""
+    rlo = math.log(rmin)
+    rhi = math.log(rmax)
+    for n in range(sizes.shape[0]):
+        H = sizes[n, 0]
+        W = sizes[n, 1]
+        area = float(H) * float(W)
+        found = False
+        h = 0
+        w = 0
+        for t in range(u_scale.shape[1]):
+            target = area * (smin + (smax - smin) * u_scale[n, t])
+            aspect = math.exp(rlo + (rhi - rlo) * u_ratio[n, t])
+            w = int(np.rint(math.sqrt(target * aspect)))
+            h = int(np.rint(math.sqrt(target / aspect)))
+            if 0 < w <= W and 0 < h <= H:
+                found = True
+                break
+        if found:
+            if use_box:
+                top_lo = min(max(int(H * float(boxes[n, 0])) - h // 2, 0), H - h)
+                top_hi = min(max(int(H * float(boxes[n, 2])) - h // 2, 0), H - h)
+                left_lo = min(max(int(W * float(boxes[n, 1])) - w // 2, 0), W - w)
+                left_hi = min(max(int(W * float(boxes[n, 3])) - w // 2, 0), W - w)
+                top = top_lo + int((top_hi - top_lo) * corner[n, 0])
+                left = left_lo + int((left_hi - left_lo) * corner[n, 1])
+            else:
+                top = int((H - h + 1) * corner[n, 0])
+                left = int((W - w + 1) * corner[n, 1])
+        else:
+            in_ratio = W / H
+            if in_ratio < rmin:
+                w = W
+                h = int(np.rint(W / rmin))
+            elif in_ratio > rmax:
+                h = H
+                w = int(np.rint(H * rmax))
+            else:
+                w = W
+                h = H
+            top = (H - h) // 2
+            left = (W - w) // 2
+        out[n, 0] = top
+        out[n, 1] = left
+        out[n, 2] = h
+        out[n, 3] = w
+
+
+@cache
+def windows_kernel() -> Callable[..., None]:
+    """The numba-compiled sampler, callable from other numba code (FFCV operations):
+    `kernel(sizes int64 (n,2), boxes (n,4), u_scale, u_ratio (n,T), corner (n,2), scale_min, scale_max,
+    ratio_min, ratio_max, use_box, out int32 (n,4))`."""
+    import numba
+
+    return numba.njit(cache=False, nogil=True)(_windows_loop)
+
+
+def windows_numba(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, cfg: CropConfig) -> np.ndarray:
+    """`windows_from_draws` computed by the numba kernel."""
+    out = np.empty((len(sizes), 4), dtype=np.int32)
+    windows_kernel()(
+        np.ascontiguousarray(sizes, dtype=np.int64),
+        np.ascontiguousarray(boxes, dtype=np.float64),
+        draws.scale,
+        draws.log_ratio,
+        draws.corner,
+        float(cfg.scale[0]),
+        float(cfg.scale[1]),
+        float(cfg.ratio[0]),
+        float(cfg.ratio[1]),
+        bool(cfg.use_box),
+        out,
+    )
+    return out

@@ -1,0 +1,138 @@
+"""Where encoded images come from: an ImageNet-style folder or a `.npz` JPEG collection (../shared/data).
+
+A source is a list of samples (encoded bytes + label) addressed by index; the sample's index is its row
+in the SampleState. Sources pickle cheaply (the `.npz` arrays are memory-mapped, not copied), so
+DataLoader workers started by fork, spawn or forkserver all share the same pages.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import ViewpipeError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class Source(Protocol):
+    """Encoded images addressed by sample index."""
+
+    classes: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> bytes: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+class FolderSource:
+    """`root/<class>/**/<file>` as torchvision's ImageFolder: class index = position in the sorted folder names."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        root = Path(root)
+        if not root.exists():
+            raise ViewpipeError(f"{root}: no such file or folder; give an image folder (root/<class>/<image>) or a .npz")
+        if not root.is_dir():
+            raise ViewpipeError(f"{root}: not a folder; give an image folder (root/<class>/<image>) or a .npz")
+        self.root = root
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not self.classes:
+            raise ViewpipeError(f"{root}: no class folders; expected root/<class>/<image> as torchvision's ImageFolder")
+        paths: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+                for f in sorted(files):
+                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                        paths.append(os.path.join(dirpath, f))
+                        labels.append(label)
+        if not paths:
+            raise ViewpipeError(
+                f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under its {len(self.classes)} class folders"
+            )
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, index: int) -> bytes:
+        try:
+            with open(self.paths[index], "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise ViewpipeError(f"{self.paths[index]}: cannot read ({exc.strerror}); fix its permissions or remove it") from None
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+
+def _npz_member(path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
+    """Memory-map an uncompressed `.npy` member of a `.npz`, or load it if it is compressed."""
+    info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return np.load(zf.open(member), allow_pickle=False)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ViewpipeError(f"{path}: member {member} holds Python objects; viewpipe reads plain arrays only")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+class NpzSource:
+    """A `.npz` JPEG collection: `<split>_jpeg` (concatenated files), `<split>_offsets`, `<split>_labels`."""
+
+    def __init__(self, path: str | os.PathLike[str], split: str = "train") -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ViewpipeError(f"{path}: no such file")
+        self.path, self.split = path, split
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = {n.removesuffix(".npy") for n in zf.namelist()}
+                needed = [f"{split}_jpeg", f"{split}_offsets", f"{split}_labels"]
+                if missing := [n for n in needed if n not in names]:
+                    splits = sorted(n.removesuffix("_jpeg") for n in names if n.endswith("_jpeg"))
+                    raise ViewpipeError(f"{path}: no split {split!r} (missing {', '.join(missing)}); splits: {splits}")
+                self.jpeg, self.offsets, self.labels = (_npz_member(path, zf, f"{n}.npy") for n in needed)
+                self.src = _npz_member(path, zf, f"{split}_src_path.npy") if f"{split}_src_path" in names else None
+                class_key = next((k for k in ("class_names", "class_wnids") if k in names), None)
+                self.classes = [str(c) for c in np.load(zf.open(f"{class_key}.npy"))] if class_key else []
+        except (zipfile.BadZipFile, ValueError, OSError) as exc:
+            raise ViewpipeError(f"{path}: not a readable .npz JPEG collection ({exc})") from None
+        if not self.classes:
+            self.classes = [str(c) for c in range(int(self.labels.max()) + 1)]
+        if len(self.offsets) != len(self.labels) + 1:
+            raise ViewpipeError(f"{path}: {split}_offsets must have one more entry than {split}_labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, index: int) -> bytes:
+        return self.jpeg[int(self.offsets[index]) : int(self.offsets[index + 1])].tobytes()
+
+    def describe(self, index: int) -> str:
+        where = f"{self.path}[{self.split}][{index}]"
+        return f"{where} ({self.src[index].decode(errors='replace')})" if self.src is not None else where
+
+
+def open_source(path: str | os.PathLike[str], split: str = "train") -> Source:
+    """A folder → `FolderSource`; a `.npz` → `NpzSource` of `split`."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return NpzSource(path, split)
+    return FolderSource(path)

@@ -1,0 +1,462 @@
+"""SampleState: per-sample tables (boxes, heatmaps, neighbours) in named shared memory.
+
+One writer (the trainer) publishes whole tables; any number of readers in other processes (DataLoader,
+DALI and FFCV workers) attach by name and read rows while training runs, so an update reaches running
+loaders without restarting them — the ContrastiveCrop official code only sees new boxes because it
+re-creates its workers every epoch.
+
+Consistency: every table is double-buffered. The writer fills the inactive copy and then publishes it by
+bumping the table's generation; a reader copies rows from the active copy and accepts them only if the
+writer has not started refilling that copy meanwhile (a seqlock over two buffers). Readers never wait
+for a writer and never see a torn row; a writer killed mid-update leaves the last published table intact.
+This relies on aligned 8-byte loads and stores being atomic and stores staying in program order, as on
+x86-64 (the platform DALI and FFCV run on).
+
+Lifetime: segments live in /dev/shm as `viewpipe.<name>`. The creating process removes them at exit and on
+SIGTERM (Ctrl-C reaches exit as KeyboardInterrupt); a segment whose owner died by kill -9 is recognised
+by its header (owner pid and process start time) and reclaimed by the next `SampleState.create` or by
+`viewpipe state clean`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ViewpipeError
+
+SHM_DIR = Path(os.environ.get("VIEWPIPE_SHM_DIR", "/dev/shm"))
+PREFIX = "viewpipe."
+_MAGIC = int.from_bytes(b"VIEWPIP1", "little")
+_LAYOUT = 1
+_HEADER_BYTES = 4096
+_ALIGN = 64
+
+# Header: int64 words.
+_H_MAGIC, _H_LAYOUT, _H_PID, _H_START, _H_N, _H_HEAT, _H_NEIGH, _H_VERSION, _H_EPOCH = range(9)
+_H_TABLES = 16  # per table: generation, started, invalid rows in the last update, invalid rows in all updates
+_TABLES = ("boxes", "heatmaps", "neighbours")
+_FULL_BOX = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
+_UNBORN_GRACE_S = 60.0  # a segment without a header this old was abandoned during creation
+
+
+def _process_start(pid: int) -> int:
+    """Start time of a process in clock ticks since boot (guards against pid reuse); -1 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    return pid > 0 and _process_start(pid) == start
+
+
+@dataclass(frozen=True)
+class _Layout:
+    n: int
+    heatmap_size: int
+    n_neighbours: int
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        shapes = {"boxes": ((self.n, 4), np.dtype(np.float32))}
+        if self.heatmap_size:
+            shapes["heatmaps"] = ((self.n, self.heatmap_size, self.heatmap_size), np.dtype(np.uint8))
+        if self.n_neighbours:
+            shapes["neighbours"] = ((self.n, self.n_neighbours), np.dtype(np.int32))
+        return shapes
+
+    def offsets(self) -> tuple[dict[str, tuple[int, int]], int]:
+        """Byte offsets of both buffers of each table, and the total segment size."""
+        pos, out = _HEADER_BYTES, {}
+        for name, (shape, dtype) in self.shapes().items():
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            first = pos
+            second = first + -(-nbytes // _ALIGN) * _ALIGN
+            pos = second + -(-nbytes // _ALIGN) * _ALIGN
+            out[name] = (first, second)
+        return out, pos
+
+
+def sanitize_boxes(boxes: np.ndarray) -> tuple[np.ndarray, int]:
+    """Replace invalid rows (non-finite, outside [0, 1], h1 <= h0 or w1 <= w0) by the full image; count them."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    h0, w0, h1, w1 = boxes.T
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(boxes).all(1) & (boxes >= 0).all(1) & (boxes <= 1).all(1) & (h1 > h0) & (w1 > w0)
+    bad = int((~ok).sum())
+    if bad:
+        boxes = boxes.copy()
+        boxes[~ok] = _FULL_BOX
+    return boxes, bad
+
+
+def sanitize_neighbours(neighbours: np.ndarray, n: int, own: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Replace rows holding an index outside [0, n) by the sample's own index (`own`, default the row
+    number); count them."""
+    neighbours = np.asarray(neighbours, dtype=np.int32)
+    ok = ((neighbours >= 0) & (neighbours < n)).all(1)
+    own = np.arange(len(neighbours)) if own is None else np.asarray(own)
+    return np.where(ok[:, None], neighbours, own[:, None]).astype(np.int32), int((~ok).sum())
+
+
+class SampleState:
+    """Named shared-memory tables, one row per sample: boxes (N×4 float32, normalised (h0, w0, h1, w1)),
+    optional heatmaps (N×K×K uint8) and neighbours (N×k int32), with a version and an epoch counter.
+
+    Create it in the trainer with `SampleState.create(n, ...)`; pass it (or its `name`) to loaders, whose
+    processes `SampleState.attach(name)` (pickling does that automatically).
+    """
+
+    def __init__(self, name: str, fd: int, mm: mmap.mmap, owner: bool) -> None:
+        self.name = name
+        self._fd = fd
+        self._mm = mm
+        self._owner_pid = os.getpid() if owner else -1
+        self._header = np.frombuffer(mm, dtype=np.int64, count=_HEADER_BYTES // 8)
+        if self._header[_H_MAGIC] != _MAGIC or self._header[_H_LAYOUT] != _LAYOUT:
+            raise ViewpipeError(f"shared segment {self.path} is not a viewpipe sample state (or of another version)")
+        self.layout = _Layout(*(int(self._header[i]) for i in (_H_N, _H_HEAT, _H_NEIGH)))
+        offsets, _ = self.layout.offsets()
+        self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for t, (shape, dtype) in self.layout.shapes().items():
+            count = int(np.prod(shape))
+            self._buffers[t] = tuple(  # type: ignore[assignment]
+                np.frombuffer(mm, dtype=dtype, count=count, offset=off).reshape(shape) for off in offsets[t]
+            )
+
+    # ------------------------------------------------------------------ creation and attachment
+    @classmethod
+    def create(
+        cls, n: int, *, name: str | None = None, heatmap_size: int = 0, neighbours: int = 0
+    ) -> SampleState:
+        """Create the segment (full-image boxes, zero heatmaps, each sample its own neighbour) and own it."""
+        if n <= 0:
+            raise ViewpipeError(f"a sample state needs at least one sample, got n={n}")
+        reclaim_stale()
+        name = name or f"{os.getpid()}-{secrets.token_hex(4)}"
+        path = SHM_DIR / f"{PREFIX}{name}"
+        layout = _Layout(int(n), int(heatmap_size), int(neighbours))
+        _, size = layout.offsets()
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except FileExistsError:
+            raise ViewpipeError(
+                f"shared segment {path} already exists and its owner is alive; choose another name "
+                "or stop that run (`viewpipe state list` shows owners)"
+            ) from None
+        except OSError as exc:
+            raise ViewpipeError(f"cannot create shared segment {path} ({exc.strerror}); is /dev/shm mounted?") from None
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise ViewpipeError(
+                f"cannot size shared segment {path} to {size} bytes ({exc.strerror}); free space in /dev/shm"
+            ) from None
+        header = np.frombuffer(mm, dtype=np.int64, count=_HEADER_BYTES // 8)
+        header[_H_PID] = os.getpid()
+        header[_H_START] = _process_start(os.getpid())
+        header[_H_N], header[_H_HEAT], header[_H_NEIGH] = layout.n, layout.heatmap_size, layout.n_neighbours
+        header[_H_LAYOUT] = _LAYOUT
+        header[_H_MAGIC] = _MAGIC  # written last: a header with magic is complete
+        del header
+        state = cls(name, fd, mm, owner=True)
+        for buf in state._buffers["boxes"]:
+            buf[:] = _FULL_BOX
+        if "neighbours" in state._buffers:
+            for buf in state._buffers["neighbours"]:
+                buf[:] = np.arange(n, dtype=np.int32)[:, None]
+        _register_owned(state)
+        return state
+
+    @classmethod
+    def attach(cls, name: str) -> SampleState:
+        """Attach read-only to an existing state by name (from any process)."""
+        path = SHM_DIR / f"{PREFIX}{name}"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ViewpipeError(
+                f"no sample state named {name!r} ({path} is missing); was its trainer stopped?"
+            ) from None
+        size = os.fstat(fd).st_size
+        if size < _HEADER_BYTES:
+            os.close(fd)
+            raise ViewpipeError(f"shared segment {path} is incomplete ({size} bytes); run `viewpipe state clean`")
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return cls(name, fd, mm, owner=False)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (SampleState.attach, (self.name,))
+
+    @property
+    def path(self) -> Path:
+        return SHM_DIR / f"{PREFIX}{self.name}"
+
+    @property
+    def is_owner(self) -> bool:
+        return self._owner_pid == os.getpid()
+
+    def __len__(self) -> int:
+        return self.layout.n
+
+    @property
+    def version(self) -> int:
+        """Number of tables published so far; changes whenever any table changes."""
+        return int(self._header[_H_VERSION])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._header[_H_EPOCH])
+
+    def invalid_rows(self, table: str = "boxes", total: bool = False) -> int:
+        """Invalid rows replaced by the fallback in the last update of `table` (or in all updates, `total`)."""
+        return int(self._header[self._ctrl(table) + (3 if total else 2)])
+
+    def has(self, table: str) -> bool:
+        return table in self._buffers
+
+    # ------------------------------------------------------------------ reading
+    def _ctrl(self, table: str) -> int:
+        return _H_TABLES + 4 * _TABLES.index(table)
+
+    def read(self, table: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """A consistent copy of `rows` (all when None) of the published `table`."""
+        if table not in self._buffers:
+            raise ViewpipeError(f"sample state {self.name!r} has no {table} table; create it with that table enabled")
+        ctrl = self._ctrl(table)
+        bufs = self._buffers[table]
+        sel = slice(None) if rows is None else rows
+        while True:
+            gen = int(self._header[ctrl])
+            out = bufs[gen & 1][sel]
+            if isinstance(sel, slice):
+                out = out.copy()
+            # The copy is good unless the writer began refilling this buffer (generation gen + 2) meanwhile.
+            if int(self._header[ctrl + 1]) <= gen + 1:
+                return out
+
+    def boxes(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        return self.read("boxes", rows)
+
+    def heatmaps(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        return self.read("heatmaps", rows)
+
+    def neighbours(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        return self.read("neighbours", rows)
+
+    # ------------------------------------------------------------------ writing (owner only)
+    def _publish(self, table: str, values: np.ndarray, rows: np.ndarray | None, invalid: int) -> None:
+        if not self.is_owner:
+            raise ViewpipeError(f"sample state {self.name!r} is read-only in this process; only its creator writes")
+        ctrl = self._ctrl(table)
+        gen = int(self._header[ctrl])
+        active, target = self._buffers[table][gen & 1], self._buffers[table][(gen + 1) & 1]
+        self._header[ctrl + 1] = gen + 1  # started: readers of `target` (generation gen - 1) now retry
+        if rows is None:
+            target[:] = values
+        else:
+            target[:] = active
+            target[rows] = values
+        self._header[ctrl + 2] = invalid
+        self._header[ctrl + 3] += invalid
+        self._header[ctrl] = gen + 1  # publish
+        self._header[_H_VERSION] += 1
+
+    def _check_rows(self, table: str, values: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
+        shape = self._buffers[table][0].shape if table in self._buffers else None
+        if shape is None:
+            raise ViewpipeError(f"sample state {self.name!r} has no {table} table; create it with that table enabled")
+        if rows is None:
+            if values.shape != shape:
+                raise ViewpipeError(f"{table}: expected shape {shape}, got {values.shape}")
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        if values.shape != (len(rows), *shape[1:]):
+            raise ViewpipeError(f"{table}: {len(rows)} rows need shape {(len(rows), *shape[1:])}, got {values.shape}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0]):
+            raise ViewpipeError(f"{table}: row indices must lie in [0, {shape[0]})")
+        return rows
+
+    def set_boxes(self, boxes: np.ndarray, rows: np.ndarray | None = None, epoch: int | None = None) -> int:
+        """Publish boxes (all rows, or `rows`); invalid boxes become the full image. Returns their count."""
+        boxes = np.asarray(boxes, dtype=np.float32)
+        rows = self._check_rows("boxes", boxes, rows)
+        boxes, bad = sanitize_boxes(boxes)
+        self._publish("boxes", boxes, rows, bad)
+        if epoch is not None:
+            self.set_epoch(epoch)
+        return bad
+
+    def set_heatmaps(self, heatmaps: np.ndarray, rows: np.ndarray | None = None) -> None:
+        heatmaps = np.asarray(heatmaps, dtype=np.uint8)
+        rows = self._check_rows("heatmaps", heatmaps, rows)
+        self._publish("heatmaps", heatmaps, rows, 0)
+
+    def set_neighbours(self, neighbours: np.ndarray, rows: np.ndarray | None = None) -> int:
+        """Publish neighbour indices; rows with an index outside [0, N) become the sample itself."""
+        neighbours = np.asarray(neighbours, dtype=np.int32)
+        rows = self._check_rows("neighbours", neighbours, rows)
+        neighbours, bad = sanitize_neighbours(neighbours, self.layout.n, own=rows)
+        self._publish("neighbours", neighbours, rows, bad)
+        return bad
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.is_owner:
+            raise ViewpipeError(f"sample state {self.name!r} is read-only in this process; only its creator writes")
+        self._header[_H_EPOCH] = int(epoch)
+        self._header[_H_VERSION] += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """All published tables and counters, for a checkpoint."""
+        out = {t: self.read(t) for t in self._buffers}
+        out["epoch"] = np.array(self.epoch, dtype=np.int64)
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Publish tables from `state_dict()` output (tables absent from it are left as they are)."""
+        for t in self._buffers:
+            if t in state:
+                getattr(self, f"set_{t}")(np.asarray(state[t]))
+        if "epoch" in state:
+            self.set_epoch(int(np.asarray(state["epoch"])))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tables to an .npz file atomically (temporary name, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **self.state_dict())
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Publish the tables saved by `save`."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                self.load_state_dict({k: data[k] for k in data.files})
+        except (OSError, ValueError) as exc:
+            raise ViewpipeError(f"cannot read sample state file {path} ({exc}); is it a `SampleState.save` file?") from None
+
+    # ------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Unmap; the owner also removes the segment (readers already attached keep their mapping)."""
+        if self._mm is None:
+            return
+        if self.is_owner:
+            self.path.unlink(missing_ok=True)
+            _OWNED.pop(self.name, None)
+        self._header = None  # type: ignore[assignment]
+        self._buffers = {}
+        try:
+            self._mm.close()
+        except BufferError:  # a caller still holds a view; the mapping goes when it does
+            pass
+        os.close(self._fd)
+        self._mm = None  # type: ignore[assignment]
+
+    def __enter__(self) -> SampleState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        tables = ", ".join(f"{t}{self._buffers[t][0].shape}" for t in self._buffers) if self._mm else "closed"
+        return f"SampleState({self.name!r}, {tables}, version={self.version if self._mm else '-'})"
+
+
+# ---------------------------------------------------------------------- segments owned by this process
+_OWNED: dict[str, SampleState] = {}
+_lock = threading.Lock()
+_handlers_installed = False
+
+
+def _unlink_owned() -> None:
+    for state in list(_OWNED.values()):
+        if state.is_owner:
+            state.path.unlink(missing_ok=True)
+    _OWNED.clear()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    _unlink_owned()
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+_previous_handlers: dict[int, Any] = {}
+
+
+def _register_owned(state: SampleState) -> None:
+    global _handlers_installed
+    with _lock:
+        _OWNED[state.name] = state
+        if not _handlers_installed:
+            atexit.register(_unlink_owned)
+            # Ctrl-C raises KeyboardInterrupt, which ends at exit (atexit); SIGTERM would skip atexit.
+            if threading.current_thread() is threading.main_thread():
+                _previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+            _handlers_installed = True
+
+
+# ---------------------------------------------------------------------- stale segments
+@dataclass
+class SegmentInfo:
+    """What `viewpipe state list` shows about one segment."""
+
+    name: str
+    path: Path
+    size: int
+    owner_pid: int
+    alive: bool
+    complete: bool
+
+
+def list_segments() -> list[SegmentInfo]:
+    """All viewpipe segments in the shared-memory folder, with their owner and whether it is alive."""
+    out = []
+    for path in sorted(SHM_DIR.glob(f"{PREFIX}*")):
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                raw = f.read(8 * 4)
+        except OSError:
+            continue
+        words = np.frombuffer(raw.ljust(32, b"\0"), dtype=np.int64)
+        complete = int(words[_H_MAGIC]) == _MAGIC
+        pid, start = int(words[_H_PID]), int(words[_H_START])
+        if complete:
+            alive = _owner_alive(pid, start)
+        else:  # header not written yet: being created right now, or abandoned during creation
+            alive = time.time() - path.stat().st_mtime < _UNBORN_GRACE_S
+        out.append(SegmentInfo(path.name[len(PREFIX):], path, size, pid, alive, complete))
+    return out
+
+
+def reclaim_stale() -> list[SegmentInfo]:
+    """Remove segments whose owning process is gone (left by kill -9 or a crash); return them."""
+    removed = []
+    for seg in list_segments():
+        if not seg.alive:
+            seg.path.unlink(missing_ok=True)
+            removed.append(seg)
+    return removed
