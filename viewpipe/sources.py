@@ -93,6 +93,10 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
 
 
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 class NpzSource:
     """A `.npz` JPEG collection: `<split>_jpeg` (concatenated files), `<split>_offsets`, `<split>_labels`."""
 
@@ -111,7 +115,7 @@ class NpzSource:
                 self.jpeg, self.offsets, self.labels = (_npz_member(path, zf, f"{n}.npy") for n in needed)
                 self.src = _npz_member(path, zf, f"{split}_src_path.npy") if f"{split}_src_path" in names else None
                 class_key = next((k for k in ("class_names", "class_wnids") if k in names), None)
-                self.classes = [str(c) for c in np.load(zf.open(f"{class_key}.npy"))] if class_key else []
+                self.classes = [_text(c) for c in np.load(zf.open(f"{class_key}.npy"))] if class_key else []
         except (zipfile.BadZipFile, ValueError, OSError) as exc:
             raise ViewpipeError(f"{path}: not a readable .npz JPEG collection ({exc})") from None
         if not self.classes:
@@ -127,7 +131,7 @@ class NpzSource:
 
     def describe(self, index: int) -> str:
         where = f"{self.path}[{self.split}][{index}]"
-        return f"{where} ({self.src[index].decode(errors='replace')})" if self.src is not None else where
+        return f"{where} ({_text(self.src[index])})" if self.src is not None else where
 
 
 def open_source(path: str | os.PathLike[str], split: str = "train") -> Source:

@@ -1,0 +1,89 @@
+"""The `viewpipe` command: help, bench output, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+VIEWPIPE = [sys.executable, "-m", "viewpipe.tools"]
+
+
+def viewpipe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*VIEWPIPE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_subcommands() -> None:
+    res = viewpipe("--help")
+    assert res.returncode == 0
+    for cmd in ("bench", "state"):
+        assert cmd in res.stdout
+    script = Path(sys.executable).parent / "viewpipe"  # the console script beside this interpreter
+    res = subprocess.run([str(script), "state", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "clean" in res.stdout
+
+
+def test_bench_json(image_folder) -> None:
+    res = viewpipe("bench", "--data", str(image_folder), "--batch-size", "8", "--batches", "3",
+                   "--workers", "1", "--size", "32", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    names = [r["name"] for r in out["rows"]]
+    assert names[0].startswith("decode only") and len(names) == 3
+    assert any("ContrastiveCrop" in n for n in names) and any("RandomResizedCrop" in n for n in names)
+    for row in out["rows"]:
+        assert row["images"] == 3 * 8 and row["images_per_s"] > 0
+    assert out["rows"][1]["views_per_s"] == pytest.approx(2 * out["rows"][1]["images_per_s"])
+    assert out["images"] == 96 and "cores" in out["machine"]
+
+
+def test_bench_table(image_folder) -> None:
+    res = viewpipe("bench", "--data", str(image_folder), "--batch-size", "8", "--batches", "2",
+                   "--workers", "0", "--size", "32")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("viewpipe bench:") and "images/s" in lines[2]
+    assert lines[3].split()[-1] == "1.00"  # the decode ceiling is the reference row
+
+
+def _assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("viewpipe: error: "), res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_errors_are_one_line(tmp_path) -> None:
+    _assert_one_line_error(viewpipe("bench", "--data", str(tmp_path / "nope")), "nope", "no such file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_one_line_error(viewpipe("bench", "--data", str(empty)), "no class folders")
+    (empty / "cls").mkdir()
+    _assert_one_line_error(viewpipe("bench", "--data", str(empty)), "no image files")
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_and_corrupt_files_are_named(image_folder, tmp_path, workers: str) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(image_folder, root)
+    victim = sorted((root / "cross_0").iterdir())[0]
+    victim.write_bytes(b"this is not a jpeg")
+    res = viewpipe("bench", "--data", str(root), "--batch-size", "48", "--batches", "1",
+                   "--workers", workers, "--size", "16")
+    _assert_one_line_error(res, str(victim), "cannot decode")
+    os.remove(victim)
+    victim.symlink_to(tmp_path / "missing.jpg")
+    res = viewpipe("bench", "--data", str(root), "--batch-size", "48", "--batches", "1",
+                   "--workers", workers, "--size", "16")
+    _assert_one_line_error(res, str(victim), "cannot read")
+
+
+def test_bench_needs_two_batches(image_folder) -> None:
+    _assert_one_line_error(viewpipe("bench", "--data", str(image_folder), "--batch-size", "64"), "lower --batch-size")
