@@ -32,7 +32,7 @@ class CropConfig:
     tries: int = 10
 
     def __post_init__(self) -> None:
-        if self.alpha <= 0:
+        if not self.alpha > 0:  # (also rejects NaN)
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must satisfy 0 < min <= max, got {self.scale}")
