@@ -7,7 +7,6 @@ updates reach workers with `persistent_workers=True` too (the official code need
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from viewpipe.augment import AugmentConfig, ViewAugment
 from viewpipe.crop import draw, windows_from_draws
 from viewpipe.errors import ViewpipeError
+from viewpipe.formats import open_image
 from viewpipe.pipelines import LoaderConfig
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
@@ -26,12 +26,12 @@ _FULL_BOX = np.array([[0.0, 0.0, 1.0, 1.0]])
 
 
 def decode_rgb(data: bytes, where: str):  # noqa: ANN201  (PIL.Image.Image)
-    """Decode encoded bytes to an RGB PIL image (grayscale and CMYK converted), or one clear error."""
+    """Decode to RGB with EXIF orientation applied (the policy of every loader, see viewpipe.formats),
+    or one clear error naming `where`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        img = Image.open(io.BytesIO(data))
-        return img.convert("RGB")
+        return open_image(data)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ViewpipeError(f"{where}: cannot decode image ({exc}); fix or remove the file") from None
 

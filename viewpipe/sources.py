@@ -33,30 +33,43 @@ class Source(Protocol):
 
 
 class FolderSource:
-    """`root/<class>/**/<file>` as torchvision's ImageFolder: class index = position in the sorted folder names."""
+    """`root/<class>/**/<file>` as torchvision's ImageFolder: class index = position in the sorted folder names.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    `extensions=None` lists every file (what `viewpipe convert` does, so that every file is accounted for);
+    files directly in `root` are kept in `stray`, class folders without files in `empty_classes`."""
+
+    def __init__(self, root: str | os.PathLike[str], extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS) -> None:
         root = Path(root)
         if not root.exists():
             raise ViewpipeError(f"{root}: no such file or folder; give an image folder (root/<class>/<image>) or a .npz")
         if not root.is_dir():
             raise ViewpipeError(f"{root}: not a folder; give an image folder (root/<class>/<image>) or a .npz")
         self.root = root
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        try:
+            entries = sorted(os.scandir(root), key=lambda d: d.name)
+        except OSError as exc:
+            raise ViewpipeError(f"{root}: cannot list the folder ({exc.strerror}); check its permissions") from None
+        self.classes = [d.name for d in entries if d.is_dir()]
+        self.stray = [d.path for d in entries if not d.is_dir()]
         if not self.classes:
             raise ViewpipeError(f"{root}: no class folders; expected root/<class>/<image> as torchvision's ImageFolder")
         paths: list[str] = []
         labels: list[int] = []
+        self.unlistable: list[str] = []
+        self.empty_classes: list[str] = []
         for label, name in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+            before = len(paths)
+            walk = os.walk(root / name, followlinks=True, onerror=lambda e: self.unlistable.append(e.filename))
+            for dirpath, _, files in sorted(walk):  # ImageFolder's order
                 for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                    if extensions is None or f.lower().endswith(extensions):
                         paths.append(os.path.join(dirpath, f))
                         labels.append(label)
+            if len(paths) == before:
+                self.empty_classes.append(name)
         if not paths:
-            raise ViewpipeError(
-                f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under its {len(self.classes)} class folders"
-            )
+            kinds = "files" if extensions is None else f"image files ({', '.join(extensions)})"
+            raise ViewpipeError(f"{root}: no {kinds} under its {len(self.classes)} class folders")
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
 
