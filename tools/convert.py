@@ -135,7 +135,10 @@ def convert(
     _prepare(src, dst, work, source, options, resume)
 
     # 1. probe every file, journaled in chunks
+    stages: dict[str, float] = {}
+    t = time.perf_counter()
     records = _probe_all(source, work, workers, max_pixels, max_side)
+    stages["probe"] = time.perf_counter() - t
     ok = np.array([not r[4] for r in records], dtype=bool)
     ids = np.flatnonzero(ok)
     labels = source.labels[ids]
@@ -150,17 +153,21 @@ def convert(
 
     # 2. DALI WebDataset shards
     if "dali" in formats:
+        t = time.perf_counter()
         _write_shards(source, dst, ids, labels, records, workers, jpeg_quality, shard_size, shards, offsets, nbytes)
+        stages["dali"] = time.perf_counter() - t
 
     # 3. FFCV
     if "ffcv" in formats and not (dst / BETON).exists():
+        t = time.perf_counter()
         _write_beton(source, dst, ids, labels, hw, workers, max_side, ffcv_mode, jpeg_quality)
+        stages["ffcv"] = time.perf_counter() - t
 
     # 4. index, classes, report (last)
     DatasetIndex(labels=labels.astype(np.int64), heights=hw[:, 0], widths=hw[:, 1],
                  sources=np.array([source.describe(int(i)).encode() for i in ids], dtype=np.bytes_),
                  shards=shards, offsets=offsets, nbytes=nbytes, classes=list(source.classes)).save(dst)
-    report = _write_report(dst, src, source, records, options, t0, complete=True)
+    report = _write_report(dst, src, source, records, options, t0, complete=True, stages=stages)
     shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -268,7 +275,7 @@ def _write_beton(source: Source, dst: Path, ids: np.ndarray, labels: np.ndarray,
 
 
 def _write_report(dst: Path, src: Path, source: Source, records: list[tuple], options: dict, t0: float,
-                  complete: bool) -> dict:
+                  complete: bool, stages: dict[str, float] | None = None) -> dict:
     skipped = [{"file": source.describe(i), "reason": r[4]} for i, r in enumerate(records) if r[4]]
     stray = getattr(source, "stray", [])
     skipped += [{"file": p, "reason": "not in a class folder"} for p in stray]
@@ -289,6 +296,7 @@ def _write_report(dst: Path, src: Path, source: Source, records: list[tuple], op
         "classes": len(source.classes), "empty_classes": getattr(source, "empty_classes", []),
         "unlistable_folders": getattr(source, "unlistable", []),
         "seconds": round(seconds, 3), "files_per_s": round(seen / seconds, 1) if seconds > 0 else None,
+        "stage_seconds": {k: round(v, 3) for k, v in (stages or {}).items()},  # this run's (not resumed) stages
     }
     _write_json(dst / REPORT, report)
     return report
