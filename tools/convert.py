@@ -132,6 +132,12 @@ def convert(
     options = {"formats": sorted(formats), "split": split, "max_side": max_side, "max_pixels": max_pixels,
                "ffcv_mode": ffcv_mode, "jpeg_quality": jpeg_quality, "shard_size": shard_size}
     work = dst / WORK
+    report_path = dst / REPORT
+    if resume and report_path.exists() and json.loads(report_path.read_text()).get("complete"):
+        report = json.loads(report_path.read_text())
+        if report["options"] != options:
+            raise ViewpipeError(f"{dst}: already finished with other options ({report['options']})")
+        return report  # nothing left to do
     _prepare(src, dst, work, source, options, resume)
 
     # 1. probe every file, journaled in chunks
