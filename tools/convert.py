@@ -166,6 +166,9 @@ def convert(
     # 3. FFCV
     if "ffcv" in formats and not (dst / BETON).exists():
         t = time.perf_counter()
+        import_optional("ffcv.writer", "ffcv", "FFCV")  # about 6 s: ffcv compiles numba code on import
+        stages["ffcv_import"] = time.perf_counter() - t
+        t = time.perf_counter()
         _write_beton(source, dst, ids, labels, hw, workers, max_side, ffcv_mode, jpeg_quality)
         stages["ffcv"] = time.perf_counter() - t
 
