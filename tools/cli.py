@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from viewpipe import __version__
 from viewpipe.errors import ViewpipeError
 
 
-def _one_line(exc: BaseException) -> str:
-    """The message of a ViewpipeError, also when a DataLoader worker re-raised it with its traceback."""
+_WORKER_ERROR = re.compile(r"^viewpipe\.[\w.]*Error: (.*)$")
+
+
+def _worker_error(exc: BaseException) -> str | None:
+    """The message of a viewpipe error that a DataLoader worker re-raised with its traceback, if it is one:
+    the traceback's last line reads `viewpipe.<module>.<Class>Error: <message>`."""
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(exc).__name__
-    return last.split("ViewpipeError: ", 1)[-1]
+    match = _WORKER_ERROR.match(lines[-1]) if lines else None
+    return match.group(1) if match else None
 
 
 def state_main(args: argparse.Namespace) -> int:
@@ -54,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ViewpipeError as exc:
-        print(f"viewpipe: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"viewpipe: error: {_worker_error(exc) or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("viewpipe: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a worker re-raises a ViewpipeError under its own type name in its message
-        if "ViewpipeError: " in str(exc):
-            print(f"viewpipe: error: {_one_line(exc)}", file=sys.stderr)
+    except Exception as exc:  # DataLoader re-raises some worker errors as another type
+        if message := _worker_error(exc):
+            print(f"viewpipe: error: {message}", file=sys.stderr)
             return 2
         raise
 

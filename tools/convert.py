@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from viewpipe.errors import ViewpipeError, import_optional
+from viewpipe.errors import UnreadableFileError, ViewpipeError, import_optional
 from viewpipe.formats import (
     BETON, DEFAULT_MAX_PIXELS, REPORT, DatasetIndex, Probe, ShardWriter, open_image, probe, shard_bytes,
     shard_paths,
@@ -48,8 +48,8 @@ def _init_worker(source: Source) -> None:
 def _read(source: Source, i: int) -> tuple[bytes | None, str]:
     try:
         return source.read(i), ""
-    except ViewpipeError as exc:
-        return None, str(exc).split(": ", 1)[-1].split(";")[0]
+    except UnreadableFileError as exc:
+        return None, exc.reason
 
 
 def _probe_item(args: tuple[int, int, int]) -> tuple:

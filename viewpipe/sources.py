@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ViewpipeError
+from .errors import UnreadableFileError, ViewpipeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -81,7 +81,8 @@ class FolderSource:
             with open(self.paths[index], "rb") as f:
                 return f.read()
         except OSError as exc:
-            raise ViewpipeError(f"{self.paths[index]}: cannot read ({exc.strerror}); fix its permissions or remove it") from None
+            reason = f"cannot read ({exc.strerror})"
+            raise UnreadableFileError(f"{self.paths[index]}: {reason}; fix its permissions or remove it", reason) from None
 
     def describe(self, index: int) -> str:
         return self.paths[index]
