@@ -30,6 +30,7 @@ class LoaderConfig:
 # name -> "module:function" building a loader as f(source, cfg, state, ...); imported on first use.
 BACKENDS: dict[str, str] = {
     "torch": "viewpipe.pipelines.reference:reference_loader",
+    "dali": "viewpipe.pipelines.dali:dali_loader",
 }
 
 

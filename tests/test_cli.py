@@ -29,7 +29,7 @@ def test_help_lists_subcommands() -> None:
 
 
 def test_bench_json(image_folder) -> None:
-    res = viewpipe("bench", "--data", str(image_folder), "--batch-size", "8", "--batches", "3",
+    res = viewpipe("bench", "--data", str(image_folder), "--backend", "torch", "--batch-size", "8", "--batches", "3",
                    "--workers", "1", "--size", "32", "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -43,7 +43,7 @@ def test_bench_json(image_folder) -> None:
 
 
 def test_bench_table(image_folder) -> None:
-    res = viewpipe("bench", "--data", str(image_folder), "--batch-size", "8", "--batches", "2",
+    res = viewpipe("bench", "--data", str(image_folder), "--backend", "torch", "--batch-size", "8", "--batches", "2",
                    "--workers", "0", "--size", "32")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()

@@ -292,12 +292,12 @@ class Augmenter(nn.Module):
             raise ValueError(f"windows must have shape (N={N}, views, 4), got {tuple(windows.shape)}")
         V, S = windows.shape[1], self.cfg.size
         views = crop_resize(x, windows, S).div_(255.0).clamp_(0, 1)
-        mean, std = self.mean.to(views.device), self.std.to(views.device)
-        out = []
-        for v in range(V):
-            vcfg = self.cfg.views[v % len(self.cfg.views)]
-            params = draw_params(vcfg, N, generator)
-            y = photometric(views[v * N : (v + 1) * N], params, vcfg, self.cfg.kernel_size)
-            y = (y - mean) / std
-            out.append(y.contiguous(memory_format=torch.channels_last) if self.channels_last else y)
-        return out
+        return [self.finish(views[v * N : (v + 1) * N], v, generator) for v in range(V)]
+
+    def finish(self, x: torch.Tensor, view: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Photometric augmentation of view number `view` and normalisation, for views already cropped and
+        resized ((N,3,S,S) float in [0, 1]; a backend that crops inside its own graph calls this)."""
+        vcfg = self.cfg.views[view % len(self.cfg.views)]
+        y = photometric(x, draw_params(vcfg, x.shape[0], generator), vcfg, self.cfg.kernel_size)
+        y = (y - self.mean.to(y.device)) / self.std.to(y.device)
+        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y

@@ -61,6 +61,26 @@ def open_image(data: bytes):  # noqa: ANN201  (PIL.Image.Image)
     return img.convert("RGB")
 
 
+def _oriented_size(img) -> tuple[int, int]:  # noqa: ANN001  (PIL.Image.Image, opened, not decoded)
+    """(height, width) after EXIF orientation, from the header alone."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001  damaged EXIF: decoders ignore it too
+        orientation = 1
+    return (w, h) if orientation in _TRANSPOSED else (h, w)
+
+
+def header_size(data: bytes, where: str) -> tuple[int, int]:
+    """(height, width) after EXIF orientation from the encoded bytes' header, or one clear error."""
+    from PIL import Image
+
+    try:
+        return _oriented_size(Image.open(io.BytesIO(data)))
+    except Exception as exc:  # noqa: BLE001  a damaged header can raise anything
+        raise ViewpipeError(f"{where}: cannot read the image header ({exc}); fix or remove the file") from None
+
+
 def _scaled(h: int, w: int, max_side: int) -> tuple[int, int]:
     """Size after a downscale to `max_side` (FFCV's `resizer` formula: floor of ratio × size)."""
     ratio = max_side / max(h, w)
@@ -82,15 +102,9 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = 0) 
         return Probe(skip="not an image (unknown format)")
     except Exception as exc:  # noqa: BLE001  a damaged header can raise anything
         return Probe(skip=f"unreadable image header ({exc})")
-    w, h = img.size
-    if w * h > max_pixels:
-        return Probe(skip=f"too large ({w}x{h} > {max_pixels} pixels; raise --max-pixels to accept it)")
-    try:
-        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # noqa: BLE001  damaged EXIF: PIL ignores it when decoding too
-        orientation = 1
-    if orientation in _TRANSPOSED:
-        w, h = h, w
+    if img.size[0] * img.size[1] > max_pixels:
+        return Probe(skip=f"too large ({img.size[0]}x{img.size[1]} > {max_pixels} pixels; raise --max-pixels to accept it)")
+    h, w = _oriented_size(img)
     fmt, mode = img.format, img.mode
     try:
         img.load()  # a complete decode: truncated and corrupt files fail here
