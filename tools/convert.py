@@ -407,8 +407,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.verify:
+        import tarfile
+
         t = time.perf_counter()
-        out = verify(args.verify)
+        try:
+            out = verify(args.verify)
+        except OSError as exc:  # a missing or unreadable shard, index or FFCV file
+            raise ViewpipeError(f"{exc.filename or args.verify}: {exc.strerror or exc}; the conversion is damaged, "
+                                "convert again") from None
+        except (tarfile.TarError, KeyError, ValueError) as exc:  # a damaged shard or index file
+            raise ViewpipeError(f"{args.verify}: damaged ({type(exc).__name__}: {exc}); convert again") from None
         parts = ", ".join(f"{k}: {v} samples" for k, v in out.items() if k != "samples")
         print(f"verified {args.verify}: {out['samples']} samples ({parts}) in {time.perf_counter() - t:.1f} s")
         return 0
