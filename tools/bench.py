@@ -54,7 +54,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     if torch.cuda.is_available():
         desc += f", {torch.cuda.get_device_name()}"
     return desc
@@ -142,6 +142,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        # on the CPU, backends that augment in this process (DALI) share the cores with their own decode
+        # threads: one torch thread avoids oversubscription (DataLoader workers already use one each)
+        torch.set_num_threads(1)
     source = open_source(args.data, args.split) if args.data else open_source(generated_data())
     cfg = LoaderConfig(
         views=args.views, batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
