@@ -7,7 +7,7 @@ Data flow per batch (one `fn.external_source` callback in the main process, call
 
 1. the batch's sample indices: a pure function of (seed, epoch, rank, world) — see `epoch_order`;
 2. their encoded bytes, sliced out of the memory-mapped WebDataset tars with the offsets of `index.npz`;
-3. the V crop windows per sample from the core sampler (`viewpipe.crop.draw` + `windows_from_draws`,
+3. the V crop windows per sample from the core sampler (`viewpipe.crop.view_windows`,
    vectorised over the batch), image sizes from the index, boxes read live from the SampleState;
 4. in the graph: `fn.decoders.image` once, then one `fn.resize` per view with the window as an absolute
    ROI. DALI orders `roi_start`/`roi_end` like the tensor shape, so for HWC images they are (y, x).
@@ -27,15 +27,12 @@ import numpy as np
 import torch
 
 from viewpipe.augment import Augmenter
-from viewpipe.crop import draw, windows_from_draws
+from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import DatasetIndex, header_size, shard_paths
 from viewpipe.pipelines import LoaderConfig
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
-
-_FULL_BOX = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
-
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0, world: int = 1,
                 drop_last: bool = True) -> np.ndarray:
@@ -125,14 +122,10 @@ class _Callback:
     def windows(self, indices: np.ndarray, sizes: np.ndarray, batch: int) -> np.ndarray:
         """(B, V, 4) int32 windows (top, left, h, w): one `draw` of V·B windows, view-major (all samples'
         view 0, then view 1, ...), from `default_rng([seed, epoch, rank, batch])`."""
-        cfg, V, B = self.cfg, self.cfg.views, len(indices)
+        cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, batch])
-        if self.state is not None and cfg.crop.use_box:
-            boxes = self.state.boxes(indices)
-        else:
-            boxes = np.broadcast_to(_FULL_BOX, (B, 4))
-        win = windows_from_draws(np.tile(sizes, (V, 1)), np.tile(boxes, (V, 1)), draw(rng, V * B, cfg.crop), cfg.crop)
-        return np.ascontiguousarray(win.reshape(V, B, 4).transpose(1, 0, 2))
+        boxes = self.state.boxes(indices) if self.state is not None and cfg.crop.use_box else None
+        return view_windows(rng, sizes, boxes, cfg.views, cfg.crop)
 
     def __call__(self, i: int) -> tuple:
         if i >= len(self.batches):

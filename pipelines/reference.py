@@ -15,15 +15,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from viewpipe.augment import AugmentConfig, ViewAugment
-from viewpipe.crop import draw, windows_from_draws
+from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import open_image
 from viewpipe.pipelines import LoaderConfig
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
-
-_FULL_BOX = np.array([[0.0, 0.0, 1.0, 1.0]])
-
 
 def decode_rgb(data: bytes, where: str):  # noqa: ANN201  (PIL.Image.Image)
     """Decode to RGB with EXIF orientation applied (the policy of every loader, see viewpipe.formats),
@@ -88,9 +85,8 @@ class ReferenceDataset(Dataset):
         img = decode_rgb(self.source.read(index), self.source.describe(index))
         V, S = self.cfg.views, self.cfg.augment.size
         use_box = self.state is not None and self.cfg.crop.use_box
-        box = self.state.boxes(np.array([index])) if use_box else _FULL_BOX
-        sizes = np.tile([[img.height, img.width]], (V, 1))
-        windows = windows_from_draws(sizes, np.repeat(box, V, 0), draw(self.rng(), V, self.cfg.crop), self.cfg.crop)
+        box = self.state.boxes(np.array([index])) if use_box else None
+        windows = view_windows(self.rng(), [[img.height, img.width]], box, V, self.cfg.crop)[0]
         views = []
         for (top, left, h, w), tf in zip(windows.tolist(), self.transforms):
             crop = img.resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h))

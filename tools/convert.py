@@ -26,7 +26,7 @@ import numpy as np
 from viewpipe.errors import UnreadableFileError, ViewpipeError, import_optional
 from viewpipe.formats import (
     BETON, DEFAULT_MAX_PIXELS, REPORT, DatasetIndex, Probe, ShardWriter, open_image, probe, shard_bytes,
-    shard_paths,
+    shard_paths, write_atomic,
 )
 from viewpipe.sources import FolderSource, NpzSource, Source
 
@@ -96,9 +96,7 @@ def _fingerprint(source: Source) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _pool(workers: int, source: Source):  # noqa: ANN202

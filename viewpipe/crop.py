@@ -42,6 +42,9 @@ class CropConfig:
             raise ValueError(f"tries must be >= 1, got {self.tries}")
 
 
+FULL_BOX = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)  # (h0, w0, h1, w1): the whole image
+
+
 class CropDraws(NamedTuple):
     """The random numbers behind n windows: scale and log-ratio uniforms per try, and the corner draws
     (Beta(α, α) with boxes, uniform without), all in [0, 1)."""
@@ -107,6 +110,19 @@ def _fallback_size(H: np.ndarray, W: np.ndarray, ratio: tuple[float, float]) -> 
     return h.astype(np.int64), w.astype(np.int64)
 
 
+def view_windows(
+    rng: np.random.Generator, sizes: np.ndarray, boxes: np.ndarray | None, views: int, cfg: CropConfig
+) -> np.ndarray:
+    """(B, V, 4) windows: `views` independent windows for each of B images — the sampling every backend
+    shares. sizes (B, 2) (height, width); boxes (B, 4), or None for the whole image. One `draw` of V·B
+    windows ordered view-major (every image's view 0, then view 1, ...)."""
+    sizes = np.asarray(sizes).reshape(-1, 2)
+    B = len(sizes)
+    boxes = np.broadcast_to(FULL_BOX, (B, 4)) if boxes is None else boxes
+    win = windows_from_draws(np.tile(sizes, (views, 1)), np.tile(boxes, (views, 1)), draw(rng, views * B, cfg), cfg)
+    return np.ascontiguousarray(win.reshape(views, B, 4).transpose(1, 0, 2))
+
+
 class CropSampler:
     """Draws crop windows for batches of (size, box) with its own seeded generator.
 
@@ -121,7 +137,7 @@ class CropSampler:
     def __call__(self, sizes: np.ndarray, boxes: np.ndarray | None = None) -> np.ndarray:
         sizes = np.asarray(sizes).reshape(-1, 2)
         if boxes is None:
-            boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(sizes), 1))
+            boxes = np.broadcast_to(FULL_BOX, (len(sizes), 4))
         return windows_from_draws(sizes, boxes, draw(self.rng, len(sizes), self.cfg), self.cfg)
 
 

@@ -39,6 +39,14 @@ _ORIENTATION_TAG = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write a file under a temporary name and rename it: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------- probing one file
 @dataclass
 class Probe:
@@ -162,7 +170,8 @@ class ShardWriter:
                         ("meta", np.array([index, label], META_DTYPE).tobytes())):
             off, size = self._add(f"{key}.{e}", data)
             parts.append(f"{e} {off} {size} {key}.{e}")
-        self.offsets.append(int(parts[0].split()[1]))
+            if e == ext:
+                self.offsets.append(off)
         self._lines.append(" ".join(parts))
 
     def close(self) -> None:
@@ -192,13 +201,11 @@ class DatasetIndex:
 
     def save(self, root: str | os.PathLike[str]) -> None:
         root = Path(root)
-        tmp = root / (INDEX + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, labels=self.labels, heights=self.heights, widths=self.widths, sources=self.sources,
-                     shards=self.shards, offsets=self.offsets, nbytes=self.nbytes)
-        os.replace(tmp, root / INDEX)
-        (root / (CLASSES + ".tmp")).write_text("".join(f"{i}\t{c}\n" for i, c in enumerate(self.classes)))
-        os.replace(root / (CLASSES + ".tmp"), root / CLASSES)
+        buf = io.BytesIO()
+        np.savez(buf, labels=self.labels, heights=self.heights, widths=self.widths, sources=self.sources,
+                 shards=self.shards, offsets=self.offsets, nbytes=self.nbytes)
+        write_atomic(root / INDEX, buf.getvalue())
+        write_atomic(root / CLASSES, "".join(f"{i}\t{c}\n" for i, c in enumerate(self.classes)))
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> DatasetIndex:

@@ -21,6 +21,7 @@ by its header (owner pid and process start time) and reclaimed by the next `Samp
 from __future__ import annotations
 
 import atexit
+import io
 import mmap
 import os
 import secrets
@@ -33,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from .crop import FULL_BOX
 from .errors import ViewpipeError
+from .formats import write_atomic
 
 SHM_DIR = Path(os.environ.get("VIEWPIPE_SHM_DIR", "/dev/shm"))
 PREFIX = "viewpipe."
@@ -46,7 +49,6 @@ _ALIGN = 64
 _H_MAGIC, _H_LAYOUT, _H_PID, _H_START, _H_N, _H_HEAT, _H_NEIGH, _H_VERSION, _H_EPOCH = range(9)
 _H_TABLES = 16  # per table: generation, started, invalid rows in the last update, invalid rows in all updates
 _TABLES = ("boxes", "heatmaps", "neighbours")
-_FULL_BOX = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
 _UNBORN_GRACE_S = 60.0  # a segment without a header this old was abandoned during creation
 
 
@@ -98,7 +100,7 @@ def sanitize_boxes(boxes: np.ndarray) -> tuple[np.ndarray, int]:
     bad = int((~ok).sum())
     if bad:
         boxes = boxes.copy()
-        boxes[~ok] = _FULL_BOX
+        boxes[~ok] = FULL_BOX
     return boxes, bad
 
 
@@ -176,7 +178,7 @@ class SampleState:
         del header
         state = cls(name, fd, mm, owner=True)
         for buf in state._buffers["boxes"]:
-            buf[:] = _FULL_BOX
+            buf[:] = FULL_BOX
         if "neighbours" in state._buffers:
             for buf in state._buffers["neighbours"]:
                 buf[:] = np.arange(n, dtype=np.int32)[:, None]
@@ -338,11 +340,9 @@ class SampleState:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tables to an .npz file atomically (temporary name, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.state_dict())
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, **self.state_dict())
+        write_atomic(path, buf.getvalue())
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Publish the tables saved by `save`."""
