@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from viewpipe.augment import AugmentConfig, preset
 from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
@@ -25,6 +27,48 @@ class LoaderConfig:
     shuffle: bool = True
     drop_last: bool = True
     seed: int = 0
+
+
+def dist_rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """(rank, world): the arguments where given, else torch.distributed's when it is initialised, else (0, 1)."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    rank = rank if rank is not None else (dist.get_rank() if on else 0)
+    world = world if world is not None else (dist.get_world_size() if on else 1)
+    if not 0 <= rank < world:
+        raise ViewpipeError(f"rank {rank} is outside world size {world}")
+    return rank, world
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0, world: int = 1,
+                drop_last: bool = True) -> np.ndarray:
+    """The sample indices rank `rank` of `world` visits in `epoch`: the permutation
+    `default_rng([seed, epoch]).permutation(n)` (or 0..n-1 without shuffle), strided by rank. With
+    `drop_last` every rank gets n // world samples (the remainder is left out); without it every sample is
+    visited by exactly one rank and ranks may differ by one sample."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if drop_last:
+        order = order[: (n // world) * world]
+    return order[rank::world].astype(np.int64)
+
+
+def epoch_batches(n: int, cfg: LoaderConfig, epoch: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """Rank `rank`'s batches of `epoch` (see `epoch_order`), the same number on every rank so that
+    collective calls in a DDP step never wait for a rank that has finished. With `drop_last` only full
+    batches; without it every sample once, the last batch smaller, and where a rank holds one sample fewer
+    than the others and that empties its last batch, its last full batch is split in two (B-1, 1)."""
+    order, B = epoch_order(n, cfg.seed, epoch, cfg.shuffle, rank, world, cfg.drop_last), cfg.batch_size
+    if cfg.drop_last:
+        return [order[b * B : (b + 1) * B] for b in range(len(order) // B)]
+    count = -(-(-(-n // world)) // B)  # batches of the largest rank: ceil(ceil(n / world) / B)
+    if count * B - len(order) >= B:  # this rank's samples fill one batch fewer
+        if B == 1 or not len(order):
+            raise ViewpipeError(f"{n} samples over {world} ranks in batches of {B}: ranks cannot get equal batch "
+                                "counts without repeating samples; use drop_last or a larger batch")
+        cuts = list(range(B, len(order) - B + 1, B)) + [len(order) - 1]
+        return np.split(order, cuts)
+    return [order[b * B : (b + 1) * B] for b in range(count)]
 
 
 # name -> "module:function" building a loader as f(source, cfg, state, ...); imported on first use.

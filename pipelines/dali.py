@@ -30,27 +30,9 @@ from viewpipe.augment import Augmenter
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import DatasetIndex, header_size, shard_paths
-from viewpipe.pipelines import LoaderConfig
+from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0, world: int = 1,
-                drop_last: bool = True) -> np.ndarray:
-    """The sample indices rank `rank` of `world` visits in `epoch`: the permutation
-    `default_rng([seed, epoch]).permutation(n)` (or 0..n-1 without shuffle), strided by rank. With
-    `drop_last` every rank gets n // world samples (the remainder is left out); without it every sample is
-    visited by exactly one rank and ranks may differ by one sample."""
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    if drop_last:
-        order = order[: (n // world) * world]
-    return order[rank::world].astype(np.int64)
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
 
 class _ShardReader:
     """Encoded images of a converted dataset, sliced out of its memory-mapped WebDataset tars."""
@@ -206,11 +188,7 @@ class DaliLoader:
             device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.device_id = device_id
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        drank, dworld = _dist_rank_world()
-        self.rank = drank if rank is None else rank
-        self.world = dworld if world is None else world
-        if not 0 <= self.rank < self.world:
-            raise ViewpipeError(f"rank {self.rank} is outside world size {self.world}")
+        self.rank, self.world = dist_rank_world(rank, world)
         self.cfg, self.state, self.return_windows = cfg, state, return_windows
         self.hw_decoder_load, self.prefetch = hw_decoder_load, prefetch
         self.num_threads = num_threads or max(1, cfg.workers)
@@ -229,13 +207,11 @@ class DaliLoader:
                            self.cfg.shuffle, self.rank, self.world, self.cfg.drop_last)
 
     def batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        order, B = self.order(epoch), self.cfg.batch_size
-        n = len(order) // B if self.cfg.drop_last else -(-len(order) // B)
-        return [order[b * B : (b + 1) * B] for b in range(n)]
+        """This rank's batches of sample indices in `epoch` (see `viewpipe.pipelines.epoch_batches`)."""
+        return epoch_batches(len(self.reader), self.cfg, self.epoch if epoch is None else epoch, self.rank, self.world)
 
     def __len__(self) -> int:
-        n = len(self.order())
-        return n // self.cfg.batch_size if self.cfg.drop_last else -(-n // self.cfg.batch_size)
+        return len(self.batches())
 
     def _drain(self) -> None:
         """Finish an interrupted epoch (the prefetched batches) and rewind the pipeline."""

@@ -19,7 +19,8 @@ from viewpipe.augment import AugmentConfig, ViewAugment, preset  # noqa: E402
 from viewpipe.crop import CropConfig, draw, windows_from_draws  # noqa: E402
 from viewpipe.formats import DatasetIndex, open_image, shard_paths  # noqa: E402
 from viewpipe.pipelines import LoaderConfig, get_backend  # noqa: E402
-from viewpipe.pipelines.dali import dali_loader, epoch_order  # noqa: E402
+from viewpipe.pipelines import epoch_order  # noqa: E402
+from viewpipe.pipelines.dali import dali_loader  # noqa: E402
 from viewpipe.state import SampleState  # noqa: E402
 from viewpipe.tools.convert import convert  # noqa: E402
 
