@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +39,7 @@ class _ShardReader:
     """Encoded images of a converted dataset, sliced out of its memory-mapped WebDataset tars."""
 
     def __init__(self, root: Path) -> None:
-        self.index = index = DatasetIndex.load(root)
+        self.root, self.index = root, (index := DatasetIndex.load(root))
         if (index.shards < 0).any():
             raise ViewpipeError(f"{root}: the dataset has no DALI shards; convert it with --formats dali")
         self.labels = index.labels
@@ -54,12 +55,16 @@ class _ShardReader:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def describe(self, k: int) -> str:
+        tar, _ = shard_paths(self.root, int(self.index.shards[k]))
+        return f"{tar} (sample {k} at byte {int(self.index.offsets[k])})"
+
     def read(self, k: int) -> np.ndarray:
         idx = self.index
         return np.frombuffer(self._maps[int(idx.shards[k])], dtype=np.uint8, count=int(idx.nbytes[k]),
                              offset=int(idx.offsets[k]))
 
-    def sizes(self, indices: np.ndarray, data: list[np.ndarray]) -> np.ndarray:
+    def sizes(self, indices: np.ndarray) -> np.ndarray:
         return np.stack([self.index.heights[indices], self.index.widths[indices]], 1)
 
     def close(self) -> None:
@@ -79,13 +84,16 @@ class _SourceReader:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def describe(self, k: int) -> str:
+        return self.source.describe(k)
+
     def read(self, k: int) -> np.ndarray:
         return np.frombuffer(self.source.read(k), dtype=np.uint8)
 
-    def sizes(self, indices: np.ndarray, data: list[np.ndarray]) -> np.ndarray:
-        for k, d in zip(indices.tolist(), data):
+    def sizes(self, indices: np.ndarray) -> np.ndarray:
+        for k in indices.tolist():
             if self._sizes[k, 0] < 0:
-                self._sizes[k] = header_size(d.tobytes(), self.source.describe(k))
+                self._sizes[k] = header_size(self.source.read(k), self.source.describe(k))
         return self._sizes[indices]
 
     def close(self) -> None:
@@ -93,60 +101,134 @@ class _SourceReader:
 
 
 class _Callback:
-    """The external-source callback: batch `i` of the current epoch → encoded images, windows, ROIs."""
+    """The external-source callback: iteration `i` → batch `start + i` of the current epoch as encoded images,
+    labels, indices, [companion images and indices,] windows and per-view ROIs. Samples known not to decode
+    (`bad`) are replaced by `substitute`."""
 
     def __init__(self, reader: _ShardReader | _SourceReader, cfg: LoaderConfig, state: SampleState | None,
-                 rank: int) -> None:
-        self.reader, self.cfg, self.state, self.rank = reader, cfg, state, rank
-        self.epoch = 0
+                 rank: int, companions: bool) -> None:
+        self.reader, self.cfg, self.state, self.rank, self.companions = reader, cfg, state, rank, companions
+        self.epoch, self.start, self.decode_only = 0, 0, False
         self.batches: list[np.ndarray] = []
+        self.bad: dict[int, str] = {}  # sample index -> why it failed to decode
 
-    def windows(self, indices: np.ndarray, sizes: np.ndarray, batch: int) -> np.ndarray:
-        """(B, V, 4) int32 windows (top, left, h, w): one `draw` of V·B windows, view-major (all samples'
-        view 0, then view 1, ...), from `default_rng([seed, epoch, rank, batch])`."""
+    def substitute(self, indices: np.ndarray) -> np.ndarray:
+        """Each index that failed to decode replaced by the next sample (cyclically) that has not."""
+        if not self.bad:
+            return indices
+        out, n = indices.copy(), len(self.reader)
+        for j, k in enumerate(out.tolist()):
+            while k in self.bad:
+                k = (k + 1) % n
+            out[j] = k
+        return out
+
+    def samples(self, b: int) -> tuple[np.ndarray, np.ndarray | None, np.random.Generator, np.ndarray]:
+        """Batch `b`'s (indices, companion indices or None, its generator after the draws, windows (B, V', 4)).
+        Draw order on `default_rng([seed, epoch, rank, b])`: the samples' V windows (all samples' view 0,
+        then view 1, ...), then with companions each sample's neighbour column and the neighbours' V windows."""
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, batch])
-        boxes = self.state.boxes(indices) if self.state is not None and cfg.crop.use_box else None
-        return view_windows(rng, sizes, boxes, cfg.views, cfg.crop)
+        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, b])
+        indices = self.substitute(self.batches[b])
+        win = self._windows(rng, indices)
+        if not self.companions:
+            return indices, None, rng, win
+        table = self.state.neighbours(indices)  # type: ignore[union-attr]
+        chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
+        neighbours = self.substitute(chosen.astype(np.int64))
+        return indices, neighbours, rng, np.concatenate([win, self._windows(rng, neighbours)], 1)
+
+    def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
+        boxes = self.state.boxes(indices) if self.state is not None and self.cfg.crop.use_box else None
+        return view_windows(rng, self.reader.sizes(indices), boxes, self.cfg.views, self.cfg.crop)
 
     def __call__(self, i: int) -> tuple:
-        if i >= len(self.batches):
+        b = self.start + i
+        if b >= len(self.batches):
             raise StopIteration
-        indices = self.batches[i]
-        data = [self.reader.read(k) for k in indices.tolist()]
-        win = self.windows(indices, self.reader.sizes(indices, data), i)
-        out = [data, self.reader.labels[indices], indices, win]
-        for v in range(self.cfg.views):
+        if self.decode_only:
+            indices = self.substitute(self.batches[b])
+            return [self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices
+        indices, neighbours, _, win = self.samples(b)
+        out = [[self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices]
+        if neighbours is not None:
+            out += [[self.reader.read(k) for k in neighbours.tolist()], neighbours]
+        out.append(win)
+        for v in range(win.shape[1]):
             start = win[:, v, 0:2].astype(np.float32)  # (y, x): DALI's ROI follows the HWC shape order
             out += [start, start + win[:, v, 2:4].astype(np.float32)]
         return tuple(out)
 
 
 def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None, num_threads: int,
-                    hw_decoder_load: float, prefetch: int):  # noqa: ANN202  (a DALI Pipeline)
+                    hw_decoder_load: float, prefetch: int, decode_only: bool = False):  # noqa: ANN202  (a DALI Pipeline)
+    """The graph: decode each image once, then one `fn.resize` per view with its window as the ROI
+    (`decode_only`: the decoded images, for the decode ceiling of `viewpipe bench`)."""
     dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
     from nvidia.dali import fn, types
 
-    gpu = device_id is not None
     V, S = cfg.views, cfg.augment.size
+    n_views = 2 * V if source.companions else V
+    dtypes = [types.UINT8, types.INT64, types.INT64]
+    if not decode_only:
+        dtypes += ([types.UINT8, types.INT64] if source.companions else []) + [types.INT32] + [types.FLOAT] * (2 * n_views)
+    source.decode_only = decode_only
+
+    def decode(jpegs):  # noqa: ANN001, ANN202
+        if device_id is None:
+            return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
 
     @dali.pipeline_def(batch_size=cfg.batch_size, num_threads=num_threads, device_id=device_id,
                        prefetch_queue_depth=prefetch, seed=cfg.seed)
     def views_pipeline():  # noqa: ANN202
-        jpegs, labels, indices, windows, *rois = fn.external_source(
-            source=source, num_outputs=4 + 2 * V, batch=True, parallel=False, cycle=None,
-            dtype=[types.UINT8, types.INT64, types.INT64, types.INT32] + [types.FLOAT] * (2 * V))
-        if gpu:
-            images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+        jpegs, labels, indices, *rest = fn.external_source(
+            source=source, num_outputs=len(dtypes), batch=True, parallel=False, cycle=None, dtype=dtypes)
+        images = decode(jpegs)
+        if decode_only:
+            return images, labels, indices
+        if source.companions:
+            companion_jpegs, companion_indices, windows, *rois = rest
+            companions = decode(companion_jpegs)
         else:
-            images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-        views = [fn.resize(images, size=[S, S], roi_start=rois[2 * v], roi_end=rois[2 * v + 1], roi_relative=False,
-                           antialias=True, interp_type=types.INTERP_LINEAR) for v in range(V)]
-        return (*views, labels, indices, windows)
+            (windows, *rois), companion_indices = rest, None
+        views = [fn.resize(images if v < V else companions, size=[S, S], roi_start=rois[2 * v],
+                           roi_end=rois[2 * v + 1], roi_relative=False, antialias=True,
+                           interp_type=types.INTERP_LINEAR) for v in range(n_views)]
+        return (*views, labels, indices, windows) + ((companion_indices,) if source.companions else ())
 
     pipe = views_pipeline()
     pipe.build()
     return pipe
+
+
+def _decode_failures(data: list[np.ndarray], num_threads: int) -> list[str | None]:
+    """For each encoded image, why DALI's CPU decoder rejects it (None when it decodes): run one by one
+    through a one-sample pipeline, rebuilt after each failure (a failed DALI pipeline cannot run again)."""
+    dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+    from nvidia.dali import fn, types
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
+                       exec_pipelined=False)
+    def probe():  # noqa: ANN202
+        return fn.decoders.image(fn.external_source(name="jpeg", dtype=types.UINT8), device="cpu",
+                                 output_type=types.RGB)
+
+    out: list[str | None] = []
+    pipe = None
+    for d in data:
+        if pipe is None:
+            pipe = probe()
+            pipe.build()
+        pipe.feed_input("jpeg", [d])
+        try:
+            pipe.run()
+            out.append(None)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if "failure" in ln or "rror" in ln]
+            out.append(lines[-1] if lines else "cannot decode")
+            pipe = None
+    return out
 
 
 def _to_torch(tl, device: torch.device) -> torch.Tensor:  # noqa: ANN001  (a DALI TensorList)
@@ -164,18 +246,24 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:  # noqa: ANN001  (a DAL
 
 
 class DaliLoader:
-    """Iterable of batches `(views, labels, indices[, windows])`: V float tensors (B, 3, S, S), int64 labels
-    and sample indices, and with `return_windows` the (B, V, 4) int32 crop windows used.
+    """Iterable of batches `(views, labels, indices[, neighbours][, windows])`: V float tensors (B, 3, S, S)
+    on the loader's device, int64 labels and sample indices; with `companions` 2V views (views[:V] of each
+    sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour table) and
+    the neighbours' indices; with `return_windows` the (B, V or 2V, 4) int32 crop windows (top, left, h, w).
 
-    One iterator at a time; starting a new one drains the batches an interrupted epoch had prefetched.
     `device_id="auto"`: the current CUDA device (nvJPEG via `device="mixed"`), or DALI's CPU-only mode
     (`device_id=None`) without CUDA. `rank`/`world` default to torch.distributed's when it is initialised.
-    `prefetch`: DALI's queue depth, which is also the bound on how late a box update arrives."""
+    `prefetch`: DALI's queue depth, which is also the bound on how late a box or neighbour update arrives.
+    One iterator at a time; starting a new one abandons the previous one. `state_dict()` /
+    `load_state_dict()` resume mid-epoch with the same batches, windows and augmentations. A sample that
+    fails to decode is replaced by the next sample that decodes, for the rest of the run, and counted
+    (`decode_failures`, a warning on stderr)."""
 
     def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                  state: SampleState | None = None, *, device_id: int | None | str = "auto",
                  hw_decoder_load: float = 0.65, rank: int | None = None, world: int | None = None,
-                 return_windows: bool = False, prefetch: int = 2, num_threads: int | None = None) -> None:
+                 return_windows: bool = False, companions: bool = False, prefetch: int = 2,
+                 num_threads: int | None = None, decode_only: bool = False) -> None:
         import_optional("nvidia.dali", "dali", "NVIDIA DALI")
         if isinstance(data, (str, os.PathLike)):
             self.reader: _ShardReader | _SourceReader = _ShardReader(Path(data))
@@ -184,22 +272,41 @@ class DaliLoader:
         if state is not None and len(state) != len(self.reader):
             raise ViewpipeError(
                 f"sample state {state.name!r} has {len(state)} rows but the data has {len(self.reader)} samples")
+        if companions and (state is None or not state.has("neighbours")):
+            raise ViewpipeError("companion samples need a SampleState with a neighbour table: "
+                                "SampleState.create(n, neighbours=k)")
         if device_id == "auto":
             device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.device_id = device_id
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.rank, self.world = dist_rank_world(rank, world)
         self.cfg, self.state, self.return_windows = cfg, state, return_windows
-        self.hw_decoder_load, self.prefetch = hw_decoder_load, prefetch
+        self.hw_decoder_load, self.prefetch, self.decode_only = hw_decoder_load, prefetch, decode_only
         self.num_threads = num_threads or max(1, cfg.workers)
         self.epoch = 0
-        self._source = _Callback(self.reader, cfg, state, self.rank)
+        self._next = 0  # the batch of `epoch` the next iteration starts at (set by load_state_dict)
+        self._source = _Callback(self.reader, cfg, state, self.rank, companions)
         self._augmenter = Augmenter(cfg.augment)
         self._pipe = None
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Start `epoch` at its first batch on the next iteration (the order depends on (seed, epoch))."""
+        self.epoch, self._next = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        """Where the loader is: the epoch, the next batch, and the samples replaced for failing to decode."""
+        return {"epoch": self.epoch, "batch": self._next, "decode_failures": dict(self._source.bad)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
+        self.epoch, self._next = int(sd["epoch"]), int(sd["batch"])
+        self._source.bad = {int(k): str(v) for k, v in sd.get("decode_failures", {}).items()}
+
+    @property
+    def decode_failures(self) -> dict[int, str]:
+        """Samples that failed to decode at train time (index → reason); each is replaced since."""
+        return dict(self._source.bad)
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         """This rank's sample order in `epoch` (default: the current one)."""
@@ -213,49 +320,81 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self.batches())
 
-    def _drain(self) -> None:
-        """Finish an interrupted epoch (the prefetched batches) and rewind the pipeline."""
-        if not self._running:
-            return
-        try:
-            while True:
-                self._pipe.run()
-        except StopIteration:
-            pass
-        self._pipe.reset()
+    def _stop(self) -> None:
+        """End the epoch in flight: the source stops at once, the batches DALI prefetched are collected, and
+        the pipeline is rewound (a DALI pipeline can only be reset after its source has ended)."""
+        if self._pipe is not None and self._running:
+            self._source.batches = []
+            try:
+                while True:
+                    self._pipe.run()
+            except StopIteration:
+                self._pipe.reset()
         self._running = False
 
-    def __iter__(self) -> Iterator[tuple]:
+    def _start(self, b: int, batches: list[np.ndarray]) -> None:
+        """(Re)start the pipeline at batch `b` of `batches` (a failed pipeline is rebuilt)."""
+        self._stop()
+        self._source.start, self._source.batches = b, batches
         if self._pipe is None:
             self._pipe = _build_pipeline(self._source, self.cfg, self.device_id, self.num_threads,
-                                         self.hw_decoder_load, self.prefetch)
-        else:
-            self._drain()
-        src = self._source
-        src.epoch, src.batches = self.epoch, self.batches()
-        if not src.batches:
-            return
+                                         self.hw_decoder_load, self.prefetch, self.decode_only)
         self._running = True
-        V = self.cfg.views
+
+    def _replace_failures(self, b: int, error: RuntimeError) -> None:
+        """Find the samples of batch `b` that do not decode, mark them replaced, or re-raise `error`."""
+        indices, neighbours, _, _ = self._source.samples(b)
+        suspects = indices.tolist() + ([] if neighbours is None else neighbours.tolist())
+        suspects = list(dict.fromkeys(suspects))
+        why = _decode_failures([self.reader.read(k) for k in suspects], 1)
+        failed = {k: w for k, w in zip(suspects, why) if w is not None}
+        if not failed:
+            raise error
+        if len(self._source.bad) + len(failed) >= len(self.reader):
+            raise ViewpipeError("no sample of the dataset decodes; check the data (viewpipe convert --verify)")
+        self._source.bad.update(failed)
+        for k, w in failed.items():
+            where = self.reader.describe(k)
+            print(f"viewpipe: {where} fails to decode ({w}); replaced by sample "
+                  f"{int(self._source.substitute(np.array([k]))[0])} from now on "
+                  f"({len(self._source.bad)} replaced so far); re-convert it to restore it", file=sys.stderr)
+        self._pipe, self._running = None, False
+
+    def __iter__(self) -> Iterator[tuple]:
+        src, cfg, V = self._source, self.cfg, self.cfg.views
+        batches, b = self.batches(), self._next
+        self._stop()
+        src.epoch = self.epoch
+        if b < len(batches):
+            self._start(b, batches)
         # one torch Generator per batch, seeded from (seed, epoch, rank, batch): photometric draws are reproducible
-        seeds = np.random.SeedSequence([self.cfg.seed, self.epoch, self.rank]).generate_state(
-            len(src.batches), np.uint64)
-        for b in range(len(src.batches)):
+        seeds = np.random.SeedSequence([cfg.seed, self.epoch, self.rank]).generate_state(len(batches), np.uint64)
+        n_views = 2 * V if src.companions else V
+        while b < len(batches):
             try:
                 out = self._pipe.run()
-            except StopIteration:  # (not expected: the source ends exactly after the last batch)
-                break
-            labels = torch.from_numpy(np.array(out[V].as_tensor()).reshape(-1))
-            indices = torch.from_numpy(np.array(out[V + 1].as_tensor()).reshape(-1))
-            gen = torch.Generator().manual_seed(int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF)
+            except RuntimeError as exc:  # a sample that does not decode: replace it and restart at this batch
+                self._replace_failures(b, exc)
+                self._start(b, batches)
+                continue
+            b += 1
+            self._next = b
+            labels = torch.from_numpy(np.array(out[1 if self.decode_only else n_views].as_tensor()).reshape(-1))
+            indices = torch.from_numpy(np.array(out[2 if self.decode_only else n_views + 1].as_tensor()).reshape(-1))
+            if self.decode_only:
+                yield None, labels, indices
+                continue
+            gen = torch.Generator().manual_seed(int(seeds[b - 1]) & 0x7FFF_FFFF_FFFF_FFFF)
             views = [self._augmenter.finish(_to_torch(out[v], self.device).permute(0, 3, 1, 2).float().div_(255.0),
-                                            v, gen).contiguous() for v in range(V)]
-            batch = (views, labels, indices)
+                                            v % V, gen).contiguous() for v in range(n_views)]
+            batch: tuple = (views, labels, indices)
+            if src.companions:
+                batch += (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1)),)
             if self.return_windows:
-                batch += (torch.from_numpy(np.array(out[V + 2].as_tensor())),)
+                batch += (torch.from_numpy(np.array(out[n_views + 2].as_tensor())),)
             yield batch
-        # the source raises StopIteration on the next request: collect it so that reset() is valid
-        self._drain()
+        self._stop()
+        self.epoch, self._next = self.epoch + 1, 0  # a completed epoch: the next iteration is the next epoch
 
     def close(self) -> None:
         self._pipe = None

@@ -16,7 +16,8 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from viewpipe.augment import AugmentConfig, ViewAugment, preset  # noqa: E402
-from viewpipe.crop import CropConfig, draw, windows_from_draws  # noqa: E402
+from viewpipe.crop import CropConfig, draw, view_windows, windows_from_draws  # noqa: E402
+from viewpipe.errors import ViewpipeError  # noqa: E402
 from viewpipe.formats import DatasetIndex, open_image, shard_paths  # noqa: E402
 from viewpipe.pipelines import LoaderConfig, get_backend  # noqa: E402
 from viewpipe.pipelines import epoch_order  # noqa: E402
@@ -167,12 +168,6 @@ def test_box_update_reaches_the_running_loader(dataset: Path, state_name: str, p
 
 def test_ranks_partition_each_epoch(dataset: Path) -> None:
     N = len(DatasetIndex.load(dataset))
-    for n in (N, N - 1):
-        for W in (2, 3):
-            orders = [epoch_order(n, 5, 2, True, r, W, drop_last=False) for r in range(W)]
-            assert sorted(np.concatenate(orders).tolist()) == list(range(n))
-            dropped = [epoch_order(n, 5, 2, True, r, W, drop_last=True) for r in range(W)]
-            assert {len(o) for o in dropped} == {n // W}
     for epoch in (0, 1):
         seen = []
         for rank in (0, 1):
@@ -182,6 +177,13 @@ def test_ranks_partition_each_epoch(dataset: Path) -> None:
             assert len(loader) == -(-(N // 2) // 7)
             seen += [i for _, _, idx in loader for i in idx.tolist()]
         assert sorted(seen) == list(range(N))
+    # 96 samples over 5 ranks in batches of 19: rank 0 has 20 samples, the others 19; all get 2 batches
+    lengths = []
+    for rank in range(5):
+        loader = dali_loader(dataset, cfg_(batch_size=19, drop_last=False, augment=PLAIN), device_id=None,
+                             rank=rank, world=5)
+        lengths.append([len(idx) for _, _, idx in loader])
+    assert lengths == [[19, 1]] + [[18, 1]] * 4
 
 
 def test_two_gloo_processes_partition_each_epoch(dataset: Path, tmp_path: Path) -> None:
@@ -272,3 +274,133 @@ def test_a_source_gives_the_same_batches_as_its_shards(dataset: Path, image_fold
     for (va, la, ia, wa), (vb, lb, ib, wb) in zip(a, b):
         assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
         assert all(torch.equal(x, y) for x, y in zip(va, vb))
+
+
+def crop_of(img, window: list[int]) -> np.ndarray:
+    """PIL's crop-and-resize of `window` (top, left, h, w) to S×S, as the float HWC pixels a PLAIN view has."""
+    top, left, h, w = window
+    return np.asarray(img.resize((S, S), 2, box=(left, top, left + w, top + h)), dtype=np.float32)
+
+
+def decoded(dataset: Path, index: DatasetIndex, k: int):  # noqa: ANN201  (a PIL image)
+    tar, _ = shard_paths(dataset, int(index.shards[k]))
+    with open(tar, "rb") as f:
+        f.seek(int(index.offsets[k]))
+        return open_image(f.read(int(index.nbytes[k])))
+
+
+def test_companion_views_come_from_the_neighbour(dataset: Path, state_name: str) -> None:
+    """With companions, views[V:] are crops of one of the sample's k neighbours, chosen uniformly, with the
+    windows the core sampler draws after the sample's own; the sample's own views do not change."""
+    index = DatasetIndex.load(dataset)
+    N, k = len(index), 3
+    table = np.stack([(np.arange(N) + 7 * (j + 1)) % N for j in range(k)], 1).astype(np.int32)
+    cfg = cfg_(augment=PLAIN, crop=CropConfig(alpha=0.6))
+    with SampleState.create(N, name=state_name, neighbours=k) as st:
+        rng = np.random.default_rng(0)
+        lo = rng.uniform(0, 0.4, (N, 2))
+        st.set_boxes(np.concatenate([lo, lo + 0.5], 1).astype(np.float32))
+        st.set_neighbours(table)
+        plain = list(dali_loader(dataset, cfg, st, device_id=None, return_windows=True))
+        loader = dali_loader(dataset, cfg, st, device_id=None, return_windows=True, companions=True)
+        columns, diffs = [], []
+        for b, ((views, labels, idx, nb, win), (pviews, _, pidx, pwin)) in enumerate(zip(loader, plain)):
+            assert len(views) == 2 * cfg.views and win.shape == (len(idx), 2 * cfg.views, 4)
+            assert torch.equal(idx, pidx) and torch.equal(win[:, : cfg.views], pwin)
+            assert all(torch.equal(a, p) for a, p in zip(views[: cfg.views], pviews))
+            i, n = idx.numpy(), nb.numpy()
+            col = [table[a].tolist().index(m) for a, m in zip(i, n)]  # raises if n is not a neighbour of i
+            columns += col
+            # the companion windows are the core sampler's for the neighbours, drawn after the samples' own
+            r = np.random.default_rng([cfg.seed, 0, 0, b])
+            sizes = lambda ks: np.stack([index.heights[ks], index.widths[ks]], 1)  # noqa: E731
+            view_windows(r, sizes(i), st.boxes(i), cfg.views, cfg.crop)
+            assert r.integers(0, k, size=len(i)).tolist() == col
+            np.testing.assert_array_equal(win[:, cfg.views :].numpy(),
+                                          view_windows(r, sizes(n), st.boxes(n), cfg.views, cfg.crop))
+            for row, m in enumerate(n.tolist()):
+                img = decoded(dataset, index, m)
+                for v in range(cfg.views):
+                    got = views[cfg.views + v][row].permute(1, 2, 0).numpy() * 255.0
+                    diffs.append(np.abs(got - crop_of(img, win[row, cfg.views + v].tolist())).mean())
+        assert max(diffs) < 3 * PIL_MEAN_DIFF + 1  # per view; a different image differs by tens of levels
+        # uniform over the k columns: chi-square with k-1 = 2 degrees of freedom, p = 0.001 cut-off 13.8
+        counts = np.bincount(columns, minlength=k)
+        assert ((counts - len(columns) / k) ** 2 / (len(columns) / k)).sum() < 13.8
+        # a neighbour update reaches the running loader like a box update (the prefetch bound)
+        it = iter(loader)
+        for _ in range(2):
+            next(it)
+        st.set_neighbours(np.repeat(np.arange(N, dtype=np.int32)[:, None], k, 1))
+        rest = list(it)[loader.prefetch :]
+        assert rest and all(torch.equal(nb, idx) for _, _, idx, nb, _ in rest)
+    with pytest.raises(ViewpipeError, match="neighbour table"):
+        dali_loader(dataset, cfg, None, device_id=None, companions=True)
+
+
+def test_resume_mid_epoch_replays_the_same_batches(dataset: Path) -> None:
+    cfg = cfg_()
+    full = dali_loader(dataset, cfg, device_id=None, return_windows=True)
+    full.set_epoch(2)
+    reference = list(full)
+    assert full.state_dict()["epoch"] == 3 and full.state_dict()["batch"] == 0  # a completed epoch moves on
+    first = dali_loader(dataset, cfg, device_id=None, return_windows=True)
+    first.set_epoch(2)
+    for _ in zip(range(5), first):
+        pass
+    sd = first.state_dict()
+    assert sd["epoch"] == 2 and sd["batch"] == 5
+    resumed = dali_loader(dataset, cfg, device_id=None, return_windows=True)
+    resumed.load_state_dict(sd)
+    rest = list(resumed)
+    assert len(rest) == len(reference) - 5
+    for (va, la, ia, wa), (vb, lb, ib, wb) in zip(reference[5:], rest):
+        assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    # the interrupted loader itself continues where it stopped
+    assert [idx.tolist() for _, _, idx, _ in first] == [idx.tolist() for _, _, idx, _ in rest]
+
+
+def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tmp_path: Path,
+                                                              capfd: pytest.CaptureFixture) -> None:
+    """A file damaged after conversion (its header overwritten) does not stop the epoch: the sample is
+    replaced by the next one, reported once on stderr and in `decode_failures`, and remembered on resume."""
+    import shutil
+
+    index = DatasetIndex.load(dataset)
+    damaged = tmp_path / "ds"
+    shutil.copytree(dataset, damaged)
+    bad = int(epoch_order(len(index), 3, 0)[13])  # in batch 1
+    tar, _ = shard_paths(damaged, int(index.shards[bad]))
+    with open(tar, "r+b") as f:
+        f.seek(int(index.offsets[bad]))
+        f.write(b"\0" * 64)
+    cfg = cfg_(augment=PLAIN)
+    good = list(dali_loader(dataset, cfg, device_id=None))
+    loader = dali_loader(damaged, cfg, device_id=None)
+    got = list(loader)
+    assert len(got) == len(good)
+    assert list(loader.decode_failures) == [bad]
+    err = capfd.readouterr().err
+    assert err.count("fails to decode") == 1 and f"sample {bad} " in err and str(tar) in err
+    for b, ((va, _, ia), (vb, _, ib)) in enumerate(zip(good, got)):
+        expect = ia.clone()
+        expect[expect == bad] = (bad + 1) % len(index)
+        assert torch.equal(ib, expect)
+        assert len(ib) == cfg.batch_size
+        if b != 1:  # the other batches are untouched
+            assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    # the replacement is part of the loader's state: a resumed run does not need to find it again
+    sd = loader.state_dict()
+    again = dali_loader(damaged, cfg, device_id=None)
+    again.load_state_dict(sd | {"epoch": 0, "batch": 1})
+    assert [idx.tolist() for _, _, idx in again] == [idx.tolist() for _, _, idx in got[1:]]
+    assert "fails to decode" not in capfd.readouterr().err
+
+
+def test_decode_only_reads_every_sample_of_the_epoch(dataset: Path) -> None:
+    """The decode ceiling `viewpipe bench` reports: the same batches, decoded and nothing else."""
+    cfg = cfg_(drop_last=False)
+    plain = [idx.tolist() for _, _, idx in dali_loader(dataset, cfg, device_id=None)]
+    only = list(dali_loader(dataset, cfg, device_id=None, decode_only=True))
+    assert [idx.tolist() for _, _, idx in only] == plain and all(v is None for v, _, _ in only)
