@@ -18,10 +18,8 @@ A box update published with `SampleState.set_boxes` is used by every batch the c
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -30,56 +28,20 @@ import torch
 from viewpipe.augment import Augmenter
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError, import_optional
-from viewpipe.formats import DatasetIndex, header_size, shard_paths
+from viewpipe.formats import header_size
 from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
-from viewpipe.sources import Source
+from viewpipe.sources import ShardSource, Source
 from viewpipe.state import SampleState
 
-class _ShardReader:
-    """Encoded images of a converted dataset, sliced out of its memory-mapped WebDataset tars."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.index = root, (index := DatasetIndex.load(root))
-        if (index.shards < 0).any():
-            raise ViewpipeError(f"{root}: the dataset has no DALI shards; convert it with --formats dali")
-        self.labels = index.labels
-        self._maps: dict[int, mmap.mmap] = {}
-        for shard in np.unique(index.shards).tolist():
-            tar, _ = shard_paths(root, shard)
-            try:
-                with open(tar, "rb") as f:
-                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as exc:
-                raise ViewpipeError(f"{tar}: cannot open shard ({exc.strerror}); re-run `viewpipe convert`") from None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def describe(self, k: int) -> str:
-        tar, _ = shard_paths(self.root, int(self.index.shards[k]))
-        return f"{tar} (sample {k} at byte {int(self.index.offsets[k])})"
-
-    def read(self, k: int) -> np.ndarray:
-        idx = self.index
-        return np.frombuffer(self._maps[int(idx.shards[k])], dtype=np.uint8, count=int(idx.nbytes[k]),
-                             offset=int(idx.offsets[k]))
-
-    def sizes(self, indices: np.ndarray) -> np.ndarray:
-        return np.stack([self.index.heights[indices], self.index.widths[indices]], 1)
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
-
-
-class _SourceReader:
-    """Encoded images of any `viewpipe.sources.Source` (an image folder, a .npz collection); image sizes
-    (after EXIF orientation) from the headers, parsed the first time a sample is seen."""
+class _Reader:
+    """Encoded images and their sizes from any `Source`: a converted dataset's are read without a copy and
+    sized by its index; other sources' sizes (after EXIF orientation) come from the image headers, parsed
+    the first time a sample is seen."""
 
     def __init__(self, source: Source) -> None:
         self.source, self.labels = source, np.asarray(source.labels, dtype=np.int64)
-        self._sizes = np.full((len(source), 2), -1, dtype=np.int64)
+        self.shards = isinstance(source, ShardSource)
+        self._sizes = source.sizes if self.shards else np.full((len(source), 2), -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -88,16 +50,14 @@ class _SourceReader:
         return self.source.describe(k)
 
     def read(self, k: int) -> np.ndarray:
-        return np.frombuffer(self.source.read(k), dtype=np.uint8)
+        return self.source.view(k) if self.shards else np.frombuffer(self.source.read(k), dtype=np.uint8)
 
     def sizes(self, indices: np.ndarray) -> np.ndarray:
-        for k in indices.tolist():
-            if self._sizes[k, 0] < 0:
-                self._sizes[k] = header_size(self.source.read(k), self.source.describe(k))
+        if not self.shards:
+            for k in indices.tolist():
+                if self._sizes[k, 0] < 0:
+                    self._sizes[k] = header_size(self.source.read(k), self.source.describe(k))
         return self._sizes[indices]
-
-    def close(self) -> None:
-        pass
 
 
 class _Callback:
@@ -105,7 +65,7 @@ class _Callback:
     labels, indices, [companion images and indices,] windows and per-view ROIs. Samples known not to decode
     (`bad`) are replaced by `substitute`."""
 
-    def __init__(self, reader: _ShardReader | _SourceReader, cfg: LoaderConfig, state: SampleState | None,
+    def __init__(self, reader: _Reader, cfg: LoaderConfig, state: SampleState | None,
                  rank: int, companions: bool) -> None:
         self.reader, self.cfg, self.state, self.rank, self.companions = reader, cfg, state, rank, companions
         self.epoch, self.start, self.decode_only = 0, 0, False
@@ -265,10 +225,7 @@ class DaliLoader:
                  return_windows: bool = False, companions: bool = False, prefetch: int = 2,
                  num_threads: int | None = None, decode_only: bool = False) -> None:
         import_optional("nvidia.dali", "dali", "NVIDIA DALI")
-        if isinstance(data, (str, os.PathLike)):
-            self.reader: _ShardReader | _SourceReader = _ShardReader(Path(data))
-        else:
-            self.reader = _SourceReader(data)
+        self.reader = _Reader(ShardSource(data) if isinstance(data, (str, os.PathLike)) else data)
         if state is not None and len(state) != len(self.reader):
             raise ViewpipeError(
                 f"sample state {state.name!r} has {len(state)} rows but the data has {len(self.reader)} samples")
@@ -398,7 +355,7 @@ class DaliLoader:
 
     def close(self) -> None:
         self._pipe = None
-        self.reader.close()
+        getattr(self.reader.source, "close", lambda: None)()
 
 
 def dali_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),

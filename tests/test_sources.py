@@ -93,3 +93,29 @@ def test_import_optional_names_the_extra() -> None:
     assert import_optional("json", "dev").dumps([1]) == "[1]"
     with pytest.raises(ViewpipeError, match=r"pip install 'viewpipe\[dali\]'"):
         import_optional("viewpipe_no_such_module", "dali", "NVIDIA DALI")
+
+
+def test_shard_source_reads_a_converted_dataset(image_folder, tmp_path) -> None:
+    """`open_source` on a converted folder gives its shards: the original bytes (JPEGs are kept as they
+    are), labels and sizes from the index, descriptions naming the shard, and it pickles without its maps."""
+    from viewpipe.formats import shard_paths
+    from viewpipe.sources import ShardSource
+    from viewpipe.tools.convert import convert
+
+    convert(image_folder, tmp_path / "ds", formats=("dali",), workers=1, shard_size=40)
+    folder, shards = FolderSource(image_folder), open_source(tmp_path / "ds")
+    assert isinstance(shards, ShardSource) and len(shards) == len(folder)
+    np.testing.assert_array_equal(shards.labels, folder.labels)
+    assert shards.classes == folder.classes
+    for k in (0, 41, len(folder) - 1):
+        assert shards.read(k) == folder.read(k)
+        assert shards.view(k).tobytes() == folder.read(k)
+        with Image.open(io.BytesIO(folder.read(k))) as img:
+            assert tuple(shards.sizes[k]) == (img.height, img.width)
+    assert str(shard_paths(tmp_path / "ds", 1)[0]) in shards.describe(41) and "sample 41" in shards.describe(41)
+    clone = pickle.loads(pickle.dumps(shards))
+    assert clone.read(50) == folder.read(50)
+    shards.close()
+    with pytest.raises(ViewpipeError, match="no DALI shards"):
+        convert(image_folder, tmp_path / "ffcv-only", formats=("ffcv",), workers=1)
+        ShardSource(tmp_path / "ffcv-only")

@@ -1,4 +1,5 @@
-"""Where encoded images come from: an ImageNet-style folder or a `.npz` JPEG collection (../shared/data).
+"""Where encoded images come from: an ImageNet-style folder, a `.npz` JPEG collection (../shared/data), or a
+dataset converted by `viewpipe convert` (its WebDataset shards).
 
 A source is a list of samples (encoded bytes + label) addressed by index; the sample's index is its row
 in the SampleState. Sources pickle cheaply (the `.npz` arrays are memory-mapped, not copied), so
@@ -7,6 +8,7 @@ DataLoader workers started by fork, spawn or forkserver all share the same pages
 
 from __future__ import annotations
 
+import mmap
 import os
 import zipfile
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import UnreadableFileError, ViewpipeError
+from .formats import INDEX, DatasetIndex, shard_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -148,9 +151,60 @@ class NpzSource:
         return f"{where} ({_text(self.src[index])})" if self.src is not None else where
 
 
+class ShardSource:
+    """A converted dataset's images, sliced out of its memory-mapped WebDataset shards with the offsets of
+    its index; `sizes` (N, 2) are the (height, width) the index recorded, so no header is parsed."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.index = index = DatasetIndex.load(self.root)
+        if (index.shards < 0).any():
+            raise ViewpipeError(f"{root}: the dataset has no DALI shards; convert it with --format dali (or both)")
+        self.labels, self.classes = index.labels, index.classes
+        self.sizes = np.stack([index.heights, index.widths], 1).astype(np.int64)
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_maps": {}}  # mappings are reopened in the process that reads
+
+    def _map(self, shard: int) -> mmap.mmap:
+        if shard not in self._maps:
+            tar, _ = shard_paths(self.root, shard)
+            try:
+                with open(tar, "rb") as f:
+                    self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as exc:
+                raise ViewpipeError(f"{tar}: cannot open shard ({exc.strerror}); re-run `viewpipe convert`") from None
+        return self._maps[shard]
+
+    def view(self, index: int) -> np.ndarray:
+        """The encoded image as a uint8 array over the mapped shard (no copy)."""
+        idx = self.index
+        return np.frombuffer(self._map(int(idx.shards[index])), dtype=np.uint8, count=int(idx.nbytes[index]),
+                             offset=int(idx.offsets[index]))
+
+    def read(self, index: int) -> bytes:
+        return self.view(index).tobytes()
+
+    def describe(self, index: int) -> str:
+        tar, _ = shard_paths(self.root, int(self.index.shards[index]))
+        return f"{tar} (sample {index} at byte {int(self.index.offsets[index])}, from {_text(self.index.sources[index])})"
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+
 def open_source(path: str | os.PathLike[str], split: str = "train") -> Source:
-    """A folder → `FolderSource`; a `.npz` → `NpzSource` of `split`."""
+    """A `.npz` → `NpzSource` of `split`; a converted dataset (with an index.npz) → `ShardSource`; another
+    folder → `FolderSource`."""
     path = Path(path)
     if path.suffix == ".npz":
         return NpzSource(path, split)
+    if (path / INDEX).is_file():
+        return ShardSource(path)
     return FolderSource(path)
