@@ -14,6 +14,12 @@ import pytest
 VIEWPIPE = [sys.executable, "-m", "viewpipe.tools"]
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench's cache (generated images, converted copies) in a temporary folder, not the user's."""
+    monkeypatch.setenv("VIEWPIPE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def viewpipe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([*VIEWPIPE, *args], capture_output=True, text=True, timeout=timeout)
 
@@ -47,8 +53,30 @@ def test_bench_table(image_folder) -> None:
                    "--workers", "0", "--size", "32")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].startswith("viewpipe bench:") and "images/s" in lines[2]
-    assert lines[3].split()[-1] == "1.00"  # the decode ceiling is the reference row
+    assert lines[0].startswith("viewpipe bench:") and "images/s" in lines[2] and "reference" in lines[2]
+    assert lines[3].split()[-2] == "1.00"  # the PIL decode ceiling row, relative to itself
+    assert lines[4].startswith("torch, 2 views, ContrastiveCrop") and lines[4].split()[-1] == "1.00"
+
+
+def test_bench_dali_rows_from_a_cached_converted_copy(image_folder) -> None:
+    """`--backend dali`: its decode-only ceiling, boxes on and off, beside the reference, in one run; the
+    converted copy the DALI rows read is made once and reused."""
+    pytest.importorskip("nvidia.dali")
+    args = ("bench", "--data", str(image_folder), "--backend", "torch", "--backend", "dali", "--batch-size", "8",
+            "--batches", "2", "--workers", "1", "--size", "32", "--json")
+    first = viewpipe(*args)
+    assert first.returncode == 0, first.stderr
+    names = [r["name"] for r in json.loads(first.stdout)["rows"]]
+    assert names == ["decode only (PIL, ceiling)", "torch, 2 views, ContrastiveCrop boxes",
+                     "torch, 2 views, RandomResizedCrop", "dali, decode only (CPU, ceiling)",
+                     "dali, 2 views, ContrastiveCrop boxes", "dali, 2 views, RandomResizedCrop"]
+    cache = Path(os.environ["VIEWPIPE_CACHE"]) / "converted"
+    (copy,) = cache.iterdir()
+    report = copy / "convert_report.json"
+    stamp = report.stat().st_mtime_ns
+    second = viewpipe(*args)
+    assert second.returncode == 0, second.stderr
+    assert list(cache.iterdir()) == [copy] and report.stat().st_mtime_ns == stamp
 
 
 def _assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -75,12 +103,12 @@ def test_unreadable_and_corrupt_files_are_named(image_folder, tmp_path, workers:
     shutil.copytree(image_folder, root)
     victim = sorted((root / "cross_0").iterdir())[0]
     victim.write_bytes(b"this is not a jpeg")
-    res = viewpipe("bench", "--data", str(root), "--batch-size", "48", "--batches", "1",
+    res = viewpipe("bench", "--data", str(root), "--backend", "torch", "--batch-size", "48", "--batches", "1",
                    "--workers", workers, "--size", "16")
     _assert_one_line_error(res, str(victim), "cannot decode")
     os.remove(victim)
     victim.symlink_to(tmp_path / "missing.jpg")
-    res = viewpipe("bench", "--data", str(root), "--batch-size", "48", "--batches", "1",
+    res = viewpipe("bench", "--data", str(root), "--backend", "torch", "--batch-size", "48", "--batches", "1",
                    "--workers", workers, "--size", "16")
     _assert_one_line_error(res, str(victim), "cannot read")
 

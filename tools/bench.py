@@ -4,6 +4,7 @@ so the ratios hold on a noisy machine. Speed is judged here, never in tests."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -23,9 +24,13 @@ from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import BACKENDS, LoaderConfig, get_backend
 from viewpipe.pipelines.reference import DecodeDataset
+from viewpipe.formats import BETON, INDEX
 from viewpipe.sources import Source, open_source
 from viewpipe.state import SampleState
 from viewpipe.synthetic import make_folder
+
+# backends that read a converted dataset, and the format each reads
+CONVERTED = {"dali": "dali", "ffcv": "ffcv"}
 
 
 @dataclass
@@ -75,6 +80,23 @@ def generated_data(n: int = 1024) -> Path:
     return root
 
 
+def converted_data(data: Path, split: str, formats: set[str], workers: int) -> Path:
+    """`data` itself when it is a converted dataset, else a converted copy made once with `viewpipe convert`
+    and cached (the converted backends read shards and .beton files, never the folder)."""
+    from viewpipe.tools.convert import convert
+
+    if (data / INDEX).is_file():
+        if "ffcv" in formats and not (data / BETON).is_file():
+            raise ViewpipeError(f"{data}: no {BETON}; convert it with --format both to bench the ffcv backend")
+        return data
+    cache = Path(os.environ.get("VIEWPIPE_CACHE", Path.home() / ".cache" / "viewpipe"))
+    key = hashlib.sha1(f"{data.resolve()}|{split}".encode()).hexdigest()[:12]
+    dst = cache / "converted" / f"{data.stem}-{split}-{'+'.join(sorted(formats))}-{key}"
+    convert(data, dst, formats=("dali", "ffcv") if "ffcv" in formats else ("dali",), workers=workers, split=split,
+            resume=dst.exists())
+    return dst
+
+
 def time_batches(loader: Iterable, batches: int, views: int, name: str, count: Callable[[Any], int]) -> BenchRow:
     """Time `batches` batches after one warm-up batch (worker start-up), cycling epochs if needed;
     `count(batch)` is the number of images in a batch."""
@@ -90,43 +112,53 @@ def time_batches(loader: Iterable, batches: int, views: int, name: str, count: C
             it = iter(loader)
             batch = next(it)
         images += count(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the GPU augmentations of the last batches are done too
     return BenchRow(name, images, time.perf_counter() - t0, views)
 
 
-def run(
-    source: Source, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0
-) -> list[BenchRow]:
-    """Decode ceiling, then each backend with boxes and without (plain RandomResizedCrop)."""
+def run(source: Source, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0,
+        converted: Path | None = None) -> list[BenchRow]:
+    """The PIL decode ceiling, then per backend its own ceiling (DALI: decode only) and its loader with boxes
+    and without (plain RandomResizedCrop). Converted backends read `converted`, the reference `source`."""
     if batches < 1:
         raise ViewpipeError(f"--batches must be at least 1, got {batches}")
     if len(source) < 2 * cfg.batch_size:
         raise ViewpipeError(
             f"the data has {len(source)} images, fewer than two batches of {cfg.batch_size}; lower --batch-size"
         )
+    if converted is None and any(b in CONVERTED for b in backends):
+        raise ViewpipeError(f"backends {', '.join(b for b in backends if b in CONVERTED)} need a converted dataset")
     decode = DataLoader(
         DecodeDataset(source), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
         num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
         collate_fn=lambda items: items,
     )
     rows = [time_batches(decode, batches, 1, "decode only (PIL, ceiling)", len)]
+    count = lambda b: len(b[2])  # noqa: E731  (every loader's batch: views, labels, indices, ...)
     rng = np.random.default_rng(seed)
     with SampleState.create(len(source)) as state:
         lo = rng.uniform(0.0, 0.5, size=(len(source), 2))
         state.set_boxes(np.concatenate([lo, lo + rng.uniform(0.2, 0.5, size=(len(source), 2))], 1).astype(np.float32))
         for name in backends:
             factory = get_backend(name)
+            data = converted if name in CONVERTED else source
+            if name == "dali":
+                loader = factory(data, cfg, decode_only=True)
+                where = "nvJPEG" if loader.device_id is not None else "CPU"
+                rows.append(time_batches(loader, batches, 1, f"dali, decode only ({where}, ceiling)", count))
             for use_box in (True, False):
                 c = replace(cfg, crop=replace(cfg.crop, use_box=use_box))
                 label = f"{name}, {cfg.views} views, {'ContrastiveCrop boxes' if use_box else 'RandomResizedCrop'}"
-                loader = factory(source, c, state)
-                rows.append(time_batches(loader, batches, cfg.views, label, lambda b: len(b[2])))
+                rows.append(time_batches(factory(data, c, state), batches, cfg.views, label, count))
     return rows
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure loader throughput beside the decode ceiling",
                        description=__doc__)
-    p.add_argument("--data", help="image folder or .npz JPEG collection (default: generated images)")
+    p.add_argument("--data", help="image folder, .npz JPEG collection or converted dataset (default: generated images); "
+                   "the dali and ffcv backends read a converted copy, made once and cached")
     p.add_argument("--split", default="train", help="split of a .npz collection (default: train)")
     p.add_argument("--backend", action="append", choices=sorted(BACKENDS),
                    help="backend(s) to measure (repeatable; default: all installed)")
@@ -146,12 +178,16 @@ def main(args: argparse.Namespace) -> int:
         # on the CPU, backends that augment in this process (DALI) share the cores with their own decode
         # threads: one torch thread avoids oversubscription (DataLoader workers already use one each)
         torch.set_num_threads(1)
-    source = open_source(args.data, args.split) if args.data else open_source(generated_data())
+    data = Path(args.data) if args.data else generated_data()
+    backends = args.backend or sorted(BACKENDS)
+    source = open_source(data, args.split)  # (checks the data first)
+    needed = {CONVERTED[b] for b in backends if b in CONVERTED}
+    converted = converted_data(data, args.split, needed, args.workers) if needed else None
     cfg = LoaderConfig(
         views=args.views, batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
         augment=preset(args.preset, size=args.size), workers=args.workers,
     )
-    rows = run(source, args.backend or sorted(BACKENDS), cfg, args.batches)
+    rows = run(source, backends, cfg, args.batches, converted=converted)
     where = args.data or "generated images"
     if args.json:
         out = {"data": str(where), "images": len(source), "machine": machine(), "config": {
@@ -160,12 +196,22 @@ def main(args: argparse.Namespace) -> int:
             "rows": [asdict(r) | {"images_per_s": r.images_per_s, "views_per_s": r.views_per_s} for r in rows]}
         print(json.dumps(out, indent=2))
         return 0
-    ceiling = rows[0].images_per_s
     print(f"viewpipe bench: {where} ({len(source)} images), {cfg.views} views of {args.size}px, "
           f"batch {cfg.batch_size} × {args.batches}, {cfg.workers} workers")
+    if converted is not None and converted != data:
+        print(f"converted copy for dali/ffcv: {converted}")
     print(f"machine: {machine()}")
-    print(f"{'':48s} {'images/s':>10s} {'views/s':>10s} {'of decode':>10s}")
+    print(table(rows))
+    return 0
+
+
+def table(rows: list[BenchRow]) -> str:
+    """The rows with their ratio to the PIL decode ceiling and to the reference loader (torch, boxes)."""
+    ceiling = rows[0].images_per_s
+    ref = next((r.images_per_s for r in rows if r.name.startswith("torch,") and "boxes" in r.name), None)
+    lines = [f"{'':52s} {'images/s':>10s} {'views/s':>10s} {'÷ PIL decode':>12s} {'× reference':>12s}"]
     for r in rows:
         views = f"{r.views_per_s:10.1f}" if r.views > 1 else f"{'-':>10s}"
-        print(f"{r.name:48s} {r.images_per_s:10.1f} {views} {r.images_per_s / ceiling:10.2f}")
-    return 0
+        vs_ref = f"{r.images_per_s / ref:12.2f}" if ref else f"{'-':>12s}"
+        lines.append(f"{r.name:52s} {r.images_per_s:10.1f} {views} {r.images_per_s / ceiling:12.2f} {vs_ref}")
+    return "\n".join(lines)
