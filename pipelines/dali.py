@@ -162,7 +162,7 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
     return pipe
 
 
-def _decode_failures(data: list[np.ndarray], num_threads: int) -> list[str | None]:
+def _decode_failures(data: list[np.ndarray]) -> list[str | None]:
     """For each encoded image, why DALI's CPU decoder rejects it (None when it decodes): run one by one
     through a one-sample pipeline, rebuilt after each failure (a failed DALI pipeline cannot run again)."""
     dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
@@ -299,12 +299,16 @@ class DaliLoader:
         self._running = True
 
     def _replace_failures(self, b: int, error: RuntimeError) -> None:
-        """Find the samples of batch `b` that do not decode, mark them replaced, or re-raise `error`."""
-        indices, neighbours, _, _ = self._source.samples(b)
-        suspects = indices.tolist() + ([] if neighbours is None else neighbours.tolist())
-        suspects = list(dict.fromkeys(suspects))
-        why = _decode_failures([self.reader.read(k) for k in suspects], 1)
-        failed = {k: w for k, w in zip(suspects, why) if w is not None}
+        """Find the samples that do not decode in batch `b` (or else in the batches DALI had prefetched after
+        it), mark them replaced, or re-raise `error` when every image decodes (not a data error)."""
+        failed: dict[int, str] = {}
+        for later in range(b, min(b + self.prefetch + 1, len(self._source.batches))):
+            indices, neighbours, _, _ = self._source.samples(later)
+            suspects = list(dict.fromkeys(indices.tolist() + ([] if neighbours is None else neighbours.tolist())))
+            why = _decode_failures([self.reader.read(k) for k in suspects])
+            failed = {k: w for k, w in zip(suspects, why) if w is not None}
+            if failed:
+                break
         if not failed:
             raise error
         if len(self._source.bad) + len(failed) >= len(self.reader):
