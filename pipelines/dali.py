@@ -5,15 +5,18 @@ augmentations in torch on the views' device.
 Data flow per batch (one `fn.external_source` callback in the main process, called by DALI up to
 `prefetch` batches ahead of the consumer):
 
-1. the batch's sample indices: a pure function of (seed, epoch, rank, world) — see `epoch_order`;
-2. their encoded bytes, sliced out of the memory-mapped WebDataset tars with the offsets of `index.npz`;
-3. the V crop windows per sample from the core sampler (`viewpipe.crop.view_windows`,
-   vectorised over the batch), image sizes from the index, boxes read live from the SampleState;
-4. in the graph: `fn.decoders.image` once, then one `fn.resize` per view with the window as an absolute
-   ROI. DALI orders `roi_start`/`roi_end` like the tensor shape, so for HWC images they are (y, x).
+1. the batch's sample indices: a pure function of (seed, epoch, rank, world) — see `epoch_batches`;
+2. their encoded bytes, sliced out of the memory-mapped WebDataset tars (`ShardSource`);
+3. the V crop windows per sample from the core sampler (`viewpipe.crop.view_windows`, vectorised over the
+   batch), image sizes from the index, boxes read live from the SampleState; with companions, one
+   neighbour per sample from the state's neighbour table, its bytes and its V windows;
+4. in the graph: `fn.decoders.image` once per image, then one `fn.resize` per view with the window as an
+   absolute ROI. DALI orders `roi_start`/`roi_end` like the tensor shape, so for HWC images they are (y, x).
 
-A box update published with `SampleState.set_boxes` is used by every batch the consumer receives from the
-`prefetch`-th batch after the update on (batches already requested by DALI keep the old boxes).
+A box or neighbour update published in the SampleState is used by every batch the consumer receives from
+the `prefetch`-th batch after the update on (batches already requested by DALI keep the old tables).
+Because the callback owns the batch index, restarting at any batch is one mechanism for both mid-epoch
+resume and recovery from an image that fails to decode (a failed DALI pipeline is rebuilt).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from viewpipe.formats import header_size
 from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
 from viewpipe.sources import ShardSource, Source
 from viewpipe.state import SampleState
+
 
 class _Reader:
     """Encoded images and their sizes from any `Source`: a converted dataset's are read without a copy and
@@ -319,7 +323,6 @@ class DaliLoader:
             print(f"viewpipe: {where} fails to decode ({w}); replaced by sample "
                   f"{int(self._source.substitute(np.array([k]))[0])} from now on "
                   f"({len(self._source.bad)} replaced so far); re-convert it to restore it", file=sys.stderr)
-        self._pipe, self._running = None, False
 
     def __iter__(self) -> Iterator[tuple]:
         src, cfg, V = self._source, self.cfg, self.cfg.views
@@ -335,6 +338,7 @@ class DaliLoader:
             try:
                 out = self._pipe.run()
             except RuntimeError as exc:  # a sample that does not decode: replace it and restart at this batch
+                self._pipe, self._running = None, False  # a DALI pipeline that failed cannot run again
                 self._replace_failures(b, exc)
                 self._start(b, batches)
                 continue
