@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from viewpipe.crop import CropConfig, CropDraws, CropSampler, draw, windows_from_draws, windows_numba
+from viewpipe.crop import FULL_BOX, CropConfig, CropDraws, CropSampler, draw, windows_from_draws, windows_numba
 
 BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
@@ -495,6 +495,20 @@ def test_fallback_is_torchvision_centre_crop(H: int, W: int, ratio, expected, us
         assert (out == np.array(expected)).all(), out[:3]
     # torchvision's get_params is deterministic here (all ten proposals fail) and agrees
     assert tuple(RandomResizedCrop.get_params(torch.empty(3, H, W), [0.9, 1.0], list(ratio))) == expected
+
+
+@pytest.mark.parametrize("impl", [windows_from_draws, windows_numba])
+def test_fallback_never_gives_an_empty_crop(impl) -> None:
+    """Where torchvision's fallback rounds a side to 0 (a 1-px image side, a ratio range far from it), the
+    window keeps one pixel: a crop-resize of nothing would fail or fill the view with zeros."""
+    cfg = CropConfig(scale=(0.9, 1.0), ratio=(3.0, 4.0))
+    sizes = np.array([[1000, 1], [1, 1]])
+    assert RandomResizedCrop.get_params(torch.empty(3, 1000, 1), [0.9, 1.0], [3.0, 4.0])[2] == 0  # h = 0
+    out = impl(sizes, np.tile(FULL_BOX, (2, 1)), draw(np.random.default_rng(0), 2, cfg), cfg)
+    assert out.tolist() == [[499, 0, 1, 1], [0, 0, 1, 1]]
+    cfg = CropConfig(scale=(0.9, 1.0), ratio=(0.25, 1 / 3))
+    out = impl(np.array([[1, 1000]]), np.tile(FULL_BOX, (1, 1)), draw(np.random.default_rng(0), 1, cfg), cfg)
+    assert out.tolist() == [[0, 499, 1, 1]]
 
 
 @pytest.mark.parametrize("impl", [windows_from_draws, windows_numba])

@@ -103,10 +103,11 @@ def windows_from_draws(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, c
 
 
 def _fallback_size(H: np.ndarray, W: np.ndarray, ratio: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """RandomResizedCrop's fallback: the largest centred crop whose aspect ratio lies in `ratio`."""
+    """RandomResizedCrop's fallback: the largest centred crop whose aspect ratio lies in `ratio` (at least one
+    pixel: torchvision's can be empty for a ratio range far from a thin image's)."""
     in_ratio = W / H
-    w = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.rint(H * ratio[1]), W))
-    h = np.where(in_ratio < ratio[0], np.rint(W / ratio[0]), H)
+    w = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.maximum(np.rint(H * ratio[1]), 1), W))
+    h = np.where(in_ratio < ratio[0], np.maximum(np.rint(W / ratio[0]), 1), H)
     return h.astype(np.int64), w.astype(np.int64)
 
 
@@ -175,10 +176,10 @@ def _windows_loop(sizes, boxes, u_scale, u_ratio, corner, smin, smax, rmin, rmax
             in_ratio = W / H
             if in_ratio < rmin:
                 w = W
-                h = int(np.rint(W / rmin))
+                h = max(int(np.rint(W / rmin)), 1)
             elif in_ratio > rmax:
                 h = H
-                w = int(np.rint(H * rmax))
+                w = max(int(np.rint(H * rmax)), 1)
             else:
                 w = W
                 h = H
