@@ -75,6 +75,7 @@ def epoch_batches(n: int, cfg: LoaderConfig, epoch: int, rank: int = 0, world: i
 BACKENDS: dict[str, str] = {
     "torch": "viewpipe.pipelines.reference:reference_loader",
     "dali": "viewpipe.pipelines.dali:dali_loader",
+    "ffcv": "viewpipe.pipelines.ffcv:ffcv_loader",
 }
 
 

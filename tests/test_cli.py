@@ -61,7 +61,6 @@ def test_bench_table(image_folder) -> None:
 def test_bench_dali_rows_from_a_cached_converted_copy(image_folder) -> None:
     """`--backend dali`: its decode-only ceiling, boxes on and off, beside the reference, in one run; the
     converted copy the DALI rows read is made once and reused."""
-    pytest.importorskip("nvidia.dali")
     args = ("bench", "--data", str(image_folder), "--backend", "torch", "--backend", "dali", "--batch-size", "8",
             "--batches", "2", "--workers", "1", "--size", "32", "--json")
     first = viewpipe(*args)
@@ -115,3 +114,19 @@ def test_unreadable_and_corrupt_files_are_named(image_folder, tmp_path, workers:
 
 def test_bench_needs_two_batches(image_folder) -> None:
     _assert_one_line_error(viewpipe("bench", "--data", str(image_folder), "--batch-size", "64"), "lower --batch-size")
+
+
+def test_bench_ffcv_rows(image_folder) -> None:
+    """`--backend ffcv`: its decode-only ceiling, FFCV's stock decoder (one decode per view), boxes on and
+    off, beside the reference, in one run."""
+    args = ("bench", "--data", str(image_folder), "--backend", "torch", "--backend", "ffcv", "--batch-size", "8",
+            "--batches", "2", "--workers", "1", "--size", "32", "--json")
+    res = viewpipe(*args)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["rows"]
+    assert [r["name"] for r in rows] == [
+        "decode only (PIL, ceiling)", "torch, 2 views, ContrastiveCrop boxes", "torch, 2 views, RandomResizedCrop",
+        "ffcv, decode only (CPU threads, ceiling)", "ffcv stock RandomResizedCrop, 2 decodes per image",
+        "ffcv, 2 views, ContrastiveCrop boxes", "ffcv, 2 views, RandomResizedCrop"]
+    assert all(r["images"] == 2 * 8 and r["images_per_s"] > 0 for r in rows)
+    assert rows[4]["views"] == 2 and rows[3]["views"] == 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali")
+import nvidia.dali  # noqa: E402,F401  (`make test` installs it: a missing backend fails, never skips)
 
 from viewpipe.augment import AugmentConfig, ViewAugment, preset  # noqa: E402
 from viewpipe.crop import CropConfig, draw, view_windows, windows_from_draws  # noqa: E402

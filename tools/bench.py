@@ -117,16 +117,21 @@ def time_batches(loader: Iterable, batches: int, views: int, name: str, count: C
     return BenchRow(name, images, time.perf_counter() - t0, views)
 
 
-def run(source: Source, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0,
-        converted: Path | None = None) -> list[BenchRow]:
-    """The PIL decode ceiling, then per backend its own ceiling (DALI: decode only) and its loader with boxes
-    and without (plain RandomResizedCrop). Converted backends read `converted`, the reference `source`."""
+def check(source: Source, cfg: LoaderConfig, batches: int) -> None:
+    """Refuse a run that cannot time anything (before any conversion is made for it)."""
     if batches < 1:
         raise ViewpipeError(f"--batches must be at least 1, got {batches}")
     if len(source) < 2 * cfg.batch_size:
         raise ViewpipeError(
             f"the data has {len(source)} images, fewer than two batches of {cfg.batch_size}; lower --batch-size"
         )
+
+
+def run(source: Source, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0,
+        converted: Path | None = None) -> list[BenchRow]:
+    """The PIL decode ceiling, then per backend its own ceiling (decode only), FFCV's stock decoder (one
+    decode per view), and its loader with boxes and without (plain RandomResizedCrop). Converted backends read `converted`, the reference `source`."""
+    check(source, cfg, batches)
     if converted is None and any(b in CONVERTED for b in backends):
         raise ViewpipeError(f"backends {', '.join(b for b in backends if b in CONVERTED)} need a converted dataset")
     decode = DataLoader(
@@ -147,6 +152,13 @@ def run(source: Source, backends: list[str], cfg: LoaderConfig, batches: int, se
                 loader = factory(data, cfg, decode_only=True)
                 where = "nvJPEG" if loader.device_id is not None else "CPU"
                 rows.append(time_batches(loader, batches, 1, f"dali, decode only ({where}, ceiling)", count))
+            if name == "ffcv":
+                from viewpipe.pipelines.ffcv import stock_rrc_loader
+
+                rows.append(time_batches(factory(data, cfg, decode_only=True), batches, 1,
+                                         "ffcv, decode only (CPU threads, ceiling)", count))
+                rows.append(time_batches(stock_rrc_loader(data, cfg), batches, cfg.views,
+                                         f"ffcv stock RandomResizedCrop, {cfg.views} decodes per image", count))
             for use_box in (True, False):
                 c = replace(cfg, crop=replace(cfg.crop, use_box=use_box))
                 label = f"{name}, {cfg.views} views, {'ContrastiveCrop boxes' if use_box else 'RandomResizedCrop'}"
@@ -181,12 +193,13 @@ def main(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else generated_data()
     backends = args.backend or sorted(BACKENDS)
     source = open_source(data, args.split)  # (checks the data first)
-    needed = {CONVERTED[b] for b in backends if b in CONVERTED}
-    converted = converted_data(data, args.split, needed, args.workers) if needed else None
     cfg = LoaderConfig(
         views=args.views, batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
         augment=preset(args.preset, size=args.size), workers=args.workers,
     )
+    check(source, cfg, args.batches)
+    needed = {CONVERTED[b] for b in backends if b in CONVERTED}
+    converted = converted_data(data, args.split, needed, args.workers) if needed else None
     rows = run(source, backends, cfg, args.batches, converted=converted)
     where = args.data or "generated images"
     if args.json:
