@@ -5,7 +5,6 @@ option and FFCV's stock decoder."""
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import subprocess
