@@ -39,13 +39,14 @@ def state_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, convert
+    from . import bench, convert, pretrain
 
     parser = argparse.ArgumentParser(prog="viewpipe", description="Contrastive-learning views at GPU speed.")
     parser.add_argument("--version", action="version", version=f"viewpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench.add_parser(sub)
     convert.add_parser(sub)
+    pretrain.add_parser(sub)
     st = sub.add_parser("state", help="list or clean shared sample-state segments",
                         description="Shared sample-state segments live in /dev/shm; `clean` removes those whose "
                         "owning process is gone (left by kill -9 or a crash).")

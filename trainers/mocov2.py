@@ -1,0 +1,82 @@
+"""MoCo v2 (Chen et al. 2020): a query encoder trained by InfoNCE against its momentum copy's key of the other
+view and a queue of past keys. ContrastiveCrop's host on both small datasets and ImageNet (SPEC.md §1)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from viewpipe.trainers.base import Method, gather, momentum_update, shuffle_bn_forward
+from viewpipe.trainers.models import Backbone, mlp
+
+
+class Encoder(nn.Module):
+    """Backbone → pooled → MLP head → L2-normalised embedding."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone.pooled(x)), dim=1)
+
+
+def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> torch.Tensor:
+    """−log softmax of the positive among [q·k, q·queue] / τ, averaged: MoCo's loss (queue is (dim, K))."""
+    pos = (q * k).sum(dim=1, keepdim=True)
+    neg = q @ queue
+    logits = torch.cat([pos, neg], dim=1) / tau
+    return F.cross_entropy(logits.float(), torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+class MoCoV2(Method):
+    """MoCo v2. Defaults are the small-dataset ContrastiveCrop recipe (512-512-128 head, queue 65,536,
+    m 0.999, τ 0.2); ImageNet: hidden = 2048 (the backbone's width), τ 0.2, m 0.999. `symmetric` adds the
+    loss with the views swapped (and enqueues both views' keys). Shuffle-BN across ranks for the keys unless
+    the engine converted BN to SyncBN (`shuffle_bn=False`)."""
+
+    def __init__(self, backbone: Backbone, dim: int = 128, hidden: int = 0, queue: int = 65536,
+                 momentum: float = 0.999, tau: float = 0.2, symmetric: bool = False, shuffle_bn: bool = True) -> None:
+        super().__init__()
+        hidden = hidden or backbone.dim
+        self.backbone = backbone
+        self.query = Encoder(backbone, mlp([backbone.dim, hidden, dim], hidden_bn=False))
+        self.key = copy.deepcopy(self.query)
+        for p in self.key.parameters():
+            p.requires_grad_(False)
+        self.momentum, self.tau, self.symmetric, self.shuffle_bn = momentum, tau, symmetric, shuffle_bn
+        self.register_buffer("queue", F.normalize(torch.randn(dim, queue), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        return shuffle_bn_forward(self.key, x) if self.shuffle_bn else self.key(x)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write all ranks' keys into the queue at its pointer (wrapping around)."""
+        keys = gather(keys)
+        K = self.queue.shape[1]
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % K
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % K)
+
+    def forward(self, views: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x1, x2 = views[0], views[1]
+        q1 = self.query(x1)
+        k2 = self._keys(x2)
+        loss = infonce(q1, k2, self.queue.clone().detach(), self.tau)
+        keys = [k2]
+        if self.symmetric:
+            q2, k1 = self.query(x2), self._keys(x1)
+            loss = loss + infonce(q2, k1, self.queue.clone().detach(), self.tau)
+            keys.append(k1)
+        for k in keys:
+            self.enqueue(k)
+        return loss, {}
+
+    def after_step(self, progress: float) -> None:
+        momentum_update(self.query, self.key, self.momentum)

@@ -1,0 +1,44 @@
+"""SimSiam (Chen & He 2021): a predictor on one branch, stop-gradient on the other, negative cosine both ways.
+ContrastiveCrop's SimSiam host on small datasets (SPEC.md §1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from viewpipe.trainers.base import Method
+from viewpipe.trainers.models import Backbone, mlp
+
+
+def neg_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """−cos(p, stopgrad(z)), averaged over the batch."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+class SimSiam(Method):
+    """SimSiam. Defaults: the small-dataset recipe (3-layer projector of width `dim` with BN after each layer,
+    the last without affine; predictor dim → pred_hidden → dim; the predictor's lr fixed at the base lr).
+    ImageNet: dim 2048, pred_hidden 512."""
+
+    def __init__(self, backbone: Backbone, dim: int = 512, pred_hidden: int = 128, fix_pred_lr: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = mlp([backbone.dim, dim, dim, dim], last_bn=True, last_bn_affine=False)
+        self.predictor = mlp([dim, pred_hidden, dim])
+        self.fix_pred_lr = fix_pred_lr
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone.pooled(x))
+
+    def forward(self, views: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z1, z2 = self.project(views[0]), self.project(views[1])
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        loss = 0.5 * (neg_cosine(p1, z2) + neg_cosine(p2, z1))
+        with torch.no_grad():  # collapse monitor: std of the normalised output (1/sqrt(dim) when healthy)
+            std = F.normalize(z1.float(), dim=1).std(dim=0).mean()
+        return loss, {"z_std": std}
+
+    def param_groups(self) -> list[dict]:
+        encoder = [p for n, p in self.named_parameters() if not n.startswith("predictor.")]
+        return [{"params": encoder}, {"params": list(self.predictor.parameters()), "fix_lr": self.fix_pred_lr}]
+
