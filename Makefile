@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh Debian/Ubuntu machine:
-#   make demo   set up, then run the main job on generated data (now: the loader benchmark)
+#   make demo   set up, then run the main job on generated data (`viewpipe demo`: pretrain, box update, scores)
 #   make test   set up, then run the test suite
 # Setup installs what is missing: ffcv's system libraries (apt), a virtual environment in .venv,
 # and `pip install -e .[all]` into it (re-run only when pyproject.toml changes).
@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	@touch $@
 
 demo: setup
+	$(VENV)/bin/viewpipe demo
+
+bench: setup
 	$(VENV)/bin/viewpipe bench
 
 test: setup

@@ -130,3 +130,14 @@ def test_bench_ffcv_rows(image_folder) -> None:
         "ffcv, 2 views, ContrastiveCrop boxes", "ffcv, 2 views, RandomResizedCrop"]
     assert all(r["images"] == 2 * 8 and r["images_per_s"] > 0 for r in rows)
     assert rows[4]["views"] == 2 and rows[3]["views"] == 1
+
+
+def test_bench_train_rows(image_folder) -> None:
+    """`--train`: the method on synthetic views, then fed by each backend, each row against the synthetic one."""
+    res = viewpipe("bench", "--train", "--data", str(image_folder), "--backend", "dali", "--backend", "ffcv",
+                   "--batch-size", "8", "--batches", "2", "--workers", "1", "--size", "24", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout)["rows"]
+    assert [r["name"] for r in rows] == ["synthetic views on the cpu, mocov2 resnet_tiny",
+                                         "dali loader, 2 views, boxes", "ffcv loader, 2 views, boxes"]
+    assert rows[0]["of_synthetic"] == 1.0 and all(r["images"] == 16 and r["of_synthetic"] > 0 for r in rows)

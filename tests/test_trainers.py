@@ -218,7 +218,21 @@ def test_two_gloo_ranks_train_in_step(image_folder: Path, tmp_path: Path) -> Non
         procs.append(subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank}: " + "\n".join(
+            line for line in err.splitlines() if not line.startswith("[rank"))[-3000:]
     hashes = [next(line for line in out.splitlines() if line.startswith("HASH")).split() for out, _ in outs]
     assert hashes[0] == hashes[1] and hashes[0][2:] == ["12", "2"]  # 2 epochs × 6 batches of 8 per rank
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+def test_demo_completes_and_its_boxes_beat_the_full_image(tmp_path: Path) -> None:
+    env = os.environ | {"VIEWPIPE_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "viewpipe.tools", "demo", "--images", "600", "--epochs", "4",
+                          "--workers", "2", "--json"], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert out["box_updates"] == 2 and out["images"] == 600 and out["images_per_s"] > 0
+    assert out["box_iou_learned"] > out["box_iou_full_image"] + 0.03, out
+    assert out["knn_top1"] > 2 * 100 / 12, out  # twice chance on 12 classes
+    assert Path(out["box_grid"]).is_file() and Path(out["checkpoint"]).is_file()

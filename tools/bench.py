@@ -182,6 +182,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.6, help="Beta(α, α) of ContrastiveCrop")
     p.add_argument("--preset", default="mocov2", help="augmentation preset")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--train", action="store_true",
+                   help="measure training steps instead: synthetic GPU-resident data, then each backend feeding "
+                   "the same model (the ratio is the fraction of the model's speed the loader sustains)")
+    p.add_argument("--method", default="mocov2", help="with --train: the method (mocov2, simsiam)")
+    p.add_argument("--backbone", default="", help="with --train: the backbone (default: resnet50 on a GPU, "
+                   "resnet_tiny on the CPU)")
     p.set_defaults(func=main)
 
 
@@ -193,6 +199,8 @@ def main(args: argparse.Namespace) -> int:
     data = Path(args.data) if args.data else generated_data()
     backends = args.backend or sorted(BACKENDS)
     source = open_source(data, args.split)  # (checks the data first)
+    if args.train:
+        return train_main(args, data, source, backends)
     cfg = LoaderConfig(
         views=args.views, batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
         augment=preset(args.preset, size=args.size), workers=args.workers,
@@ -228,3 +236,82 @@ def table(rows: list[BenchRow]) -> str:
         vs_ref = f"{r.images_per_s / ref:12.2f}" if ref else f"{'-':>12s}"
         lines.append(f"{r.name:52s} {r.images_per_s:10.1f} {views} {r.images_per_s / ceiling:12.2f} {vs_ref}")
     return "\n".join(lines)
+
+
+def time_steps(trainer: Any, batches: Iterable, steps: int, name: str) -> BenchRow:
+    """Time `steps` training steps fed by `batches` after 3 warm-up steps (cuDNN autotuning, worker start)."""
+    from tqdm import tqdm
+
+    it = iter(batches)
+    for _ in range(3):
+        trainer.train_step(next(it), trainer.cfg.optim.lr, 0.0)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    images, t0 = 0, time.perf_counter()
+    for _ in tqdm(range(steps), desc=name, unit="step", leave=False, disable=None):
+        batch = next(it)
+        trainer.train_step(batch, trainer.cfg.optim.lr, 0.0)
+        images += len(batch[2])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return BenchRow(name, images, time.perf_counter() - t0, trainer.cfg.data.views)
+
+
+def train_main(args: argparse.Namespace, data: Path, source: Source, backends: list[str]) -> int:
+    """`viewpipe bench --train`: the method's steps on synthetic views already on the device, then fed by each
+    backend (ContrastiveCrop boxes on), in one run; each row's ratio to the synthetic speed."""
+    import itertools
+
+    from viewpipe.trainers.config import load_config
+    from viewpipe.trainers.engine import Trainer
+
+    gpu = torch.cuda.is_available()
+    needed = {CONVERTED[b] for b in backends if b in CONVERTED}
+    converted = converted_data(data, args.split, needed, args.workers) if needed else None
+    backbone = args.backbone or ("resnet50" if gpu else "resnet_tiny")
+    rows: list[BenchRow] = []
+    with tempfile.TemporaryDirectory() as out:
+        def trainer(backend: str) -> Trainer:
+            path = converted if backend in CONVERTED else data
+            cfg = load_config(None, [
+                f"method={args.method}", f"backbone={backbone}", f"data.path={path}", f"data.split={args.split}",
+                f"data.backend={backend}", f"data.size={args.size}", f"data.preset={args.preset}",
+                f"data.views={args.views}", f"data.batch_size={args.batch_size}", f"data.workers={args.workers}",
+                "ccrop.enabled=true", "ccrop.warmup=0", "ccrop.interval=1", f"ccrop.alpha={args.alpha}",
+                f"out={out}", "knn_every=0", "epochs=1000"])
+            return Trainer(cfg)
+
+        t = trainer(backends[0])
+        try:
+            B, S, dev = args.batch_size, args.size, t.device
+            g = torch.Generator(device=dev).manual_seed(0)
+            views = [torch.randn(B, 3, S, S, device=dev, generator=g) for _ in range(args.views)]
+            fixed = (views, torch.zeros(B, dtype=torch.long), torch.arange(B))
+            rows.append(time_steps(t, itertools.repeat(fixed), args.batches,
+                                   f"synthetic views on the {dev.type}, {args.method} {backbone}"))
+        finally:
+            t.close()
+        rng = np.random.default_rng(0)
+        for name in backends:
+            t = trainer(name)
+            try:
+                lo = rng.uniform(0.0, 0.5, size=(t.n, 2))
+                t.state.set_boxes(np.concatenate([lo, lo + rng.uniform(0.2, 0.5, size=(t.n, 2))], 1)
+                                  .astype(np.float32))
+                loader = t.loader(1)  # an epoch after the first box update: ContrastiveCrop boxes on
+                batches = (b for e in itertools.count(1) for b in (loader.set_epoch(e), loader)[1])
+                rows.append(time_steps(t, batches, args.batches, f"{name} loader, {args.views} views, boxes"))
+            finally:
+                t.close()
+    synthetic = rows[0].images_per_s
+    if args.json:
+        print(json.dumps({"machine": machine(), "rows": [asdict(r) | {"images_per_s": r.images_per_s,
+                          "of_synthetic": r.images_per_s / synthetic} for r in rows]}, indent=2))
+        return 0
+    print(f"viewpipe bench --train: {args.method} {backbone}, batch {args.batch_size}, {args.views} views of "
+          f"{args.size}px, {args.batches} steps per row; data {args.data or 'generated images'}")
+    print(f"machine: {machine()}")
+    print(f"{'':52s} {'images/s':>10s} {'× synthetic':>12s}")
+    for r in rows:
+        print(f"{r.name:52s} {r.images_per_s:10.1f} {r.images_per_s / synthetic:12.2f}")
+    return 0

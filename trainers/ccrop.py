@@ -71,7 +71,7 @@ class BoxUpdater:
 
 
 def box_grid(source: Source, boxes: np.ndarray, path: Path, n: int = 32, side: int = 96, cols: int = 8) -> None:
-    """A PNG of the first `n` images, each resized to side×side, with its box drawn in red."""
+    """A PNG of `n` images spread over the dataset, each resized to side×side, with its box drawn in red."""
     from PIL import Image, ImageDraw
 
     from viewpipe.pipelines.reference import decode_rgb
@@ -80,9 +80,9 @@ def box_grid(source: Source, boxes: np.ndarray, path: Path, n: int = 32, side: i
     rows = (n + cols - 1) // cols
     grid = Image.new("RGB", (cols * side, rows * side), "white")
     draw = ImageDraw.Draw(grid)
-    for i in range(n):
+    for j, i in enumerate(np.linspace(0, len(source) - 1, n).round().astype(int).tolist()):  # across classes
         img = decode_rgb(source.read(i), source.describe(i)).resize((side, side), Image.BILINEAR)
-        x, y = (i % cols) * side, (i // cols) * side
+        x, y = (j % cols) * side, (j // cols) * side
         grid.paste(img, (x, y))
         h0, w0, h1, w1 = boxes[i].tolist()
         draw.rectangle([x + w0 * side, y + h0 * side, x + w1 * side - 1, y + h1 * side - 1], outline=(255, 0, 0),

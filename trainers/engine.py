@@ -13,6 +13,7 @@ import os
 import random
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,10 @@ class Trainer:
         self.model: nn.Module = self.method
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids, broadcast_buffers=False)
+            with warnings.catch_warnings():  # queues are identical on every rank: never broadcast them per step
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids,
+                                                                 broadcast_buffers=False)
         self.optimizer = build_optimizer(cfg, self.method.param_groups())
         for g in self.optimizer.param_groups:
             g.setdefault("fix_lr", False)
@@ -191,16 +195,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ sample state and loader
     def _sample_state(self) -> SampleState:
-        """Local rank 0 of each node creates the node's segment, the other ranks attach by name."""
+        """Local rank 0 of each node creates the node's segment, then the other ranks attach by name."""
         k = self.method.needs_neighbours()
-        name = f"viewpipe-train-{uuid.uuid4().hex[:10]}" if self.local_rank == 0 else None
-        if self.world > 1:
-            names = [None] * self.world
-            dist.all_gather_object(names, name)
-            name = names[self.rank - self.local_rank]
-        if self.local_rank == 0:
-            return SampleState.create(self.n, name=name, neighbours=k)
-        return SampleState.attach(name)
+        state = SampleState.create(self.n, neighbours=k) if self.local_rank == 0 else None
+        if self.world == 1:
+            return state
+        names = [None] * self.world
+        dist.all_gather_object(names, state.name if state is not None else None)  # (after the creation)
+        return state if state is not None else SampleState.attach(names[self.rank - self.local_rank])
 
     def loader(self, epoch: int) -> Any:
         """The backend's loader for `epoch`: ContrastiveCrop boxes once the first update has happened, plain
@@ -270,7 +272,6 @@ class Trainer:
         cfg = self.cfg
         from tqdm import tqdm
 
-        autocast = self.device.type == "cuda" and cfg.amp
         steps_this_run, stop = 0, False
         last: dict = {}
         while self.epoch < cfg.epochs and not stop:
@@ -296,21 +297,8 @@ class Trainer:
             b = start
             for batch in loader:
                 t_data = time.perf_counter()
-                views = [v.to(self.device, non_blocking=True) for v in batch[0]]
-                if cfg.channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                info = {"labels": batch[1], "indices": batch[2]}
-                if len(batch) > 3:
-                    info["neighbours"] = batch[3]
+                loss, logs = self.train_step(batch, lr_at(cfg, epoch, b, steps), (self.step + 1) / total)
                 lr = lr_at(cfg, epoch, b, steps)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = cfg.optim.lr if g["fix_lr"] else lr
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    loss, logs = self.model(views, info)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.method.after_step((self.step + 1) / total)
                 loss_sum, loss_n = loss_sum + loss.detach().float(), loss_n + 1
                 self.step, b, steps_this_run = self.step + 1, b + 1, steps_this_run + 1
                 if self.device.type == "cuda" and (self.step % cfg.log_every == 0):
@@ -354,6 +342,24 @@ class Trainer:
             self.log({"event": "epoch", **record})
             self.save({"epoch": self.epoch, "batch": 0})
         return {"epoch": self.epoch, "step": self.step, "history": self.history, "last": last}
+
+    def train_step(self, batch: tuple, lr: float, progress: float) -> tuple[torch.Tensor, dict]:
+        """One optimizer step on a loader batch `(views, labels, indices[, neighbours])`."""
+        views = [v.to(self.device, non_blocking=True) for v in batch[0]]
+        if self.cfg.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        info = {"labels": batch[1], "indices": batch[2]}
+        if len(batch) > 3:
+            info["neighbours"] = batch[3]
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.optim.lr if g["fix_lr"] else lr
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.amp):
+            loss, logs = self.model(views, info)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.method.after_step(progress)
+        return loss, logs
 
     def knn(self) -> float:
         from viewpipe.trainers.eval import knn_accuracy
