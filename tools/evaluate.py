@@ -1,0 +1,176 @@
+"""`viewpipe eval`: evaluate a pretrained backbone from a checkpoint (SPEC.md §4).
+
+  viewpipe eval knn    --checkpoint C --train DATA --test DATA   weighted kNN (k 200, τ 0.1), top-1 %
+  viewpipe eval linear --checkpoint C --train DATA --test DATA   linear probe (100 epochs), last and best top-1 %
+
+DATA is an image folder, a .npz JPEG collection (its split from --split-train / --split-test) or a converted
+dataset. The checkpoint is what `viewpipe pretrain` writes: it names the backbone and holds its weights, the
+view size of pretraining (the default --size) and the normalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from viewpipe.errors import ViewpipeError
+from viewpipe.trainers.eval import LinearConfig, knn_accuracy, linear_probe
+from viewpipe.trainers.models import BACKBONES, Backbone, build_backbone
+
+REQUIRED_KEYS = ("backbone_name", "backbone", "image_size", "mean", "std")
+_FIX = "give a checkpoint written by `viewpipe pretrain` (runs/<name>/last.pt)"
+
+
+@dataclass
+class Pretrained:
+    """A backbone loaded from a checkpoint, with what evaluating it needs."""
+
+    backbone: Backbone
+    name: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    path: Path
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Pretrained:
+    """The backbone of a pretraining checkpoint; every problem is one `ViewpipeError` line (what, where, what
+    to do)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint"
+        raise ViewpipeError(f"{path}: {what}; {_FIX}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001  pickle, zip and torch errors alike: the file is not readable
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ViewpipeError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {reason}); {_FIX}") from None
+    if not isinstance(ckpt, dict):
+        raise ViewpipeError(f"{path}: not a viewpipe checkpoint (a {type(ckpt).__name__}, not a dict); {_FIX}")
+    if missing := [k for k in REQUIRED_KEYS if k not in ckpt]:
+        raise ViewpipeError(f"{path}: not a viewpipe checkpoint (missing {', '.join(missing)}); {_FIX}")
+    name = ckpt["backbone_name"]
+    if name not in BACKBONES:
+        raise ViewpipeError(f"{path}: unknown backbone {name!r} (available: {', '.join(BACKBONES)}); "
+                            "was it written by a newer viewpipe?")
+    backbone = build_backbone(name)
+    try:
+        backbone.load_state_dict(ckpt["backbone"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ViewpipeError(f"{path}: the backbone weights do not fit {name!r} ({reason}); {_FIX}") from None
+    try:
+        size, mean, std = int(ckpt["image_size"]), tuple(float(v) for v in ckpt["mean"]), tuple(float(v) for v in ckpt["std"])
+    except (TypeError, ValueError) as exc:
+        raise ViewpipeError(f"{path}: bad image_size / mean / std in the checkpoint ({exc}); {_FIX}") from None
+    if size <= 0 or len(mean) != 3 or len(std) != 3:
+        raise ViewpipeError(f"{path}: bad image_size {size} or mean/std {mean}/{std} in the checkpoint; {_FIX}")
+    return Pretrained(backbone, name, size, mean, std, path)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ViewpipeError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `eval` with its `knn` and `linear` subcommands."""
+    p = sub.add_parser("eval", help="kNN or linear-probe evaluation of a pretrained checkpoint", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    protocols = p.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL")
+    knn = protocols.add_parser("knn", help="weighted kNN (InstDisc): train features as the bank, top-1 on test")
+    linear = protocols.add_parser("linear", help="linear probe on the frozen backbone (SPEC.md §4)")
+    for q in (knn, linear):
+        q.add_argument("--checkpoint", required=True, help="checkpoint written by `viewpipe pretrain`")
+        q.add_argument("--train", required=True, help="training data (image folder, .npz or converted dataset)")
+        q.add_argument("--test", required=True, help="test data")
+        q.add_argument("--split-train", default="train", help="split of a .npz training collection (default: train)")
+        q.add_argument("--split-test", default="test", help="split of a .npz test collection (default: test)")
+        q.add_argument("--size", type=int, default=0,
+                       help="side of the clean images (and linear training crops); default: the checkpoint's view size")
+        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+        q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+        q.add_argument("--no-progress", action="store_true", help="no progress bars")
+        q.add_argument("--json", action="store_true", help="print one JSON object")
+    knn.add_argument("--k", type=int, default=200, help="neighbours (default: 200)")
+    knn.add_argument("--t", type=float, default=0.1, help="temperature τ of the weights exp(sim/τ) (default: 0.1)")
+    knn.add_argument("--batch-size", type=int, default=256, help="batch of the feature passes")
+    linear.add_argument("--protocol", dest="linear_protocol", choices=["small", "imagenet"], default="small",
+                        help="small: batch 512, lr 10, test at --size; imagenet: batch 256, lr 30, 224 crops, "
+                        "test resize 256 + centre crop (default: small)")
+    linear.add_argument("--epochs", type=int, default=None, help="default: 100 (lr × 0.1 at 60%% and 80%%)")
+    linear.add_argument("--lr", type=float, default=None, help="default: 10 (small) or 30 (imagenet)")
+    linear.add_argument("--batch-size", type=int, default=None, help="default: 512 (small) or 256 (imagenet)")
+    linear.add_argument("--no-augment", action="store_true",
+                        help="train on features of clean images computed once (fast; departs from the protocol, "
+                        "which trains on RandomResizedCrop + flip)")
+    linear.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `viewpipe eval knn|linear` with parsed arguments; prints the result."""
+    model = load_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    model.backbone.to(device)
+    size = args.size or model.image_size
+    progress = not args.no_progress
+    base: dict[str, Any] = {"checkpoint": str(model.path), "backbone": model.name, "train": args.train,
+                            "test": args.test, "device": str(device)}
+    if args.protocol == "knn":
+        top1 = knn_accuracy(model.backbone, args.train, args.test, size, device, k=args.k, t=args.t,
+                            batch_size=args.batch_size, workers=args.workers, mean=model.mean, std=model.std,
+                            split_train=args.split_train, split_test=args.split_test, progress=progress)
+        result = base | {"protocol": "knn", "size": size, "k": args.k, "t": args.t, "top1": top1}
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"kNN top-1 {top1:.2f}%  (k {args.k}, τ {args.t}, {size}px clean images; {model.path})")
+        return 0
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
+    overrides |= {"augment": not args.no_augment, "workers": args.workers, "mean": model.mean, "std": model.std,
+                  "split_train": args.split_train, "split_test": args.split_test, "seed": args.seed,
+                  "progress": progress}
+    if args.linear_protocol == "imagenet":
+        cfg = LinearConfig.imagenet(**overrides | ({"size": args.size} if args.size else {}))
+    else:
+        cfg = LinearConfig(size=size, **overrides)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    res = linear_probe(model.backbone, args.train, args.test, cfg, device, log=log)
+    if args.json:
+        print(json.dumps(base | {"protocol": "linear", "size": cfg.size, "epochs": cfg.epochs, "lr": cfg.lr,
+                                 "batch_size": cfg.batch_size, "augment": cfg.augment, "last_top1": res.last_top1,
+                                 "best_top1": res.best_top1, "best_epoch": res.best_epoch, "history": res.history}))
+    else:
+        note = "" if cfg.augment else "  [--no-augment: features of clean images, not the protocol's crops]"
+        print(f"linear top-1 {res.last_top1:.2f}% (last epoch {cfg.epochs}); best {res.best_top1:.2f}% at epoch "
+              f"{res.best_epoch}{note}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`viewpipe eval ...` on its own (until tools/cli.py registers it), with the command's error handling:
+    a `ViewpipeError` is one line on stderr and exit status 2."""
+    parser = argparse.ArgumentParser(prog="viewpipe")
+    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ViewpipeError as exc:
+        print(f"viewpipe: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,221 @@
+"""Clean-image passes over a whole dataset: no augmentation, every sample once, in dataset order.
+
+Shared by everything that needs the model's view of the *whole* dataset: the kNN monitor (train bank and
+test set), the linear probe's test set, the ContrastiveCrop box update (SPEC.md §1) and CsMl's neighbour
+mining. Each image is decoded with PIL (`decode_rgb`: EXIF orientation, RGB) and resized to size×size
+ignoring its aspect ratio (bilinear, antialiased when shrinking: PIL's filter, as torchvision's
+`Resize((s, s))` on a PIL image), which is what SPEC.md §1 prescribes for ImageNet and, at the native side,
+the identity for small datasets. `resize > 0` gives instead the ImageNet linear-probe test transform (shorter
+side to `resize`, then the centre size×size crop).
+
+Under torch.distributed each rank takes the strided share `indices[rank::world]` and `dataset_outputs`
+gathers the shares back into dataset order on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
+from viewpipe.errors import ViewpipeError
+from viewpipe.pipelines import dist_rank_world
+from viewpipe.sources import Source, open_source
+
+_WORKER_ERROR = re.compile(r"^viewpipe\.[\w.]*Error: (.*)$")
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def as_source(data: Source | str | os.PathLike[str], split: str = "train") -> Source:
+    """A Source as given, or the one `open_source(path, split)` opens."""
+    return open_source(data, split) if isinstance(data, (str, os.PathLike)) else data
+
+
+def clean_image(img: Any, size: int, resize: int = 0) -> Any:
+    """The clean PIL image: size×size ignoring aspect ratio (bilinear, antialiased), or with `resize > 0`
+    the shorter side to `resize` then the centre size×size crop (torchvision's Resize + CenterCrop)."""
+    from PIL import Image
+
+    if resize <= 0:
+        return img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
+    from torchvision.transforms import functional as TF
+
+    return TF.center_crop(TF.resize(img, resize, TF.InterpolationMode.BILINEAR, antialias=True), [size, size])
+
+
+def to_normalised(img: Any, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A PIL RGB image → float32 (3, H, W), scaled to [0, 1] then normalised with mean/std (3, 1, 1)."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+    return x.sub_(mean).div_(std)
+
+
+class CleanDataset(Dataset):
+    """Items (image (3, size, size) float32 normalised, label, sample index) for the given sample indices."""
+
+    def __init__(self, source: Source, indices: np.ndarray, size: int, mean: tuple[float, ...] = IMAGENET_MEAN,
+                 std: tuple[float, ...] = IMAGENET_STD, resize: int = 0) -> None:
+        if size <= 0:
+            raise ViewpipeError(f"clean image size must be positive, got {size}")
+        self.source, self.indices, self.size, self.resize = source, np.asarray(indices, np.int64), size, resize
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        from viewpipe.pipelines.reference import decode_rgb
+
+        index = int(self.indices[i])
+        img = decode_rgb(self.source.read(index), self.source.describe(index))
+        img = clean_image(img, self.size, self.resize)
+        return to_normalised(img, self.mean, self.std), int(self.source.labels[index]), index
+
+
+def one_line(exc: BaseException) -> ViewpipeError | None:
+    """A viewpipe error a DataLoader worker re-raised with its traceback, as the one-line error it was."""
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    match = _WORKER_ERROR.match(lines[-1]) if lines else None
+    if match:
+        return ViewpipeError(match.group(1))
+    return exc if isinstance(exc, ViewpipeError) and len(lines) <= 1 else None
+
+
+class CleanLoader:
+    """Batches (images (B, 3, size, size) float32, labels (B,) int64, indices (B,) int64) of this rank's
+    share of the dataset, in dataset order. `len()` is the number of batches, `indices` the share."""
+
+    def __init__(self, source: Source, size: int, batch_size: int, workers: int, rank: int, world: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], resize: int = 0) -> None:
+        self.source, self.rank, self.world = source, rank, world
+        self.indices = np.arange(len(source), dtype=np.int64)[rank::world]
+        self.dataset = CleanDataset(source, self.indices, size, mean, std, resize)
+        self.loader = DataLoader(self.dataset, batch_size=max(1, batch_size), shuffle=False, drop_last=False,
+                                 num_workers=workers, pin_memory=torch.cuda.is_available())
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        try:
+            yield from self.loader
+        except Exception as exc:  # a worker's error arrives with its traceback in the message
+            if (err := one_line(exc)) is not None and err is not exc:
+                raise err from None
+            raise
+
+
+def clean_loader(
+    data: Source | str | os.PathLike[str],
+    size: int,
+    batch_size: int = 256,
+    workers: int | None = None,
+    rank: int | None = None,
+    world: int | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    split: str = "train",
+    resize: int = 0,
+) -> CleanLoader:
+    """Clean batches (images, labels, indices) of `indices[rank::world]` of dataset order, not shuffled.
+    rank/world default to torch.distributed's (else 0 of 1); a decode failure is the one-line error naming
+    the file that `decode_rgb` gives, also from a worker."""
+    source = as_source(data, split)
+    rank, world = dist_rank_world(rank, world)
+    return CleanLoader(source, size, batch_size, default_workers() if workers is None else workers, rank, world,
+                       tuple(mean), tuple(std), resize)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def gather_rows(local: torch.Tensor | None, n: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
+    """The full (n, ...) result in dataset order from every rank's strided share (rows `r::world` of rank r):
+    shares differ by one row at most, so each is padded to ceil(n / world) for `all_gather`. `local` is None on
+    a rank whose share is empty; the row shape and dtype come from the ranks that have one."""
+    import torch.distributed as dist
+
+    meta = None if local is None else (tuple(local.shape[1:]), str(local.dtype).removeprefix("torch."))
+    metas: list[Any] = [None] * world
+    dist.all_gather_object(metas, meta)
+    known = [m for m in metas if m is not None]
+    if not known:
+        raise ViewpipeError("dataset_outputs: the dataset is empty on every rank")
+    if any(m != known[0] for m in known):
+        raise ViewpipeError(f"dataset_outputs: ranks returned different row shapes or dtypes: {known}")
+    shape, dtype = known[0][0], getattr(torch, known[0][1])
+    if dist.get_backend() != "nccl":
+        device = torch.device("cpu")  # gloo / mpi gather host tensors
+    wire = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool all_gather
+    per = -(-n // world)
+    padded = torch.zeros((per, *shape), dtype=wire, device=device)
+    if local is not None and len(local):
+        padded[: len(local)] = local.to(device=device, dtype=wire)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n, *shape), dtype=wire, device=device)
+    for r, part in enumerate(parts):
+        out[r::world] = part[: len(range(r, n, world))]
+    return out.to(dtype)
+
+
+def dataset_outputs(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    data: Source | str | os.PathLike[str],
+    size: int,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    workers: int | None = None,
+    rank: int | None = None,
+    world: int | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    split: str = "train",
+    resize: int = 0,
+    progress: bool = True,
+    desc: str = "clean pass",
+) -> torch.Tensor:
+    """`fn(images)` under `torch.no_grad()` for every sample: a tensor (N, ...) with row i for sample i of the
+    whole dataset, on `device`, on every rank. `fn` gets this rank's clean batches on `device` and may return
+    (B, ...) of any shape and dtype. Under torch.distributed the ranks' shares are gathered back into place
+    (every rank must call it); without it, `world > 1` is an error since the other shares cannot be had."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    source = as_source(data, split)
+    rank, world = dist_rank_world(rank, world)
+    if world > 1 and not _distributed():
+        raise ViewpipeError(f"dataset_outputs: world size {world} without torch.distributed initialised; "
+                            "call it from every rank after init_process_group (or use clean_loader for one share)")
+    loader = clean_loader(source, size, batch_size, workers, rank, world, mean, std, resize=resize)
+    outs: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None if progress and rank == 0 else True)
+    with torch.no_grad():
+        for images, _, indices in bar:
+            out = fn(images.to(device, non_blocking=True))
+            if not isinstance(out, torch.Tensor) or out.ndim == 0 or len(out) != len(images):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ViewpipeError(f"dataset_outputs: fn must return one row per image ({len(images)}), got {got}")
+            outs.append(out.detach())
+            seen.append(indices)
+    local = torch.cat(outs) if outs else None
+    if seen and not torch.equal(torch.cat(seen), torch.from_numpy(loader.indices)):
+        raise ViewpipeError("dataset_outputs: the loader returned samples out of order")  # a broken invariant
+    if world == 1:
+        if local is None:
+            raise ViewpipeError(f"dataset_outputs: the dataset is empty ({len(source)} samples)")
+        return local
+    return gather_rows(local, len(source), rank, world, device).to(device)

@@ -1,0 +1,300 @@
+"""Evaluation of a pretrained backbone (SPEC.md §4): the weighted kNN monitor and the linear probe.
+
+- kNN (InstDisc): L2-normalised pooled last-stage features, the train set as the bank, k = 200 nearest by
+  cosine similarity, each voting exp(sim / τ) (τ = 0.1) for its class; top-1 on the test set.
+- Linear probe: the backbone frozen in eval mode, a linear layer on its pooled features initialised
+  N(0, 0.01), bias 0; SGD momentum 0.9, wd 0, 100 epochs, lr × 0.1 at 60% and 80% of them. Small datasets:
+  batch 512, lr 10, RandomResizedCrop(scale 0.08–1) + flip, test at the native size; ImageNet
+  (`LinearConfig.imagenet()`): batch 256, lr 30, test resize 256 + centre crop 224. Reports the last epoch's
+  test accuracy and, labelled, the best epoch's.
+
+Both read clean images through `viewpipe.trainers.clean` and run distributed (every rank gets the result).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
+from viewpipe.errors import ViewpipeError
+from viewpipe.sources import Source
+from viewpipe.trainers.clean import as_source, dataset_outputs, default_workers, one_line
+
+
+# ---------------------------------------------------------------------------------------------------- kNN
+def knn_scores(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+               k: int = 200, t: float = 0.1, chunk: int | None = None) -> torch.Tensor:
+    """(Q, num_classes) InstDisc class scores: for each query the k most cosine-similar bank rows (features
+    and bank are L2-normalised here) each add exp(sim / t) to its class. Queries go `chunk` at a time (default:
+    about 2^26 similarities per chunk) so that a large bank fits."""
+    if bank.ndim != 2 or features.ndim != 2 or features.shape[1] != bank.shape[1]:
+        raise ViewpipeError(f"knn: features {tuple(features.shape)} and bank {tuple(bank.shape)} must be (Q, D), (N, D)")
+    if len(bank) != len(bank_labels) or not len(bank):
+        raise ViewpipeError(f"knn: a non-empty bank with one label per row is needed ({len(bank)} rows, "
+                            f"{len(bank_labels)} labels)")
+    k = max(1, min(k, len(bank)))
+    bank = bank.float()  # (no copy for a float32 bank: a large one is divided by its norms, not normalised)
+    inv_norm = 1 / torch.linalg.vector_norm(bank, dim=1).clamp_min(1e-12)
+    labels = bank_labels.to(bank.device, torch.int64)
+    chunk = chunk or max(1, min(4096, 2**26 // len(bank)))
+    out = []
+    for q in F.normalize(features.float(), dim=1).to(bank.device).split(chunk):
+        sim, idx = ((q @ bank.T) * inv_norm).topk(k, dim=1)
+        scores = torch.zeros(len(q), num_classes, device=bank.device)
+        out.append(scores.scatter_add_(1, labels[idx], (sim / t).exp()))
+    return torch.cat(out)
+
+
+def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                k: int = 200, t: float = 0.1, chunk: int | None = None) -> torch.Tensor:
+    """(Q,) int64: the class with the highest weighted kNN score (`knn_scores`); a tie goes to the lowest
+    class index (torch.argmax's rule)."""
+    return knn_scores(features, bank, bank_labels, num_classes, k, t, chunk).argmax(dim=1)
+
+
+def _num_classes(*sources: Source) -> int:
+    return max(max(len(s.classes), int(np.max(s.labels)) + 1 if len(s.labels) else 0) for s in sources)
+
+
+class _eval_mode:
+    """Puts a module in eval mode and restores its previous mode on exit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was = module, module.training
+
+    def __enter__(self) -> nn.Module:
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was)
+
+
+def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], size: int,
+                    device: torch.device | str, batch_size: int = 256, workers: int | None = None,
+                    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                    split: str = "train", resize: int = 0, normalise: bool = False, progress: bool = True,
+                    desc: str = "features") -> torch.Tensor:
+    """(N, dim) float32 pooled last-stage features of every clean image in dataset order (eval mode, no grad),
+    optionally L2-normalised; on `device`, on every rank."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        f = backbone.pooled(x).float()
+        return F.normalize(f, dim=1) if normalise else f
+
+    with _eval_mode(backbone):
+        return dataset_outputs(fn, data, size, batch_size, device, workers, mean=mean, std=std, split=split,
+                               resize=resize, progress=progress, desc=desc)
+
+
+def knn_accuracy(
+    backbone: nn.Module,
+    train_data: Source | str | os.PathLike[str],
+    test_data: Source | str | os.PathLike[str],
+    size: int,
+    device: torch.device | str,
+    k: int = 200,
+    t: float = 0.1,
+    batch_size: int = 256,
+    workers: int | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    split_train: str = "train",
+    split_test: str = "test",
+    progress: bool = True,
+) -> float:
+    """Top-1 % of the weighted kNN classifier (SPEC.md §4) on the test set, the train set's features as the
+    bank. The backbone is put in eval mode and its mode restored. Distributed: every rank takes part and gets
+    the same accuracy."""
+    train, test = as_source(train_data, split_train), as_source(test_data, split_test)
+    kw: dict[str, Any] = {"batch_size": batch_size, "workers": workers, "mean": mean, "std": std, "normalise": True,
+                          "progress": progress}
+    bank = pooled_features(backbone, train, size, device, desc="kNN bank", **kw)
+    queries = pooled_features(backbone, test, size, device, desc="kNN test", **kw)
+    pred = knn_predict(queries, bank, torch.as_tensor(np.asarray(train.labels)), _num_classes(train, test), k, t)
+    truth = torch.as_tensor(np.asarray(test.labels), dtype=torch.int64, device=pred.device)
+    return float((pred == truth).float().mean().item() * 100)
+
+
+# ---------------------------------------------------------------------------------------------- linear probe
+@dataclass
+class LinearConfig:
+    """The linear probe (SPEC.md §4). Defaults: the small-dataset protocol. `augment=False` departs from
+    it: train features are computed once from clean images (no RandomResizedCrop, no flip), which is much
+    faster (on a CPU above all) and usually a little less accurate."""
+
+    epochs: int = 100
+    lr: float = 10.0
+    batch_size: int = 512
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of the epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+    init_std: float = 0.01
+    size: int = 32  # side of the training crops and of the test images
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
+    test_resize: int = 0  # 0: test images resized to size×size; > 0: shorter side to this, centre crop size
+    augment: bool = True
+    workers: int = field(default_factory=default_workers)
+    feature_batch_size: int = 256  # batch of the no-grad clean passes
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    split_train: str = "train"
+    split_test: str = "test"
+    seed: int = 0  # fc init, shuffling, and the crops of workers (with workers=0: torch's global generator)
+    progress: bool = True
+
+    @classmethod
+    def imagenet(cls, **overrides: Any) -> LinearConfig:
+        """The ImageNet protocol: 224 crops, batch 256, lr 30, test resize 256 + centre crop 224."""
+        return cls(**({"size": 224, "batch_size": 256, "lr": 30.0, "test_resize": 256} | overrides))
+
+    def milestone_epochs(self) -> list[int]:
+        """The epochs (0-based) from which lr is multiplied once more by gamma: 60 and 80 of 100."""
+        return [round(m * self.epochs) for m in self.milestones]
+
+
+@dataclass
+class LinearResult:
+    """Test top-1 % after the last epoch (the reported number) and at the best epoch (labelled as such)."""
+
+    last_top1: float
+    best_top1: float
+    best_epoch: int  # 1-based
+    epochs: int
+    augment: bool
+    history: list[dict[str, float]]  # per epoch: epoch, lr, loss, train_top1, test_top1, seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _AugmentedDataset(torch.utils.data.Dataset):
+    """RandomResizedCrop(size, scale) + horizontal flip of each decoded training image, normalised."""
+
+    def __init__(self, source: Source, cfg: LinearConfig) -> None:
+        from torchvision import transforms as T
+
+        self.source = source
+        self.transform = T.Compose([T.RandomResizedCrop(cfg.size, scale=cfg.scale), T.RandomHorizontalFlip(),
+                                    T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from viewpipe.pipelines.reference import decode_rgb
+
+        img = decode_rgb(self.source.read(index), self.source.describe(index))
+        return self.transform(img), int(self.source.labels[index])
+
+
+def _batches(loader: Any) -> Any:
+    """Iterate a DataLoader, turning a worker's re-raised viewpipe error back into its one line."""
+    try:
+        yield from loader
+    except Exception as exc:
+        if (err := one_line(exc)) is not None and err is not exc:
+            raise err from None
+        raise
+
+
+def linear_probe(
+    backbone: nn.Module,
+    train_data: Source | str | os.PathLike[str],
+    test_data: Source | str | os.PathLike[str],
+    cfg: LinearConfig,
+    device: torch.device | str,
+    log: Callable[[str], None] | None = print,
+) -> LinearResult:
+    """Train a linear classifier on the frozen backbone's pooled features (SPEC.md §4) and return the last and
+    best epoch's test top-1. Test features are computed once (the backbone is frozen and the test transform
+    fixed); with `cfg.augment` the train features are recomputed from augmented crops every batch. One line
+    per epoch goes to `log`. Runs in one process; under torch.distributed every rank runs the whole probe
+    (the clean passes are shared among ranks)."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    train, test = as_source(train_data, cfg.split_train), as_source(test_data, cfg.split_test)
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ViewpipeError(f"linear probe: epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be ≥ 1")
+    num_classes = _num_classes(train, test)
+    feat_kw: dict[str, Any] = {"batch_size": cfg.feature_batch_size, "workers": cfg.workers, "mean": cfg.mean,
+                               "std": cfg.std, "progress": cfg.progress}
+    test_x = pooled_features(backbone, test, cfg.size, device, resize=cfg.test_resize, desc="linear test features",
+                             **feat_kw)
+    test_y = torch.as_tensor(np.asarray(test.labels), dtype=torch.int64, device=device)
+    train_y_all = torch.as_tensor(np.asarray(train.labels), dtype=torch.int64, device=device)
+    train_x = None
+    if not cfg.augment:
+        train_x = pooled_features(backbone, train, cfg.size, device, desc="linear train features", **feat_kw)
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fc = nn.Linear(int(test_x.shape[1]), num_classes)
+    with torch.no_grad():
+        fc.weight.normal_(0.0, cfg.init_std, generator=gen)
+        fc.bias.zero_()
+    fc.to(device)
+    opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestone_epochs(), gamma=cfg.gamma)
+
+    loader = None
+    if cfg.augment:
+        loader = torch.utils.data.DataLoader(
+            _AugmentedDataset(train, cfg), batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+            num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed))
+
+    history: list[dict[str, float]] = []
+    best, best_epoch = -1.0, 0
+    with _eval_mode(backbone):
+        for epoch in range(cfg.epochs):
+            t0 = time.perf_counter()
+            lr = opt.param_groups[0]["lr"]
+            if loader is not None:
+                batches = _batches(loader)
+                total = len(loader)
+            else:
+                order = torch.randperm(len(train_x), generator=gen).to(device)  # type: ignore[arg-type]
+                batches = ((train_x[i], train_y_all[i]) for i in order.split(cfg.batch_size))  # type: ignore[index]
+                total = math.ceil(len(order) / cfg.batch_size)
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(batches, total=total, desc=f"linear {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                       disable=None if cfg.progress else True)
+            for x, y in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if loader is not None:
+                    with torch.no_grad():
+                        x = backbone.pooled(x).float()
+                logits = fc(x)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += len(y)
+            sched.step()
+            with torch.no_grad():
+                test_top1 = float((fc(test_x).argmax(1) == test_y).float().mean()) * 100
+            if test_top1 > best:
+                best, best_epoch = test_top1, epoch + 1
+            record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(1, seen),
+                      "train_top1": 100.0 * correct / max(1, seen), "test_top1": test_top1,
+                      "seconds": time.perf_counter() - t0}
+            history.append(record)
+            if log is not None:
+                log(f"linear epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['loss']:.4f}  "
+                    f"train {record['train_top1']:.2f}%  test {test_top1:.2f}%  (best {best:.2f}% at epoch "
+                    f"{best_epoch})  {record['seconds']:.1f}s")
+    return LinearResult(last_top1=history[-1]["test_top1"], best_top1=best, best_epoch=best_epoch,
+                        epochs=cfg.epochs, augment=cfg.augment, history=history)
