@@ -1,26 +1,39 @@
 """The reference backend: the papers' own approach, a PyTorch DataLoader with PIL decode and torchvision
 augmentations on the CPU. Every benchmark compares against it.
 
-Unlike the official ContrastiveCrop code, boxes are read live from the SampleState for every sample, so
-updates reach workers with `persistent_workers=True` too (the official code needs workers re-created).
+It has the interface of the DALI and FFCV backends (`ReferenceLoader`): the batches of
+`viewpipe.pipelines.epoch_batches`, the crop draws of the DALI backend, `set_epoch`, `state_dict` /
+`load_state_dict` for an exact mid-epoch resume, companions and windows. Data flow:
+
+1. `EpochSampler`, iterated in the consumer's process, yields one descriptor per batch — (epoch, batch,
+   sample indices, torch seed) — when the DataLoader asks for one more (`workers × prefetch_factor` ahead);
+2. a persistent worker builds the whole batch from it (`ReferenceBatches.__getitem__`): PIL decode (once per
+   image, companions included), the V windows per sample drawn from `default_rng([seed, epoch, rank, batch])`
+   with the boxes read live from the SampleState at that moment, the crops resized by PIL and augmented by
+   torchvision under a torch seed per batch, and the batch collated;
+3. `ReferenceLoader.__iter__` counts batches for `state_dict()`.
+
+Unlike the official ContrastiveCrop code, boxes are read live for every batch, so updates reach persistent
+workers too (the official code needs its workers re-created).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from viewpipe.augment import AugmentConfig, ViewAugment
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import open_image
-from viewpipe.pipelines import LoaderConfig
-from viewpipe.sources import Source
+from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
+from viewpipe.sources import Source, open_source
 from viewpipe.state import SampleState
+
 
 def decode_rgb(data: bytes, where: str):  # noqa: ANN201  (PIL.Image.Image)
     """Decode to RGB with EXIF orientation applied (the policy of every loader, see viewpipe.formats),
@@ -50,49 +63,200 @@ def torchvision_view_transform(view: ViewAugment, cfg: AugmentConfig):  # noqa: 
     return T.Compose(steps)
 
 
-class ReferenceDataset(Dataset):
-    """N augmented views per sample: PIL decode once, ContrastiveCrop windows from the live SampleState,
-    torchvision augmentations. Items are (views, label, index[, windows])."""
+# (epoch, batch, sample indices, torch seed): everything a worker needs to build one batch
+Descriptor = tuple[int, int, np.ndarray, int]
 
-    def __init__(
-        self,
-        source: Source,
-        cfg: LoaderConfig = LoaderConfig(),
-        state: SampleState | None = None,
-        return_windows: bool = False,
-    ) -> None:
-        if state is not None and len(state) != len(source):
-            raise ViewpipeError(f"sample state {state.name!r} has {len(state)} rows but the data has {len(source)} samples")
-        self.source, self.cfg, self.state, self.return_windows = source, cfg, state, return_windows
+
+class EpochSampler(Sampler):
+    """The batch descriptors of one pass, from batch `start` of `batches` on. Iterated in the consumer's
+    process: the DataLoader takes the next descriptor each time the consumer receives a batch, and a worker
+    builds that batch, so the loader's position and the live-state bound follow from the consumer alone."""
+
+    def __init__(self) -> None:
+        self.epoch, self.start = 0, 0
+        self.batches: list[np.ndarray] = []
+        self.seeds = np.zeros(0, dtype=np.uint64)
+
+    def set(self, epoch: int, start: int, batches: list[np.ndarray], seeds: np.ndarray) -> None:
+        """What the next pass yields: batches `start`.. of `epoch`, with their torch seeds."""
+        self.epoch, self.start, self.batches, self.seeds = epoch, start, batches, seeds
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.start)
+
+    def __iter__(self) -> Iterator[Descriptor]:
+        epoch, start, batches, seeds = self.epoch, self.start, self.batches, self.seeds
+        for b in range(start, len(batches)):
+            yield epoch, b, batches[b], int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ReferenceBatches(Dataset):
+    """A map-style dataset whose items are whole batches: `self[descriptor]` decodes the batch's images with
+    PIL (each once), draws their windows from the live SampleState, cuts and resizes each view with PIL and
+    augments it with torchvision. Returns `(views, labels, indices[, neighbours][, windows])`."""
+
+    def __init__(self, source: Source, cfg: LoaderConfig, state: SampleState | None, rank: int,
+                 return_windows: bool = False, companions: bool = False) -> None:
+        self.source, self.cfg, self.state, self.rank = source, cfg, state, rank
+        self.return_windows, self.companions = return_windows, companions
+        self.labels = np.asarray(source.labels, dtype=np.int64)
         views = cfg.augment.views
         self.transforms = [torchvision_view_transform(views[v % len(views)], cfg.augment) for v in range(cfg.views)]
-        self._rng: np.random.Generator | None = None
-        self._rng_pid = -1
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def rng(self) -> np.random.Generator:
-        """A generator per process, seeded from torch's per-worker seed (which differs per worker and epoch)."""
-        if self._rng_pid != os.getpid():
-            self._rng = np.random.default_rng(torch.initial_seed())
-            self._rng_pid = os.getpid()
-        return self._rng  # type: ignore[return-value]
+    def _windows(self, rng: np.random.Generator, indices: np.ndarray, images: list) -> np.ndarray:
+        """(B, V, 4) windows: the core sampler's draws, the decoded sizes, the boxes as they are now."""
+        live = self.state is not None and self.cfg.crop.use_box
+        boxes = self.state.boxes(indices) if live else None  # type: ignore[union-attr]
+        sizes = np.array([[img.height, img.width] for img in images], dtype=np.int64).reshape(-1, 2)
+        return view_windows(rng, sizes, boxes, self.cfg.views, self.cfg.crop)
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, descriptor: Descriptor) -> tuple:
         from PIL import Image
 
-        img = decode_rgb(self.source.read(index), self.source.describe(index))
-        V, S = self.cfg.views, self.cfg.augment.size
-        use_box = self.state is not None and self.cfg.crop.use_box
-        box = self.state.boxes(np.array([index])) if use_box else None
-        windows = view_windows(self.rng(), [[img.height, img.width]], box, V, self.cfg.crop)[0]
+        epoch, b, indices, torch_seed = descriptor
+        cfg, V, S = self.cfg, self.cfg.views, self.cfg.augment.size
+        indices = np.asarray(indices, dtype=np.int64)
+        decoded: dict[int, Any] = {}
+
+        def images(ks: np.ndarray) -> list:
+            for k in ks.tolist():
+                if k not in decoded:
+                    decoded[k] = decode_rgb(self.source.read(k), self.source.describe(k))
+            return [decoded[k] for k in ks.tolist()]
+
+        # the DALI backend's draw order on one generator: the samples' V windows (view-major), then with
+        # companions each sample's neighbour column (uniform over its k) and the neighbours' V windows
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank, b])
+        groups = [images(indices)]
+        windows = self._windows(rng, indices, groups[0])
+        neighbours = None
+        if self.companions:
+            table = self.state.neighbours(indices)  # type: ignore[union-attr]
+            chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
+            neighbours = chosen.astype(np.int64)
+            groups.append(images(neighbours))
+            windows = np.concatenate([windows, self._windows(rng, neighbours, groups[1])], 1)
+        # torchvision draws from torch's global generator: seed it per batch, and restore it afterwards so that
+        # a loader without workers leaves the caller's random stream as it was
         views = []
-        for (top, left, h, w), tf in zip(windows.tolist(), self.transforms):
-            crop = img.resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h))
-            views.append(tf(crop))
-        item = (views, int(self.source.labels[index]), index)
-        return item + (torch.from_numpy(windows),) if self.return_windows else item
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(torch_seed)
+            for v in range(windows.shape[1]):
+                tf, group = self.transforms[v % V], groups[v // V]
+                crops = [tf(img.resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h)))
+                         for img, (top, left, h, w) in zip(group, windows[:, v].tolist())]
+                views.append(torch.stack(crops))
+        batch: tuple = (views, torch.from_numpy(self.labels[indices]), torch.from_numpy(indices))
+        if neighbours is not None:
+            batch += (torch.from_numpy(neighbours),)
+        if self.return_windows:
+            batch += (torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int32)),)
+        return batch
+
+
+def _as_is(batch: tuple) -> tuple:
+    """The DataLoader's collate function: a `ReferenceBatches` item is already a batch."""
+    return batch
+
+
+class ReferenceLoader:
+    """Iterable of batches `(views, labels, indices[, neighbours][, windows])` like `DaliLoader`: V float
+    tensors (B, 3, S, S) on the CPU, int64 labels and sample indices; with `companions` 2V views (views[:V]
+    of each sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour
+    table, view V + v augmented like view v) and the neighbours' int64 indices; with `return_windows` the
+    (B, V or 2V, 4) int32 crop windows (top, left, h, w).
+
+    Batches are `epoch_batches(n, cfg, epoch, rank, world)`; `rank`/`world` default to torch.distributed's.
+    Windows are the DALI backend's for the same seed, epoch, rank, batch and state. A box or neighbour
+    update published after the consumer received batch u is used by every batch from u + `prefetch` on
+    (`prefetch = workers × prefetch_factor + 1`: the batches already handed to workers, plus the one handed
+    out when batch u was received; 1 without workers). Workers persist across epochs. One iterator at a
+    time: starting a new one ends the previous one."""
+
+    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                 state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
+                 return_windows: bool = False, companions: bool = False, prefetch_factor: int = 2) -> None:
+        source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
+        if state is not None and len(state) != len(source):
+            raise ViewpipeError(f"sample state {state.name!r} has {len(state)} rows but the data has {len(source)} samples")
+        if companions and (state is None or not state.has("neighbours")):
+            raise ViewpipeError("companion samples need a SampleState with a neighbour table: "
+                                "SampleState.create(n, neighbours=k)")
+        if prefetch_factor < 1:
+            raise ViewpipeError(f"prefetch_factor must be at least 1, got {prefetch_factor}")
+        self.source, self.cfg, self.state = source, cfg, state
+        self.rank, self.world = dist_rank_world(rank, world)
+        self.return_windows, self.companions = return_windows, companions
+        self.workers = max(0, int(cfg.workers))
+        self.prefetch_factor = prefetch_factor
+        self.prefetch = self.workers * prefetch_factor + 1
+        self.epoch = 0
+        self._next = 0  # the batch of `epoch` the next iteration starts at
+        self._run = 0  # the current iteration (an older generator stops rather than take its batches)
+        self.dataset = ReferenceBatches(source, cfg, state, self.rank, return_windows, companions)
+        self.sampler = EpochSampler()
+        self._loader = DataLoader(
+            self.dataset, batch_size=None, sampler=self.sampler, collate_fn=_as_is, num_workers=self.workers,
+            persistent_workers=self.workers > 0, prefetch_factor=prefetch_factor if self.workers else None,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator(),  # (the DataLoader's worker seeds: not from the caller's global RNG)
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` at its first batch on the next iteration (the order depends on (seed, epoch))."""
+        self.epoch, self._next = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        """Where the loader is: the epoch and the next batch (a finished epoch is the next one at batch 0)."""
+        return {"epoch": self.epoch, "batch": self._next}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
+        self.epoch, self._next = int(sd["epoch"]), int(sd["batch"])
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's sample order in `epoch` (default: the current one)."""
+        return epoch_order(len(self.source), self.cfg.seed, self.epoch if epoch is None else epoch,
+                           self.cfg.shuffle, self.rank, self.world, self.cfg.drop_last)
+
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's batches of sample indices in `epoch` (see `viewpipe.pipelines.epoch_batches`)."""
+        return epoch_batches(len(self.source), self.cfg, self.epoch if epoch is None else epoch, self.rank, self.world)
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[tuple]:
+        self._run += 1
+        run, epoch, batches, b = self._run, self.epoch, self.batches(), self._next
+        if b < len(batches):
+            # one torch seed per batch from (seed, epoch, rank, batch), as the DALI and FFCV backends derive theirs
+            seeds = np.random.SeedSequence([self.cfg.seed, epoch, self.rank]).generate_state(len(batches), np.uint64)
+            self.sampler.set(epoch, b, batches, seeds)
+            it = iter(self._loader)  # (persistent workers: the same workers, their queues drained)
+            while b < len(batches):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise RuntimeError(f"the DataLoader ended at batch {b} of {len(batches)}") from None
+                if not np.array_equal(batch[2].numpy(), batches[b]):  # a batch out of place: a bug
+                    raise RuntimeError(f"batch {b} holds samples {batch[2].tolist()}, expected {batches[b].tolist()}")
+                b += 1
+                self._next = b
+                yield batch
+                if self._run != run:  # a newer iteration has taken over the DataLoader
+                    return
+        if self._run == run:
+            self.epoch, self._next = epoch + 1, 0  # a completed epoch: the next iteration is the next epoch
+
+    def close(self) -> None:
+        """Stop the persistent workers (they stop with the loader anyway; this frees them now)."""
+        it, self._loader._iterator = self._loader._iterator, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 class DecodeDataset(Dataset):
@@ -109,21 +273,12 @@ class DecodeDataset(Dataset):
         return img.height, img.width
 
 
-def reference_loader(
-    source: Source,
-    cfg: LoaderConfig = LoaderConfig(),
-    state: SampleState | None = None,
-    return_windows: bool = False,
-) -> DataLoader:
-    """A DataLoader of batches ([view tensors (B,3,S,S)], labels, indices[, windows]) with persistent workers."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(
-        ReferenceDataset(source, cfg, state, return_windows),
-        batch_size=cfg.batch_size,
-        shuffle=cfg.shuffle,
-        drop_last=cfg.drop_last,
-        num_workers=cfg.workers,
-        persistent_workers=cfg.workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=generator,
-    )
+
+def reference_loader(source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                     state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
+                     return_windows: bool = False, companions: bool = False,
+                     prefetch_factor: int = 2) -> ReferenceLoader:
+    """The reference loader over a `Source` or a path (`viewpipe.sources.open_source`: an image folder, a
+    .npz collection or a converted dataset). See `ReferenceLoader`."""
+    return ReferenceLoader(source, cfg, state, rank=rank, world=world, return_windows=return_windows,
+                           companions=companions, prefetch_factor=prefetch_factor)
