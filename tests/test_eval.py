@@ -247,7 +247,7 @@ def test_linear_probe_with_augmentation(colours: tuple[Path, Path], tiny: torch.
 
 # ------------------------------------------------------------------------------------------------ the CLI
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    code = "import sys; from viewpipe.tools.evaluate import cli; sys.exit(cli(sys.argv[1:]))"
+    code = "import sys; from viewpipe.tools.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=180,
                           check=False)
 
@@ -285,7 +285,7 @@ def test_cli_bad_checkpoints_are_one_line_errors(tmp_path: Path, image_folder: P
 
 def test_cli_knn_and_linear_on_a_saved_checkpoint(tmp_path: Path, colours: tuple[Path, Path], tiny: torch.nn.Module,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from viewpipe.tools.evaluate import cli
+    from viewpipe.tools.cli import main as cli
 
     train, test = colours
     ckpt = tmp_path / "last.pt"

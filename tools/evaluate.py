@@ -157,20 +157,3 @@ def main(args: argparse.Namespace) -> int:
         print(f"linear top-1 {res.last_top1:.2f}% (last epoch {cfg.epochs}); best {res.best_top1:.2f}% at epoch "
               f"{res.best_epoch}{note}")
     return 0
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`viewpipe eval ...` on its own (until tools/cli.py registers it), with the command's error handling:
-    a `ViewpipeError` is one line on stderr and exit status 2."""
-    parser = argparse.ArgumentParser(prog="viewpipe")
-    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ViewpipeError as exc:
-        print(f"viewpipe: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
