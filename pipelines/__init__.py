@@ -72,6 +72,47 @@ def epoch_batches(n: int, cfg: LoaderConfig, epoch: int, rank: int = 0, world: i
 
 
 # name -> "module:function" building a loader as f(source, cfg, state, ...); imported on first use.
+class EpochPosition:
+    """Where a backend's loader is in its epochs, shared by every backend: `set_epoch`, `state_dict` /
+    `load_state_dict` (epoch and next batch: mid-epoch resume), `order`, `batches` and `len`. A subclass sets
+    `num_samples`, `cfg`, `rank`, `world`, and calls `EpochPosition.__init__`; its iteration starts at batch
+    `_next` of `epoch` and advances both."""
+
+    num_samples: int
+    cfg: LoaderConfig
+    rank: int
+    world: int
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self._next = 0  # the batch of `epoch` the next iteration starts at (set by load_state_dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` at its first batch on the next iteration (the order depends on (seed, epoch))."""
+        self.epoch, self._next = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        """Where the loader is: the epoch and the next batch (a finished epoch is the next one at batch 0)."""
+        return {"epoch": self.epoch, "batch": self._next}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
+        self.epoch, self._next = int(sd["epoch"]), int(sd["batch"])
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's sample order in `epoch` (default: the current one)."""
+        return epoch_order(self.num_samples, self.cfg.seed, self.epoch if epoch is None else epoch,
+                           self.cfg.shuffle, self.rank, self.world, self.cfg.drop_last)
+
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's batches of sample indices in `epoch` (see `epoch_batches`)."""
+        return epoch_batches(self.num_samples, self.cfg, self.epoch if epoch is None else epoch, self.rank,
+                             self.world)
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
 BACKENDS: dict[str, str] = {
     "torch": "viewpipe.pipelines.reference:reference_loader",
     "dali": "viewpipe.pipelines.dali:dali_loader",

@@ -32,7 +32,7 @@ from viewpipe.augment import Augmenter
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import header_size
-from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
+from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world
 from viewpipe.sources import ShardSource, Source
 from viewpipe.state import SampleState
 
@@ -209,7 +209,7 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:  # noqa: ANN001  (a DAL
     return torch.from_numpy(np.array(tl.as_tensor())).to(device)
 
 
-class DaliLoader:
+class DaliLoader(EpochPosition):
     """Iterable of batches `(views, labels, indices[, neighbours][, windows])`: V float tensors (B, 3, S, S)
     on the loader's device, int64 labels and sample indices; with `companions` 2V views (views[:V] of each
     sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour table) and
@@ -244,42 +244,26 @@ class DaliLoader:
         self.cfg, self.state, self.return_windows = cfg, state, return_windows
         self.hw_decoder_load, self.prefetch, self.decode_only = hw_decoder_load, prefetch, decode_only
         self.num_threads = num_threads or max(1, cfg.workers)
-        self.epoch = 0
-        self._next = 0  # the batch of `epoch` the next iteration starts at (set by load_state_dict)
+        self.num_samples = len(self.reader)
+        EpochPosition.__init__(self)
         self._source = _Callback(self.reader, cfg, state, self.rank, companions)
         self._augmenter = Augmenter(cfg.augment)
         self._pipe = None
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` at its first batch on the next iteration (the order depends on (seed, epoch))."""
-        self.epoch, self._next = int(epoch), 0
-
     def state_dict(self) -> dict:
         """Where the loader is: the epoch, the next batch, and the samples replaced for failing to decode."""
-        return {"epoch": self.epoch, "batch": self._next, "decode_failures": dict(self._source.bad)}
+        return super().state_dict() | {"decode_failures": dict(self._source.bad)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
-        self.epoch, self._next = int(sd["epoch"]), int(sd["batch"])
+        super().load_state_dict(sd)
         self._source.bad = {int(k): str(v) for k, v in sd.get("decode_failures", {}).items()}
 
     @property
     def decode_failures(self) -> dict[int, str]:
         """Samples that failed to decode at train time (index → reason); each is replaced since."""
         return dict(self._source.bad)
-
-    def order(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's sample order in `epoch` (default: the current one)."""
-        return epoch_order(len(self.reader), self.cfg.seed, self.epoch if epoch is None else epoch,
-                           self.cfg.shuffle, self.rank, self.world, self.cfg.drop_last)
-
-    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """This rank's batches of sample indices in `epoch` (see `viewpipe.pipelines.epoch_batches`)."""
-        return epoch_batches(len(self.reader), self.cfg, self.epoch if epoch is None else epoch, self.rank, self.world)
-
-    def __len__(self) -> int:
-        return len(self.batches())
 
     def _stop(self) -> None:
         """End the epoch in flight: the source stops at once, the batches DALI prefetched are collected, and

@@ -51,7 +51,7 @@ from viewpipe.augment import Augmenter, crop_resize
 from viewpipe.crop import FULL_BOX, draw, windows_numba
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import BETON
-from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
+from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world, epoch_batches
 from viewpipe.state import SampleState
 
 _GOT = 5  # per decoded image: sample index, height, width, decodes, libjpeg-turbo status
@@ -302,7 +302,7 @@ def _beton(path: str | os.PathLike[str]) -> Path:
     return beton
 
 
-class FfcvLoader:
+class FfcvLoader(EpochPosition):
     """Iterable of batches `(views, labels, indices[, neighbours][, windows])`: V float tensors (B, 3, S, S)
     on the loader's device, int64 labels and sample indices; with `companions` 2V views (views[:V] of each
     sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour table; view
@@ -360,7 +360,7 @@ class FfcvLoader:
         self.fused, self.decode_only, self.stock = fused and not decode_only, decode_only, stock
         self.batches_ahead, self.prefetch = batches_ahead, batches_ahead + 2
         self.num_threads = max(1, min(num_threads or cfg.workers or 1, numba.config.NUMBA_NUM_THREADS))
-        self.epoch, self._next = 0, 0
+        EpochPosition.__init__(self)
         self.decodes = np.zeros(self.num_samples, np.int64)
         self.decode_warnings: dict[int, int] = {}  # sample -> libjpeg-turbo status (warnings or errors)
         self._augmenter = Augmenter(cfg.augment).to(self.device)
@@ -392,31 +392,6 @@ class FfcvLoader:
         graph = self._loader.graph
         self._node = next((n.id for n in graph.nodes if isinstance(n, DecoderNode) and n.decoder is self._decoder),
                           None) if self._decoder is not None else None
-
-    # ------------------------------------------------------------------ order and position
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` at its first batch on the next iteration (the order depends on (seed, epoch))."""
-        self.epoch, self._next = int(epoch), 0
-
-    def state_dict(self) -> dict:
-        """Where the loader is: the epoch and the next batch."""
-        return {"epoch": self.epoch, "batch": self._next}
-
-    def load_state_dict(self, sd: dict) -> None:
-        """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
-        self.epoch, self._next = int(sd["epoch"]), int(sd["batch"])
-
-    def order(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's sample order in `epoch` (default: the current one)."""
-        return epoch_order(self.num_samples, self.cfg.seed, self.epoch if epoch is None else epoch,
-                           self.cfg.shuffle, self.rank, self.world, self.cfg.drop_last)
-
-    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """This rank's batches of sample indices in `epoch` (see `viewpipe.pipelines.epoch_batches`)."""
-        return self._order.batches(self.epoch if epoch is None else epoch)
-
-    def __len__(self) -> int:
-        return len(self.batches())
 
     # ------------------------------------------------------------------ the producer side (FFCV's thread)
     def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:

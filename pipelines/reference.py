@@ -30,7 +30,7 @@ from viewpipe.augment import AugmentConfig, ViewAugment
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import open_image
-from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
+from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world
 from viewpipe.sources import Source, open_source
 from viewpipe.state import SampleState
 
@@ -162,7 +162,7 @@ def _as_is(batch: tuple) -> tuple:
     return batch
 
 
-class ReferenceLoader:
+class ReferenceLoader(EpochPosition):
     """Iterable of batches `(views, labels, indices[, neighbours][, windows])` like `DaliLoader`: V float
     tensors (B, 3, S, S) on the CPU, int64 labels and sample indices; with `companions` 2V views (views[:V]
     of each sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour
@@ -193,8 +193,8 @@ class ReferenceLoader:
         self.workers = max(0, int(cfg.workers))
         self.prefetch_factor = prefetch_factor
         self.prefetch = self.workers * prefetch_factor + 1
-        self.epoch = 0
-        self._next = 0  # the batch of `epoch` the next iteration starts at
+        self.num_samples = len(source)
+        EpochPosition.__init__(self)
         self._run = 0  # the current iteration (an older generator stops rather than take its batches)
         self.dataset = ReferenceBatches(source, cfg, state, self.rank, return_windows, companions)
         self.sampler = EpochSampler()
@@ -204,30 +204,6 @@ class ReferenceLoader:
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator(),  # (the DataLoader's worker seeds: not from the caller's global RNG)
         )
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` at its first batch on the next iteration (the order depends on (seed, epoch))."""
-        self.epoch, self._next = int(epoch), 0
-
-    def state_dict(self) -> dict:
-        """Where the loader is: the epoch and the next batch (a finished epoch is the next one at batch 0)."""
-        return {"epoch": self.epoch, "batch": self._next}
-
-    def load_state_dict(self, sd: dict) -> None:
-        """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
-        self.epoch, self._next = int(sd["epoch"]), int(sd["batch"])
-
-    def order(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's sample order in `epoch` (default: the current one)."""
-        return epoch_order(len(self.source), self.cfg.seed, self.epoch if epoch is None else epoch,
-                           self.cfg.shuffle, self.rank, self.world, self.cfg.drop_last)
-
-    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """This rank's batches of sample indices in `epoch` (see `viewpipe.pipelines.epoch_batches`)."""
-        return epoch_batches(len(self.source), self.cfg, self.epoch if epoch is None else epoch, self.rank, self.world)
-
-    def __len__(self) -> int:
-        return len(self.batches())
 
     def __iter__(self) -> Iterator[tuple]:
         self._run += 1
