@@ -9,6 +9,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +42,43 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from viewpipe.synthetic import make_folder
 
     return make_folder(tmp_path_factory.mktemp("images"), n=96, size_range=(40, 96), seed=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On small CPU machines torch's OpenMP threads and the loaders' own threads (DALI's workers, FFCV's
+    decoders) oversubscribe the cores and the CPU photometric ops slow down about 20x (measured on 2 cores):
+    modules that use a loader in-process take one torch thread (`pytestmark = usefixtures(...)`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def check_batches(batches: list, labels: "np.ndarray", views: int, size: int) -> list[int]:
+    """Every batch `(views, labels, indices)` well formed (V float views (B, 3, S, S), finite, int64 labels
+    equal to the dataset's, int64 indices); returns the indices seen, in order."""
+    import torch
+
+    seen: list[int] = []
+    for vs, lab, indices in batches:
+        B = len(indices)
+        assert len(vs) == views
+        for v in vs:
+            assert v.shape == (B, 3, size, size) and v.dtype == torch.float32 and torch.isfinite(v).all()
+        assert lab.dtype == torch.int64 and indices.dtype == torch.int64
+        assert torch.equal(lab, torch.from_numpy(labels[indices.numpy()]))
+        seen += indices.tolist()
+    return seen
+
+
+def check_resumed(expected: list, rest: list) -> None:
+    """A resumed loader's batches `(views, labels, indices, windows)` equal the uninterrupted ones exactly."""
+    import torch
+
+    assert len(rest) == len(expected)
+    for (va, la, ia, wa), (vb, lb, ib, wb) in zip(expected, rest):
+        assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))

@@ -15,6 +15,7 @@ import torch
 
 import nvidia.dali  # noqa: E402,F401  (`make test` installs it: a missing backend fails, never skips)
 
+from conftest import check_batches, check_resumed  # noqa: E402
 from viewpipe.augment import AugmentConfig, ViewAugment, preset  # noqa: E402
 from viewpipe.crop import CropConfig, draw, view_windows, windows_from_draws  # noqa: E402
 from viewpipe.errors import ViewpipeError  # noqa: E402
@@ -37,14 +38,7 @@ PIL_P999_DIFF = 2.0
 PIL_MAX_DIFF = 16.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On small CPU machines torch's OpenMP threads and DALI's worker threads oversubscribe the cores and
-    the CPU photometric ops slow down about 20x (measured on 2 cores); one torch thread avoids it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +76,7 @@ def test_shapes_labels_and_length(dataset: Path) -> None:
         assert len(loader) == n_batches
         batches = list(loader)
         assert len(batches) == n_batches
-        seen = []
-        for views, labels, indices in batches:
-            B = len(indices)
-            assert len(views) == 3
-            for v in views:
-                assert v.shape == (B, 3, S, S) and v.dtype == torch.float32 and torch.isfinite(v).all()
-            assert labels.dtype == torch.int64 and indices.dtype == torch.int64
-            assert torch.equal(labels, torch.from_numpy(index.labels[indices.numpy()]))
-            seen += indices.tolist()
+        seen = check_batches(batches, index.labels, 3, S)
         assert len(batches[-1][2]) == last
         assert len(set(seen)) == len(seen)
         # two views of the same image differ (independent crops and augmentations)
@@ -353,10 +339,7 @@ def test_resume_mid_epoch_replays_the_same_batches(dataset: Path) -> None:
     resumed = dali_loader(dataset, cfg, device_id=None, return_windows=True)
     resumed.load_state_dict(sd)
     rest = list(resumed)
-    assert len(rest) == len(reference) - 5
-    for (va, la, ia, wa), (vb, lb, ib, wb) in zip(reference[5:], rest):
-        assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
-        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    check_resumed(reference[5:], rest)
     # the interrupted loader itself continues where it stopped
     assert [idx.tolist() for _, _, idx, _ in first] == [idx.tolist() for _, _, idx, _ in rest]
 

@@ -24,12 +24,7 @@ from viewpipe.trainers.engine import Trainer, lr_at, pretrain
 from viewpipe.trainers.mocov2 import infonce
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(data: Path, out: Path, *extra: str) -> TrainConfig:
