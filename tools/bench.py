@@ -117,6 +117,12 @@ def time_batches(loader: Iterable, batches: int, views: int, name: str, count: C
     return BenchRow(name, images, time.perf_counter() - t0, views)
 
 
+def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 4) float32 boxes of 20-50% of each side at random places: what the benchmarks crop around."""
+    lo = rng.uniform(0.0, 0.5, size=(n, 2))
+    return np.concatenate([lo, lo + rng.uniform(0.2, 0.5, size=(n, 2))], 1).astype(np.float32)
+
+
 def check(source: Source, cfg: LoaderConfig, batches: int) -> None:
     """Refuse a run that cannot time anything (before any conversion is made for it)."""
     if batches < 1:
@@ -143,8 +149,7 @@ def run(source: Source, backends: list[str], cfg: LoaderConfig, batches: int, se
     count = lambda b: len(b[2])  # noqa: E731  (every loader's batch: views, labels, indices, ...)
     rng = np.random.default_rng(seed)
     with SampleState.create(len(source)) as state:
-        lo = rng.uniform(0.0, 0.5, size=(len(source), 2))
-        state.set_boxes(np.concatenate([lo, lo + rng.uniform(0.2, 0.5, size=(len(source), 2))], 1).astype(np.float32))
+        state.set_boxes(random_boxes(rng, len(source)))
         for name in backends:
             factory = get_backend(name)
             data = converted if name in CONVERTED else source
@@ -295,9 +300,7 @@ def train_main(args: argparse.Namespace, data: Path, source: Source, backends: l
         for name in backends:
             t = trainer(name)
             try:
-                lo = rng.uniform(0.0, 0.5, size=(t.n, 2))
-                t.state.set_boxes(np.concatenate([lo, lo + rng.uniform(0.2, 0.5, size=(t.n, 2))], 1)
-                                  .astype(np.float32))
+                t.state.set_boxes(random_boxes(rng, t.n))
                 loader = t.loader(1)  # an epoch after the first box update: ContrastiveCrop boxes on
                 batches = (b for e in itertools.count(1) for b in (loader.set_epoch(e), loader)[1])
                 rows.append(time_steps(t, batches, args.batches, f"{name} loader, {args.views} views, boxes"))

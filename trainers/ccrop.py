@@ -37,17 +37,13 @@ class BoxUpdater:
 
     def boxes(self, backbone: Backbone, device: torch.device) -> np.ndarray:
         """(N, 4) boxes of the whole dataset in dataset order, on every rank."""
-        from viewpipe.trainers.clean import dataset_outputs
+        from viewpipe.trainers.clean import dataset_outputs, eval_mode
 
         size = self.c.size or self.cfg.data.size
-        was = backbone.training
-        backbone.eval()
-        try:
+        with eval_mode(backbone):
             out = dataset_outputs(lambda x: boxes_from_features(backbone(x), (size, size), self.c.threshold),
                                   self.source, size, batch_size=self.cfg.data.batch_size, device=device,
                                   workers=self.cfg.data.workers, mean=self.augment.mean, std=self.augment.std)
-        finally:
-            backbone.train(was)
         return out.cpu().numpy().astype(np.float32)
 
     def update(self, backbone: Backbone, state: SampleState, device: torch.device, epoch: int, writer: bool,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -169,6 +170,20 @@ def gather_rows(local: torch.Tensor | None, n: int, rank: int, world: int, devic
     for r, part in enumerate(parts):
         out[r::world] = part[: len(range(r, n, world))]
     return out.to(dtype)
+
+
+class eval_mode:
+    """Puts a module in eval mode for a clean pass and restores its previous mode on exit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was = module, module.training
+
+    def __enter__(self) -> nn.Module:
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was)
 
 
 def dataset_outputs(

@@ -297,8 +297,8 @@ class Trainer:
             b = start
             for batch in loader:
                 t_data = time.perf_counter()
-                loss, logs = self.train_step(batch, lr_at(cfg, epoch, b, steps), (self.step + 1) / total)
                 lr = lr_at(cfg, epoch, b, steps)
+                loss, logs = self.train_step(batch, lr, (self.step + 1) / total)
                 loss_sum, loss_n = loss_sum + loss.detach().float(), loss_n + 1
                 self.step, b, steps_this_run = self.step + 1, b + 1, steps_this_run + 1
                 if self.device.type == "cuda" and (self.step % cfg.log_every == 0):

@@ -28,7 +28,7 @@ from torch import nn
 from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
 from viewpipe.errors import ViewpipeError
 from viewpipe.sources import Source
-from viewpipe.trainers.clean import as_source, dataset_outputs, default_workers, one_line
+from viewpipe.trainers.clean import as_source, dataset_outputs, default_workers, eval_mode, one_line
 
 
 # ---------------------------------------------------------------------------------------------------- kNN
@@ -66,20 +66,6 @@ def _num_classes(*sources: Source) -> int:
     return max(max(len(s.classes), int(np.max(s.labels)) + 1 if len(s.labels) else 0) for s in sources)
 
 
-class _eval_mode:
-    """Puts a module in eval mode and restores its previous mode on exit."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.was = module, module.training
-
-    def __enter__(self) -> nn.Module:
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc: object) -> None:
-        self.module.train(self.was)
-
-
 def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], size: int,
                     device: torch.device | str, batch_size: int = 256, workers: int | None = None,
                     mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
@@ -91,7 +77,7 @@ def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], 
         f = backbone.pooled(x).float()
         return F.normalize(f, dim=1) if normalise else f
 
-    with _eval_mode(backbone):
+    with eval_mode(backbone):
         return dataset_outputs(fn, data, size, batch_size, device, workers, mean=mean, std=std, split=split,
                                resize=resize, progress=progress, desc=desc)
 
@@ -256,7 +242,7 @@ def linear_probe(
 
     history: list[dict[str, float]] = []
     best, best_epoch = -1.0, 0
-    with _eval_mode(backbone):
+    with eval_mode(backbone):
         for epoch in range(cfg.epochs):
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
