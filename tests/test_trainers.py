@@ -43,6 +43,7 @@ def steps(out: Path) -> dict[int, float]:
 def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("method: simsiam\noptim: {lr: 0.1}\ndata: {size: 64}\n")
+    assert load_config(path, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads this as text
     cfg = load_config(path, ["optim.lr=0.3", "ccrop.alpha=0.6", "method_args={dim: 64}", "data.preset=byol"])
     assert (cfg.method, cfg.optim.lr, cfg.ccrop.alpha, cfg.data.size) == ("simsiam", 0.3, 0.6, 64)
     assert cfg.method_args == {"dim": 64} and cfg.data.preset == "byol" and cfg.optim.momentum == 0.9
@@ -187,8 +188,14 @@ def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(image_folder:
 
 
 # ------------------------------------------------------------------------------------------------ DDP
-def test_two_gloo_ranks_train_in_step(image_folder: Path, tmp_path: Path) -> None:
-    """Two processes as torchrun starts them (gloo on the CPU): both finish, the weights stay identical."""
+@pytest.mark.parametrize("method,args", [
+    ("mocov2", "method_args={queue: 64}"),
+    ("csml", "method_args={queue: 64, k: 3, interval: 1}"),
+    ("snclr", "method_args={bank: 64, topk: 4, dim: 32, mlp_dim: 64}"),
+])
+def test_two_gloo_ranks_train_in_step(image_folder: Path, tmp_path: Path, method: str, args: str) -> None:
+    """Two processes as torchrun starts them (gloo on the CPU): both finish, the weights stay identical. CsMl:
+    the neighbour table mined by both ranks (each its share, gathered) is the one a single process mines."""
     code = textwrap.dedent("""
         import sys, torch, hashlib
         torch.set_num_threads(1)
@@ -199,13 +206,26 @@ def test_two_gloo_ranks_train_in_step(image_folder: Path, tmp_path: Path) -> Non
             result = trainer.fit()
             flat = torch.cat([p.detach().flatten() for p in trainer.method.parameters()])
             print("HASH", hashlib.sha1(flat.numpy().tobytes()).hexdigest(), result["step"], trainer.world)
+            if trainer.cfg.method == "csml":
+                import dataclasses, numpy as np
+                from viewpipe.trainers.csml import mine_neighbours, cosine_knn
+                from viewpipe.trainers.clean import dataset_outputs, eval_mode
+                backbone = trainer.method.key.backbone
+                shared = mine_neighbours(backbone, trainer.data, 3)
+                with eval_mode(backbone):
+                    feats = dataset_outputs(backbone.pooled, trainer.source, trainer.data.size, rank=0, world=1,
+                                            mean=trainer.data.mean, std=trainer.data.std, workers=0)
+                alone = cosine_knn(feats, 3).numpy()
+                print("TABLE", float(np.mean(np.sort(shared, 1) == np.sort(alone, 1))),
+                      bool((trainer.state.neighbours() != np.arange(96)[:, None]).all()))
         finally:
             trainer.close()
     """)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = _args(image_folder, tmp_path / "ddp", "epochs=2", "ccrop.warmup=0", "data.batch_size=16")
+    args = _args(image_folder, tmp_path / "ddp", "epochs=2", "ccrop.warmup=0", "data.batch_size=16",
+                 f"method={method}", args)
     procs = []
     for rank in (0, 1):
         env = os.environ | {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -218,6 +238,9 @@ def test_two_gloo_ranks_train_in_step(image_folder: Path, tmp_path: Path) -> Non
             line for line in err.splitlines() if not line.startswith("[rank"))[-3000:]
     hashes = [next(line for line in out.splitlines() if line.startswith("HASH")).split() for out, _ in outs]
     assert hashes[0] == hashes[1] and hashes[0][2:] == ["12", "2"]  # 2 epochs × 6 batches of 8 per rank
+    if method == "csml":
+        tables = [next(line for line in out.splitlines() if line.startswith("TABLE")).split() for out, _ in outs]
+        assert tables[0] == tables[1] == ["TABLE", "1.0", "True"]
 
 
 # ------------------------------------------------------------------------------------------------ the demo

@@ -3,10 +3,14 @@ distributed helpers (all-gather without gradient, shuffle-BN)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from viewpipe.sources import Source
+from viewpipe.state import SampleState
 from viewpipe.trainers.models import Backbone
 
 
@@ -25,10 +29,41 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def broadcast_bn_stats(module: nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics. The engine's DDP does not broadcast buffers each
+    step (the queues are kept identical by construction), so each rank's running statistics drift apart; the
+    eval-mode passes over the whole dataset (boxes, neighbours, kNN) must all see one network."""
+    if not distributed():
+        return
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buf is not None:
+                    dist.broadcast(buf, src=0)
+
+
+@torch.no_grad()
 def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
     """target ← m·target + (1−m)·online, parameters only (buffers such as BN statistics are the target's own)."""
     for p_t, p_o in zip(target.parameters(), online.parameters()):
         p_t.mul_(m).add_(p_o.detach(), alpha=1 - m)
+
+
+@dataclass
+class DataContext:
+    """What a method's pass over the whole training set needs (CsMl's neighbour mining): the data, the live
+    sample state the loaders read, and how to run a clean pass (`viewpipe.trainers.clean.dataset_outputs`).
+    `writer`: this process publishes into its node's state (local rank 0)."""
+
+    source: Source
+    state: SampleState
+    device: torch.device
+    size: int
+    batch_size: int
+    workers: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    writer: bool = True
 
 
 class Method(nn.Module):
@@ -46,6 +81,12 @@ class Method(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """At the start of each epoch (loss-weight schedules)."""
+
+    def before_epoch(self, epoch: int, data: DataContext) -> dict:
+        """Before `epoch` starts at its first batch (not when a run resumes inside it): work over the whole
+        training set that the epoch's batches must see, such as CsMl's neighbour mining. Every rank calls it;
+        returns what to log."""
+        return {}
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups; a group with `fix_lr=True` keeps the base lr (SimSiam's predictor)."""

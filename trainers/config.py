@@ -105,6 +105,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
         return value
     raise ViewpipeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -28,13 +28,15 @@ from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import LoaderConfig, get_backend
 from viewpipe.sources import open_source
 from viewpipe.state import SampleState
-from viewpipe.trainers.base import Method
+from viewpipe.trainers.base import DataContext, Method, broadcast_bn_stats
 from viewpipe.trainers.config import TrainConfig, to_dict
 from viewpipe.trainers.models import build_backbone
 
 METHODS: dict[str, str] = {
     "mocov2": "viewpipe.trainers.mocov2:MoCoV2",
     "simsiam": "viewpipe.trainers.simsiam:SimSiam",
+    "csml": "viewpipe.trainers.csml:CsMl",
+    "snclr": "viewpipe.trainers.snclr:SNCLR",
 }
 
 
@@ -181,6 +183,8 @@ class Trainer:
             g.setdefault("fix_lr", False)
 
         self.state = self._sample_state()
+        self.data = DataContext(self.source, self.state, self.device, d.size, d.batch_size // self.world, d.workers,
+                                tuple(self.augment.mean), tuple(self.augment.std), writer=self.local_rank == 0)
         from viewpipe.trainers.ccrop import BoxUpdater
 
         self.boxes = BoxUpdater(cfg, self.source, self.augment, self.out)
@@ -276,10 +280,12 @@ class Trainer:
         last: dict = {}
         while self.epoch < cfg.epochs and not stop:
             epoch = self.epoch
+            resume = self._resume_loader if self._resume_loader and self._resume_loader["epoch"] == epoch else None
+            before = self.method.before_epoch(epoch, self.data) if resume is None or resume["batch"] == 0 else {}
             loader = self.loader(epoch)
-            if self._resume_loader is not None and self._resume_loader["epoch"] == epoch:
-                loader.load_state_dict(self._resume_loader)
-                start = self._resume_loader["batch"]
+            if resume is not None:
+                loader.load_state_dict(resume)
+                start = resume["batch"]
             else:
                 loader.set_epoch(epoch)
                 start = 0
@@ -327,8 +333,9 @@ class Trainer:
                 self.save({"epoch": epoch, "batch": b})
                 break
             self.epoch = epoch + 1
+            broadcast_bn_stats(self.method)  # one network for the passes below and the next epoch's mining
             # the epoch's mean loss (of the batches this process ran: after a resume, those after the checkpoint)
-            record: dict = {"epoch": epoch, "step": self.step, "loss": float(loss_sum) / max(1, loss_n)}
+            record: dict = {"epoch": epoch, "step": self.step, "loss": float(loss_sum) / max(1, loss_n), **before}
             if self.boxes.due(epoch):
                 record |= self.boxes.update(self.method.backbone, self.state, self.device, epoch,
                                             writer=self.local_rank == 0, main=self.main)

@@ -32,6 +32,17 @@ def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -
     return F.cross_entropy(logits.float(), torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
+    """Write all ranks' keys (B, ..., dim) into a FIFO `queue` (..., dim, K) at `ptr`, wrapping around, and
+    advance `ptr`. The same on every rank, so ranks keep identical queues and a checkpoint holds all of it."""
+    keys = gather(keys)
+    K = queue.shape[-1]
+    idx = (ptr + torch.arange(len(keys), device=keys.device)) % K
+    queue[..., idx] = keys.movedim(0, -1).to(queue.dtype)
+    ptr.copy_((ptr + len(keys)) % K)
+
+
 class MoCoV2(Method):
     """MoCo v2. Defaults are the small-dataset ContrastiveCrop recipe (512-512-128 head, queue 65,536,
     m 0.999, τ 0.2); ImageNet: hidden = 2048 (the backbone's width), τ 0.2, m 0.999. `symmetric` adds the
@@ -55,15 +66,6 @@ class MoCoV2(Method):
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         return shuffle_bn_forward(self.key, x) if self.shuffle_bn else self.key(x)
 
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write all ranks' keys into the queue at its pointer (wrapping around)."""
-        keys = gather(keys)
-        K = self.queue.shape[1]
-        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % K
-        self.queue[:, idx] = keys.T.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % K)
-
     def forward(self, views: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x1, x2 = views[0], views[1]
         q1 = self.query(x1)
@@ -75,7 +77,7 @@ class MoCoV2(Method):
             loss = loss + infonce(q2, k1, self.queue.clone().detach(), self.tau)
             keys.append(k1)
         for k in keys:
-            self.enqueue(k)
+            enqueue(self.queue, self.queue_ptr, k)
         return loss, {}
 
     def after_step(self, progress: float) -> None:

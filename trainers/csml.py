@@ -1,0 +1,198 @@
+"""CsMl — "Seed the Views" (Xu et al., arXiv 2012.02733; SPEC.md §2): MoCo v2 whose positives also come
+from each image's nearest neighbours in the dataset.
+
+Every `interval` epochs (from epoch 0) the momentum encoder's pooled features of the whole training set on
+clean images give an exact cosine k-NN table (self excluded by index), published in the shared SampleState;
+the loaders then deliver, with each sample's two views, two views of one of its k neighbours
+(`companions=True`: views[:2] anchor x_q, x_k; views[2:] neighbour x'_q, x'_k). A CutMix of x_q with x'_q
+is a third query. Per level, with ℓ MoCo's InfoNCE against the queue of anchor keys:
+
+    L = ⅓ [a·ℓ(q,k) + b·ℓ(q,k′) + a·ℓ(q′,k′) + b·ℓ(q′,k) + λ·ℓ(q_mix,k) + (1−λ)·ℓ(q_mix,k′)]
+
+with (a, b) = (1, 0) for the first `switch_epoch` epochs and (0.5, 0.5) after. Multi-level: the same loss on
+pooled heads of several backbone stages (default stages 3 and 4, weights 0.5 and 1), each level with its own
+momentum head and queue. The multi-level part is described in the paper but absent from the authors' released
+code: this is viewpipe's design of it (`levels=[4]` turns it off).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from viewpipe.errors import ViewpipeError
+from viewpipe.pipelines import dist_rank_world
+from viewpipe.trainers.base import DataContext, Method, momentum_update, shuffle_bn_forward
+from viewpipe.trainers.clean import dataset_outputs, eval_mode, gather_rows
+from viewpipe.trainers.models import Backbone, mlp
+from viewpipe.trainers.mocov2 import enqueue, infonce
+
+
+# ------------------------------------------------------------------------------------------------ mining
+@torch.no_grad()
+def cosine_knn(features: torch.Tensor, k: int, rows: torch.Tensor | None = None, row_chunk: int = 4096,
+               col_chunk: int = 131072) -> torch.Tensor:
+    """Exact k nearest neighbours by cosine: for each of `rows` (default all) of `features` (N, d), the indices
+    (len(rows), k) of the k most similar *other* samples, most similar first. The sample itself is excluded by
+    index (a duplicate image still counts as a neighbour). Blocked over rows and columns with a running top-k,
+    so memory is row_chunk × col_chunk whatever N: 1.28 M × 1.28 M is a loop, not a matrix."""
+    f = F.normalize(features.float(), dim=1)
+    n = len(f)
+    if not 0 < k < n:
+        raise ViewpipeError(f"neighbour mining: k = {k} needs 0 < k < the number of samples ({n})")
+    rows = torch.arange(n, device=f.device) if rows is None else rows.to(f.device, torch.long)
+    out = torch.empty((len(rows), k), dtype=torch.long, device=f.device)
+    for r0 in range(0, len(rows), row_chunk):
+        r = rows[r0:r0 + row_chunk]
+        best_s = torch.full((len(r), k), -torch.inf, device=f.device)
+        best_i = torch.zeros((len(r), k), dtype=torch.long, device=f.device)
+        for c0 in range(0, n, col_chunk):
+            sim = f[r] @ f[c0:c0 + col_chunk].T
+            own = r - c0
+            inside = (own >= 0) & (own < sim.shape[1])
+            sim[inside.nonzero().squeeze(1), own[inside]] = -torch.inf
+            s, i = sim.topk(min(k, sim.shape[1]), dim=1)
+            best_s, j = torch.cat([best_s, s], 1).topk(k, dim=1)
+            best_i = torch.cat([best_i, i + c0], 1).gather(1, j)
+        out[r0:r0 + len(r)] = best_i
+    return out
+
+
+def mine_neighbours(backbone: Backbone, data: DataContext, k: int, resize: int = 0) -> np.ndarray:
+    """The (N, k) int32 neighbour table of the whole training set in dataset order, on every rank: `backbone`'s
+    L2-normalised pooled features of clean images (data.size², or with `resize` the shorter side to `resize`
+    and the centre crop: ImageNet's 256/224), then `cosine_knn`. Under torch.distributed each rank runs the
+    clean pass and the k-NN rows of its strided share; both are gathered back into dataset order."""
+    with eval_mode(backbone):
+        feats = dataset_outputs(lambda x: F.normalize(backbone.pooled(x).float(), dim=1), data.source, data.size,
+                                batch_size=data.batch_size, device=data.device, workers=data.workers,
+                                mean=data.mean, std=data.std, resize=resize, desc="neighbour features")
+    rank, world = dist_rank_world()
+    n = len(feats)
+    local = cosine_knn(feats, k, torch.arange(rank, n, world))
+    table = local if world == 1 else gather_rows(local if len(local) else None, n, rank, world, data.device)
+    return table.cpu().numpy().astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------ views and loss
+def cutmix(a: torch.Tensor, b: torch.Tensor, lam0: float) -> tuple[torch.Tensor, float]:
+    """`a` with one box of `b` pasted (the same box for the whole batch): side √(1−λ₀) of the image, centre
+    uniform, clipped at the borders (CutMix). Returns the mix and λ = 1 − pasted area / image area."""
+    H, W = a.shape[-2:]
+    cut = (1.0 - lam0) ** 0.5
+    ch, cw = int(H * cut), int(W * cut)
+    cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
+    mixed = a.clone()
+    mixed[..., y0:y1, x0:x1] = b[..., y0:y1, x0:x1]
+    return mixed, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+
+
+def csml_loss(q: torch.Tensor, q_nn: torch.Tensor, q_mix: torch.Tensor, k: torch.Tensor, k_nn: torch.Tensor,
+              queue: torch.Tensor, tau: float, a: float, b: float, lam: float) -> torch.Tensor:
+    """One level's loss of SPEC.md §2: ⅓ [a·ℓ(q,k) + b·ℓ(q,k′) + a·ℓ(q′,k′) + b·ℓ(q′,k) + λ·ℓ(q_mix,k) +
+    (1−λ)·ℓ(q_mix,k′)], each ℓ its own InfoNCE against `queue` (dim, K): the other positive is not in its
+    denominator. Terms with weight 0 are skipped."""
+    terms = [(a, q, k), (b, q, k_nn), (a, q_nn, k_nn), (b, q_nn, k), (lam, q_mix, k), (1 - lam, q_mix, k_nn)]
+    return sum(w * infonce(x, y, queue, tau) for w, x, y in terms if w) / 3
+
+
+class LevelEncoder(nn.Module):
+    """Backbone → the chosen stages (1-based: 4 is the last), each average-pooled → its own MLP head →
+    L2-normalised: (B, levels, dim)."""
+
+    def __init__(self, backbone: Backbone, levels: tuple[int, ...], dim: int, hidden: int) -> None:
+        super().__init__()
+        self.backbone, self.levels = backbone, levels
+        self.heads = nn.ModuleList(mlp([backbone.dims[s - 1], hidden or backbone.dims[s - 1], dim], hidden_bn=False)
+                                   for s in levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone.stages(x)
+        return torch.stack([F.normalize(head(maps[s - 1].mean(dim=(2, 3))), dim=1)
+                            for s, head in zip(self.levels, self.heads)], dim=1)
+
+
+class CsMl(Method):
+    """CsMl on MoCo v2. Defaults: the paper's MoCo v2 recipe (head → 128 with hidden = each level's width,
+    queue 65,536, m 0.999, τ 0.2), k = 5 neighbours mined every 5 epochs from epoch 0, (a, b) = (1, 0) then
+    (0.5, 0.5) from epoch 10, CutMix λ₀ ~ Beta(2, 2), levels: stages 3 and 4 weighted 0.5 and 1.
+    `mine_resize`: the clean pass's resize before the centre crop (256 on ImageNet; 0: resize to data.size)."""
+
+    def __init__(self, backbone: Backbone, dim: int = 128, hidden: int = 0, queue: int = 65536,
+                 momentum: float = 0.999, tau: float = 0.2, k: int = 5, interval: int = 5, switch_epoch: int = 10,
+                 weights: tuple[float, float] = (1.0, 0.0), late_weights: tuple[float, float] = (0.5, 0.5),
+                 cutmix_beta: float = 2.0, levels: tuple[int, ...] = (3, 4),
+                 level_weights: tuple[float, ...] = (0.5, 1.0), mine_resize: int = 0, shuffle_bn: bool = True) -> None:
+        super().__init__()
+        levels, level_weights = tuple(int(s) for s in levels), tuple(float(w) for w in level_weights)
+        if not levels or any(not 1 <= s <= len(backbone.dims) for s in levels):
+            raise ViewpipeError(f"csml levels {list(levels)}: stages are numbered 1 to {len(backbone.dims)}")
+        if len(level_weights) != len(levels):
+            raise ViewpipeError(f"csml level_weights {list(level_weights)}: give one weight per level {list(levels)}")
+        if k < 1 or interval < 1:
+            raise ViewpipeError(f"csml k = {k} and interval = {interval} must be at least 1")
+        self.backbone = backbone
+        self.query = LevelEncoder(backbone, levels, dim, hidden)
+        self.key = copy.deepcopy(self.query)
+        for p in self.key.parameters():
+            p.requires_grad_(False)
+        self.levels, self.level_weights = levels, level_weights
+        self.momentum, self.tau, self.k, self.interval, self.shuffle_bn = momentum, tau, k, interval, shuffle_bn
+        self.switch_epoch, self.early, self.late = switch_epoch, tuple(weights), tuple(late_weights)
+        self.ab = self.early
+        self.beta = torch.distributions.Beta(float(cutmix_beta), float(cutmix_beta))
+        self.mine_resize = mine_resize
+        self.register_buffer("queue", F.normalize(torch.randn(len(levels), dim, queue), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def needs_neighbours(self) -> int:
+        return self.k
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ab = self.early if epoch < self.switch_epoch else self.late
+
+    def before_epoch(self, epoch: int, data: DataContext) -> dict:
+        """Mine and publish the neighbour table when `epoch % interval == 0`; log how often a neighbour has the
+        anchor's label (a quality signal: chance is 1 / classes)."""
+        if epoch % self.interval:
+            return {}
+        table = mine_neighbours(self.key.backbone, data, self.k, self.mine_resize)
+        if data.writer:
+            data.state.set_neighbours(table)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every node's table is the new one before any loader reads it
+        labels = np.asarray(data.source.labels)
+        return {"nn_label_agreement": float(np.mean(labels[table] == labels[:, None]))}
+
+    @torch.no_grad()
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        return shuffle_bn_forward(self.key, x) if self.shuffle_bn else self.key(x)
+
+    def forward(self, views: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if len(views) != 4:
+            raise ViewpipeError(f"csml needs 2 views of each sample and 2 of its neighbour (data.views=2 with "
+                                f"companions), got {len(views)} views")
+        x_q, x_k, n_q, n_k = views
+        mixed, lam = cutmix(x_q, n_q, float(self.beta.sample()))
+        q, q_nn, q_mix = self.query(x_q), self.query(n_q), self.query(mixed)
+        k, k_nn = self._keys(x_k), self._keys(n_k)
+        queue = self.queue.clone().detach()
+        a, b = self.ab
+        logs: dict[str, torch.Tensor] = {"lam": torch.tensor(lam)}
+        loss = torch.zeros((), device=q.device)
+        for lvl, (stage, w) in enumerate(zip(self.levels, self.level_weights)):
+            part = csml_loss(q[:, lvl], q_nn[:, lvl], q_mix[:, lvl], k[:, lvl], k_nn[:, lvl], queue[lvl], self.tau,
+                             a, b, lam)
+            logs[f"loss_stage{stage}"] = part.detach()
+            loss = loss + w * part
+        enqueue(self.queue, self.queue_ptr, k)  # only the anchor's keys
+        return loss, logs
+
+    def after_step(self, progress: float) -> None:
+        momentum_update(self.query, self.key, self.momentum)
