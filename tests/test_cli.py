@@ -141,3 +141,58 @@ def test_bench_train_rows(image_folder) -> None:
     assert [r["name"] for r in rows] == ["synthetic views on the cpu, mocov2 resnet_tiny",
                                          "dali loader, 2 views, boxes", "ffcv loader, 2 views, boxes"]
     assert rows[0]["of_synthetic"] == 1.0 and all(r["images"] == 16 and r["of_synthetic"] > 0 for r in rows)
+
+
+def _jpeg_collection(path: Path, n_train: int, n_test: int) -> Path:
+    """A small .npz JPEG collection in ../shared/data's layout: 4 classes of coloured 32×32 squares on noise."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays: dict = {}
+    colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [230, 220, 40]])
+    for split, n in (("train", n_train), ("test", n_test)):
+        blobs, labels = [], rng.integers(0, 4, n)
+        for label in labels:
+            img = rng.integers(0, 120, (32, 32, 3))
+            y, x = rng.integers(0, 16, 2)
+            img[y:y + 16, x:x + 16] = colours[label]
+            buf = io.BytesIO()
+            Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+            blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+        arrays[f"{split}_jpeg"] = np.concatenate(blobs)
+        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        arrays[f"{split}_labels"] = labels.astype(np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_quality_table_runs_rows_writes_table_and_plot_and_resumes(tmp_path) -> None:
+    """Two rows for two epochs on a small collection (first 96 train / 48 test images): a kNN score per epoch
+    per row in quality.json, the Markdown table, a PNG; CsMl's schedules scaled to the short run; a second
+    invocation reads the finished rows back instead of training again."""
+    from PIL import Image
+
+    data = _jpeg_collection(tmp_path / "c.npz", 128, 64)
+    out = tmp_path / "q"
+    args = ("quality", "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "16",
+            "--train-images", "96", "--test-images", "48", "--backbone", "resnet_tiny", "--rows", "mocov2,csml",
+            "--workers", "1", "data.size=32", "knn_k=20")
+    res = viewpipe(*args, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "quality.json").read_text())
+    assert [r["row"] for r in report["rows"]] == ["mocov2", "csml"]
+    for r in report["rows"]:
+        assert sorted(r["knn"]) == ["1", "2"] and all(0 <= v <= 100 for v in r["knn"].values())
+        assert r["knn_last"] == r["knn"]["2"] and r["epochs"] == 2 and r["batch_size"] == 16
+    table = (out / "quality.md").read_text()
+    assert "| MoCo v2 | resnet_tiny |" in table and "| CsMl | resnet_tiny |" in table and "48 test images" in table
+    assert Image.open(out / "knn_per_epoch.png").size == (900, 540)
+    last = json.loads(Path(report["rows"][1]["out"], "log.jsonl").read_text().splitlines()[-1])
+    assert "nn_label_agreement" in last  # mined before epoch 1 too: interval 5 of 500 epochs scaled to 1
+    again = viewpipe(*args, timeout=400)
+    assert again.returncode == 0 and again.stdout.count("finished before") == 2
+    bad = viewpipe("quality", "--data", str(data), "--out", str(out), "--rows", "mocov3")
+    _assert_one_line_error(bad, "unknown row(s) mocov3")

@@ -39,7 +39,7 @@ def state_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, convert, evaluate, pretrain
+    from . import bench, convert, evaluate, pretrain, quality
 
     parser = argparse.ArgumentParser(prog="viewpipe", description="Contrastive-learning views at GPU speed.")
     parser.add_argument("--version", action="version", version=f"viewpipe {__version__}")
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     pretrain.add_parser(sub)
     evaluate.add_parser(sub)
+    quality.add_parser(sub)
     st = sub.add_parser("state", help="list or clean shared sample-state segments",
                         description="Shared sample-state segments live in /dev/shm; `clean` removes those whose "
                         "owning process is gone (left by kill -9 or a crash).")

@@ -107,7 +107,7 @@ def knn_accuracy(
     bank = pooled_features(backbone, train, size, device, desc="kNN bank", **kw)
     queries = pooled_features(backbone, test, size, device, desc="kNN test", **kw)
     pred = knn_predict(queries, bank, torch.as_tensor(np.asarray(train.labels)), _num_classes(train, test), k, t)
-    truth = torch.as_tensor(np.asarray(test.labels), dtype=torch.int64, device=pred.device)
+    truth = torch.as_tensor(np.array(test.labels), dtype=torch.int64, device=pred.device)
     return float((pred == truth).float().mean().item() * 100)
 
 

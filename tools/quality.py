@@ -1,0 +1,281 @@
+"""`viewpipe quality`: the CIFAR-10 quality table, a benchmark of representations rather than of speed. Six rows
+(MoCo v2, MoCo v2 + ContrastiveCrop, SimSiam, SimSiam + ContrastiveCrop, CsMl, SNCLR: configs/<row>_cifar10.yaml,
+ResNet-18)
+pretrained at the same epochs and batch size and scored by the kNN monitor (k = 200, τ = 0.1) on the test images
+after every `--knn-every` epochs; writes quality.md (the table), quality.json and knn_per_epoch.png.
+
+Shorter runs than the configs' 500 epochs scale every schedule counted in epochs (ContrastiveCrop's warm-up and
+box interval, CsMl's weight switch and mining interval, the lr warm-up) by epochs / 500, at least 1, so that each
+method's schedule keeps its shape. Each row is its own run folder: an interrupted table resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from viewpipe.errors import ViewpipeError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROWS: dict[str, str] = {  # row → its name in the table; the config is configs/<row>_cifar10.yaml
+    "mocov2": "MoCo v2",
+    "mocov2_ccrop": "MoCo v2 + ContrastiveCrop",
+    "simsiam": "SimSiam",
+    "simsiam_ccrop": "SimSiam + ContrastiveCrop",
+    "csml": "CsMl",
+    "snclr": "SNCLR",
+}
+PUBLISHED = {"mocov2": "87.82 (third-party, SPEC.md §3)", "snclr": "87.36 (third-party, SPEC.md §3)"}
+
+
+@dataclass
+class QualityConfig:
+    """One table: the data, the common epochs and batch size, and where the runs go."""
+
+    data: str = "../shared/data/cifar10_jpeg/cifar10_jpeg.npz"
+    out: str = "runs/quality"
+    epochs: int = 100
+    batch_size: int = 512
+    train_images: int = 0  # 0: all 50,000 (the first N in the official order otherwise)
+    test_images: int = 0  # 0: all 10,000
+    knn_every: int = 1
+    backend: str = ""  # empty: the configs' (dali)
+    backbone: str = ""  # empty: the configs' (resnet18_cifar)
+    device: str = "auto"
+    workers: int = 0  # 0: all cores
+    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    overrides: list[str] = field(default_factory=list)  # for every row, e.g. log_every=50
+
+
+def subset_npz(src: Path, dst: Path, n_train: int, n_test: int) -> Path:
+    """A copy of the JPEG collection `src` with the first n_train / n_test images of its train / test splits
+    (0: all), in the same layout (the bytes are copied, never re-encoded)."""
+    if dst.is_file():
+        return dst
+    arrays: dict[str, np.ndarray] = {}
+    with np.load(src, allow_pickle=False) as z:
+        for split, n in (("train", n_train), ("test", n_test)):
+            off = z[f"{split}_offsets"]
+            n = len(off) - 1 if n <= 0 else min(n, len(off) - 1)
+            arrays[f"{split}_jpeg"] = z[f"{split}_jpeg"][: off[n]]
+            arrays[f"{split}_offsets"] = off[: n + 1]
+            for key in ("labels", "src_path"):
+                if f"{split}_{key}" in z:
+                    arrays[f"{split}_{key}"] = z[f"{split}_{key}"][:n]
+        for key in z.files:
+            if not key.startswith(("train_", "test_")):
+                arrays[key] = z[key]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, dst)
+    return dst
+
+
+def prepare_data(q: QualityConfig, workers: int) -> tuple[Path, Path]:
+    """(the converted training set, the test collection) for the table, made once under `out/data`."""
+    from viewpipe.tools.convert import convert
+
+    src = Path(q.data)
+    if not src.is_file():
+        raise ViewpipeError(f"{src}: no such file; give the CIFAR-10 JPEG collection with --data "
+                            "(../shared/data/cifar10_jpeg/cifar10_jpeg.npz)")
+    data = Path(q.out) / "data"
+    npz = src if not (q.train_images or q.test_images) else subset_npz(
+        src, data / f"cifar10-{q.train_images or 'all'}-{q.test_images or 'all'}.npz", q.train_images, q.test_images)
+    train = data / f"{npz.stem}-train"
+    if not (train / "convert_report.json").is_file() or not json.loads(
+            (train / "convert_report.json").read_text()).get("complete"):
+        formats = ("dali", "ffcv") if q.backend == "ffcv" else ("dali",)
+        convert(npz, train, formats=formats, workers=workers, split="train", resume=train.exists())
+    return train, npz
+
+
+def config_path(row: str) -> Path:
+    return CONFIGS / f"{row}_cifar10.yaml"
+
+
+def row_config(row: str, q: QualityConfig, train: Path, test: Path, workers: int) -> Any:
+    """The row's TrainConfig: its config file at the table's epochs, batch, data and device, with the schedules
+    counted in epochs scaled by epochs / the config's epochs (at least 1)."""
+    from viewpipe.trainers.config import load_config
+
+    base = load_config(config_path(row))
+    f = q.epochs / base.epochs
+    scale = lambda e: max(1, round(e * f))  # noqa: E731
+    args = dict(base.method_args)
+    if base.method == "csml":
+        args["switch_epoch"], args["interval"] = scale(args.get("switch_epoch", 10)), scale(args.get("interval", 5))
+    over = [f"epochs={q.epochs}", f"data.batch_size={q.batch_size}", f"data.path={train}", f"data.test_path={test}",
+            "data.test_split=test", f"data.workers={workers}", f"knn_every={q.knn_every}", f"device={q.device}",
+            f"ccrop.warmup={scale(base.ccrop.warmup)}", f"ccrop.interval={scale(base.ccrop.interval)}",
+            f"optim.warmup_epochs={base.optim.warmup_epochs * f}", f"method_args={json.dumps(args)}",
+            f"out={Path(q.out) / row}", "ccrop.grid=0"]
+    over += [f"data.backend={q.backend}"] if q.backend else []
+    over += [f"backbone={q.backbone}"] if q.backbone else []
+    return load_config(config_path(row), over + list(q.overrides))
+
+
+def run_row(row: str, cfg: Any) -> dict:
+    """Train one row (resuming its run folder) and return its summary; a finished row is read back."""
+    from viewpipe.trainers.engine import pretrain
+
+    out = Path(cfg.out)
+    summary_path = out / "quality_row.json"
+    if summary_path.is_file():
+        done = json.loads(summary_path.read_text())
+        if (done.get("epochs"), done.get("batch_size"), done.get("data")) == (cfg.epochs, cfg.data.batch_size,
+                                                                               cfg.data.path):
+            print(f"{ROWS[row]}: finished before, read from {summary_path}")
+            return done
+    t0 = time.perf_counter()
+    result = pretrain(cfg, resume="auto")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (
+        out / "log.jsonl").is_file() else []
+    speeds = [r["images_per_s"] for r in log if "images_per_s" in r]
+    knn = {r["epoch"] + 1: r["knn_top1"] for r in result["history"] if "knn_top1" in r}
+    summary = {"row": row, "name": ROWS[row], "method": cfg.method, "ccrop": cfg.ccrop.enabled,
+               "backbone": cfg.backbone, "data": cfg.data.path, "epochs": cfg.epochs,
+               "batch_size": cfg.data.batch_size, "knn": knn,
+               "knn_last": knn.get(cfg.epochs), "knn_best": max(knn.values(), default=None),
+               "knn_best_epoch": max(knn, key=knn.get) if knn else None,
+               "images_per_s": float(np.median(speeds)) if speeds else None,
+               "minutes_this_run": (time.perf_counter() - t0) / 60, "out": str(out)}
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def markdown(rows: list[dict], q: QualityConfig, machine: str, n_train: int, n_test: int) -> str:
+    """The table as Markdown, with what it was run on."""
+    lines = [f"CIFAR-10 kNN top-1 (k = 200, τ = 0.1) on {n_test:,} test images; {n_train:,} training images, "
+             f"{q.epochs} epochs, batch {q.batch_size}; {machine}.", "",
+             "| method | backbone | kNN top-1, last epoch | best (epoch) | images/s (median) | published kNN |",
+             "|---|---|---|---|---|---|"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        best = "–" if r["knn_best"] is None else f"{r['knn_best']:.2f} ({r['knn_best_epoch']})"
+        speed = "–" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}"
+        lines.append(f"| {r['name']} | {r['backbone']} | {fmt(r['knn_last'])} | {best} | {speed} | "
+                     f"{PUBLISHED.get(r['row'], '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot_knn(rows: list[dict], path: Path, title: str, width: int = 900, height: int = 540) -> None:
+    """A PNG line chart of kNN top-1 against epoch, one line per row, with axes, ticks and a legend (PIL only,
+    so that the table needs no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 70, width - 250, 56, height - 60
+    series = [(r["name"], sorted((int(e), v) for e, v in r["knn"].items())) for r in rows if r["knn"]]
+    xs = [e for _, s in series for e, _ in s] or [1]
+    ys = [v for _, s in series for _, v in s] or [0.0]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0 = max(0.0, math.floor(min(ys) / 10) * 10)
+    y1 = min(100.0, max(y0 + 10, math.ceil(max(ys) / 10) * 10))
+    px = lambda e: left + (e - x0) / (x1 - x0) * (right - left)  # noqa: E731
+    py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
+    d.rectangle([left, top, right, bottom], outline="black")
+    for v in np.linspace(y0, y1, 6):
+        d.line([left - 5, py(v), left, py(v)], fill="black")
+        d.line([left, py(v), right, py(v)], fill=(225, 225, 225))
+        d.text((left - 45, py(v) - 6), f"{v:.0f}", fill="black")
+    for e in sorted(set(np.linspace(x0, x1, min(11, x1 - x0 + 1)).round().astype(int).tolist())):
+        d.line([px(e), bottom, px(e), bottom + 5], fill="black")
+        d.text((px(e) - 8, bottom + 8), str(e), fill="black")
+    d.text(((left + right) // 2 - 20, bottom + 28), "epoch", fill="black")
+    d.text((left, 10), title, fill="black")
+    d.text((8, top - 20), "kNN top-1 (%)", fill="black")
+    for j, (name, s) in enumerate(series):
+        c = COLOURS[j % len(COLOURS)]
+        pts = [(px(e), py(v)) for e, v in s]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        d.line([right + 20, top + 20 + 22 * j, right + 45, top + 20 + 22 * j], fill=c, width=3)
+        d.text((right + 52, top + 13 + 22 * j), name, fill="black")
+    img.save(path)
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name(0)}"
+    return f"CPU only, {os.cpu_count()} cores"
+
+
+def quality(q: QualityConfig) -> list[dict]:
+    """Run (or resume) every row of the table and write quality.md, quality.json and knn_per_epoch.png."""
+    import torch
+
+    unknown = [r for r in q.rows if r not in ROWS]
+    if unknown:
+        raise ViewpipeError(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(ROWS)}")
+    workers = q.workers or max(1, os.cpu_count() or 1)
+    if not torch.cuda.is_available() or q.device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    train, test = prepare_data(q, workers)
+    rows = []
+    for row in q.rows:
+        print(f"== {ROWS[row]}", flush=True)
+        rows.append(run_row(row, row_config(row, q, train, test, workers)))
+        write_outputs(rows, q, train, test)
+    return rows
+
+
+def write_outputs(rows: list[dict], q: QualityConfig, train: Path, test: Path) -> None:
+    from viewpipe.sources import open_source
+
+    out = Path(q.out)
+    n_train, n_test = len(open_source(train)), len(open_source(test, "test"))
+    where = machine()
+    (out / "quality.md").write_text(markdown(rows, q, where, n_train, n_test))
+    (out / "quality.json").write_text(json.dumps({"machine": where, "rows": rows}, indent=2))
+    plot_knn(rows, out / "knn_per_epoch.png", f"CIFAR-10, {n_train:,} train images, batch {q.batch_size}, {where}")
+
+
+def quality_main(args: argparse.Namespace) -> int:
+    q = QualityConfig(data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+                      train_images=args.train_images, test_images=args.test_images, knn_every=args.knn_every,
+                      backend=args.backend, backbone=args.backbone, device=args.device, workers=args.workers,
+                      rows=args.rows.split(",") if args.rows else list(ROWS), overrides=list(args.overrides))
+    quality(q)
+    print((Path(q.out) / "quality.md").read_text())
+    print(f"plot: {Path(q.out) / 'knn_per_epoch.png'}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quality", help="the CIFAR-10 quality table: six methods, kNN accuracy per epoch",
+                       description="Pretrain MoCo v2, MoCo v2 + ContrastiveCrop, SimSiam, SimSiam + ContrastiveCrop, "
+                       "CsMl and SNCLR (configs/*_cifar10.yaml) at the same epochs and batch size, score each with "
+                       "the kNN monitor, and write OUT/quality.md, OUT/quality.json and OUT/knn_per_epoch.png. "
+                       "Resumes an interrupted table.")
+    p.add_argument("--data", default=QualityConfig.data, help="the CIFAR-10 JPEG collection (.npz)")
+    p.add_argument("--out", default=QualityConfig.out)
+    p.add_argument("--epochs", type=int, default=QualityConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=QualityConfig.batch_size)
+    p.add_argument("--train-images", type=int, default=0, help="use the first N training images (default: all)")
+    p.add_argument("--test-images", type=int, default=0, help="use the first N test images (default: all)")
+    p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN scores (and after the last)")
+    p.add_argument("--rows", default="", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
+    p.add_argument("--backend", default="", choices=["", "torch", "dali", "ffcv"], help="default: the configs' (dali)")
+    p.add_argument("--backbone", default="", help="default: the configs' (resnet18_cifar)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=0, help="loader workers (default: all cores)")
+    p.add_argument("overrides", nargs="*", help="config overrides for every row, e.g. log_every=50")
+    p.set_defaults(func=quality_main)
