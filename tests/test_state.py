@@ -206,9 +206,12 @@ def test_hammer_catches_reads_without_the_protocol(state_name: str, tmp_path) ->
 
 
 _OWNER = """
-import sys, time
+import signal, sys, time
 import numpy as np
 from viewpipe.state import SampleState
+# Python keeps SIGINT ignored when its parent ignored it (a test run started with `nohup ... &`): be the usual
+# interactive process, so the test does not depend on how the suite was started
+signal.signal(signal.SIGINT, signal.default_int_handler)
 st = SampleState.create(16, name=sys.argv[1])
 print("ready", flush=True)
 if sys.argv[2] == "exit":

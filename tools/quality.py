@@ -1,12 +1,13 @@
 """`viewpipe quality`: the CIFAR-10 quality table, a benchmark of representations rather than of speed. Six rows
 (MoCo v2, MoCo v2 + ContrastiveCrop, SimSiam, SimSiam + ContrastiveCrop, CsMl, SNCLR: configs/<row>_cifar10.yaml,
-ResNet-18)
-pretrained at the same epochs and batch size and scored by the kNN monitor (k = 200, τ = 0.1) on the test images
-after every `--knn-every` epochs; writes quality.md (the table), quality.json and knn_per_epoch.png.
+ResNet-18) pretrained at the same epochs and batch size and scored by the kNN monitor (k = 200, τ = 0.1) on the
+test images after every `--knn-every` epochs; writes quality.md (the table), quality.json and knn_per_epoch.png.
 
 Shorter runs than the configs' 500 epochs scale every schedule counted in epochs (ContrastiveCrop's warm-up and
 box interval, CsMl's weight switch and mining interval, the lr warm-up) by epochs / 500, at least 1, so that each
-method's schedule keeps its shape. Each row is its own run folder: an interrupted table resumes where it stopped.
+method's schedule keeps its shape. On a subset (`--train-images N`) MoCo's and CsMl's queues and SNCLR's bank
+are capped at N keys: longer, they would hold keys of the randomly initialised network for the whole run.
+Each row is its own run folder: an interrupted table resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def row_config(row: str, q: QualityConfig, train: Path, test: Path, workers: int
     f = q.epochs / base.epochs
     scale = lambda e: max(1, round(e * f))  # noqa: E731
     args = dict(base.method_args)
+    for key in ("queue", "bank"):  # a subset: a queue longer than the data holds keys of a random network
+        if q.train_images and key in args:
+            args[key] = min(args[key], q.train_images)
     if base.method == "csml":
         args["switch_epoch"], args["interval"] = scale(args.get("switch_epoch", 10)), scale(args.get("interval", 5))
     over = [f"epochs={q.epochs}", f"data.batch_size={q.batch_size}", f"data.path={train}", f"data.test_path={test}",
@@ -157,7 +161,8 @@ def markdown(rows: list[dict], q: QualityConfig, machine: str, n_train: int, n_t
     """The table as Markdown, with what it was run on."""
     lines = [f"CIFAR-10 kNN top-1 (k = 200, τ = 0.1) on {n_test:,} test images; {n_train:,} training images, "
              f"{q.epochs} epochs, batch {q.batch_size}; {machine}.", "",
-             "| method | backbone | kNN top-1, last epoch | best (epoch) | images/s (median) | published kNN |",
+             "| method | backbone | kNN top-1, last epoch | best (epoch) | images/s (median) "
+             "| published kNN, ResNet-18, full CIFAR-10 |",
              "|---|---|---|---|---|---|"]
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
