@@ -82,3 +82,11 @@ def check_resumed(expected: list, rest: list) -> None:
     for (va, la, ia, wa), (vb, lb, ib, wb) in zip(expected, rest):
         assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
         assert all(torch.equal(x, y) for x, y in zip(va, vb))
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    """Step → loss of a training run's JSONL log (`out/log.jsonl`), step lines only (not the epoch events)."""
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if "loss" in r and "event" not in r}

@@ -21,6 +21,8 @@ from viewpipe.trainers.engine import Trainer, pretrain
 from viewpipe.trainers.models import build_backbone
 from viewpipe.trainers.snclr import SNCLR, bank_neighbours, positiveness, soft_neighbour_loss
 
+from conftest import step_losses
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CSML = "method_args={queue: 128, k: 3, interval: 2, switch_epoch: 1}"
@@ -217,11 +219,6 @@ def test_snclr_on_a_vit_uses_mocov3_heads(image_folder: Path, tmp_path: Path) ->
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
-            if "loss" in r and "event" not in r}
-
-
 @pytest.mark.parametrize("method,args", [("csml", CSML), ("snclr", SNCLR_ARGS)])
 def test_checkpoint_holds_table_and_bank_and_resumes_exactly(image_folder: Path, tmp_path: Path, method: str,
                                                               args: str) -> None:
@@ -238,7 +235,7 @@ def test_checkpoint_holds_table_and_bank_and_resumes_exactly(image_folder: Path,
     else:
         assert "bank" in mid["model"] and int(mid["model"]["bank_ptr"]) == 8 * 16 % 100
     pretrain(tiny(image_folder, tmp_path / "cut", f"method={method}", args), resume="auto")
-    expect, got = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    expect, got = step_losses(tmp_path / "full"), step_losses(tmp_path / "cut")
     for s in range(9, 19):
         assert got[s] == pytest.approx(expect[s], rel=1e-5, abs=1e-6), s
     a = torch.load(tmp_path / "cut" / "last.pt", map_location="cpu", weights_only=False)

@@ -23,6 +23,8 @@ from viewpipe.trainers.config import TrainConfig, load_config
 from viewpipe.trainers.engine import Trainer, lr_at, pretrain
 from viewpipe.trainers.mocov2 import infonce
 
+from conftest import step_losses
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,11 +34,6 @@ def tiny(data: Path, out: Path, *extra: str) -> TrainConfig:
                               "data.batch_size=16", "data.workers=1", "data.size=24", "method_args={queue: 256}",
                               "ccrop.enabled=false", f"out={out}", "log_every=1", "optim.lr=0.05", "device=cpu",
                               "channels_last=false", "knn_every=0", *extra])
-
-
-def steps(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
-            if "loss" in r and "event" not in r}
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -156,19 +153,19 @@ def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(image_folder:
     ref = subprocess.run([sys.executable, "-c", RUN, "", *_args(image_folder, full)], capture_output=True,
                          text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    expect = steps(full)
+    expect = step_losses(full)
     assert len(expect) == 18  # 3 epochs × 6 batches of 16
 
     proc = subprocess.Popen([sys.executable, "-c", RUN, "", *_args(image_folder, cut)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if (cut / "log.jsonl").is_file() and max(steps(cut), default=0) >= 9:
+        if (cut / "log.jsonl").is_file() and max(step_losses(cut), default=0) >= 9:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = max(steps(cut))
+    done = max(step_losses(cut))
     assert 9 <= done < 18, "the run ended before it could be killed mid-run"
     ckpt = torch.load(cut / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["loader"]["batch"] in range(0, 6) and ckpt["step"] >= 8 and ckpt["box_updates"] >= 1

@@ -93,10 +93,8 @@ def prepare_data(q: QualityConfig, workers: int) -> tuple[Path, Path]:
     npz = src if not (q.train_images or q.test_images) else subset_npz(
         src, data / f"cifar10-{q.train_images or 'all'}-{q.test_images or 'all'}.npz", q.train_images, q.test_images)
     train = data / f"{npz.stem}-train"
-    if not (train / "convert_report.json").is_file() or not json.loads(
-            (train / "convert_report.json").read_text()).get("complete"):
-        formats = ("dali", "ffcv") if q.backend == "ffcv" else ("dali",)
-        convert(npz, train, formats=formats, workers=workers, split="train", resume=train.exists())
+    formats = ("dali", "ffcv") if q.backend == "ffcv" else ("dali",)
+    convert(npz, train, formats=formats, workers=workers, split="train", resume=train.exists())  # done: returns
     return train, npz
 
 
@@ -215,14 +213,6 @@ def plot_knn(rows: list[dict], path: Path, title: str, width: int = 900, height:
     img.save(path)
 
 
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"one {torch.cuda.get_device_name(0)}"
-    return f"CPU only, {os.cpu_count()} cores"
-
-
 def quality(q: QualityConfig) -> list[dict]:
     """Run (or resume) every row of the table and write quality.md, quality.json and knn_per_epoch.png."""
     import torch
@@ -244,6 +234,7 @@ def quality(q: QualityConfig) -> list[dict]:
 
 def write_outputs(rows: list[dict], q: QualityConfig, train: Path, test: Path) -> None:
     from viewpipe.sources import open_source
+    from viewpipe.tools.bench import machine
 
     out = Path(q.out)
     n_train, n_test = len(open_source(train)), len(open_source(test, "test"))
