@@ -118,7 +118,8 @@ def _is_hwc(shape: Sequence[int], layout: str) -> bool:
 
 def crop_resize(images: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
     """Crops (top, left, height, width) of `images` (N,3,H,W float), windows (N,V,4), resized to size×size.
-    Returns (V·N, 3, size, size) ordered view-major (all samples' view 0, then view 1, ...)."""
+    Returns (V·N, 3, size, size) ordered view-major (all samples' view 0, then view 1, ...). roi_align indexes
+    its input with 32-bit integers, so a batch of large images goes through it in chunks of samples."""
     import torchvision.ops
 
     N, V = windows.shape[:2]
@@ -126,7 +127,19 @@ def crop_resize(images: torch.Tensor, windows: torch.Tensor, size: int) -> torch
     idx = torch.arange(N, device=images.device, dtype=torch.float32).repeat(V)
     top, left, h, w = win.unbind(1)
     rois = torch.stack([idx, left, top, left + w, top + h], dim=1)
-    return torchvision.ops.roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    per_image = max(1, images[0].numel()) if N else 1
+    chunk = max(1, (2**31 - 1) // per_image)
+    if N <= chunk:
+        return torchvision.ops.roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1,
+                                         aligned=True)
+    out = images.new_empty((V * N, images.shape[1], size, size))
+    for lo in range(0, N, chunk):
+        sel = torch.cat([torch.arange(lo, min(N, lo + chunk)) + v * N for v in range(V)]).to(images.device)
+        part = rois[sel].clone()
+        part[:, 0] -= lo
+        out[sel] = torchvision.ops.roi_align(images[lo : lo + chunk].contiguous(), part, (size, size),
+                                             spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return out
 
 
 # ---------------------------------------------------------------------------- photometric ops (float in [0,1])
@@ -180,12 +193,12 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     p = (v * (1.0 - s)).clamp(0.0, 1.0)
     q = (v * (1.0 - s * fr)).clamp(0.0, 1.0)
     t = (v * (1.0 - s * (1.0 - fr))).clamp(0.0, 1.0)
-    mask = i.unsqueeze(1) == torch.arange(6, device=x.device, dtype=torch.int32).view(-1, 1, 1)
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # (n, 3, 6, H, W)
-    return torch.einsum("nijk,nxijk->nxjk", mask.to(x.dtype), a4)
+    # the six HSV sectors pick (r, g, b) from (v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q):
+    # selected in place rather than stacked into a (n, 3, 6, H, W) tensor
+    r2 = torch.where(i == 0, v, torch.where(i == 1, q, torch.where(i < 4, p, torch.where(i == 4, t, v))))
+    g2 = torch.where(i == 0, t, torch.where(i < 3, v, torch.where(i == 3, q, p)))
+    b2 = torch.where(i < 2, p, torch.where(i == 2, t, torch.where(i < 5, v, q)))
+    return torch.stack((r2, g2, b2), dim=1)
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -264,15 +277,38 @@ def photometric(x: torch.Tensor, p: ViewParams, cfg: ViewAugment, kernel_size: i
     return _apply(x, p.solarize, lambda v: torch.where(v >= t, 1.0 - v, v))
 
 
-class Augmenter(nn.Module):
-    """uint8 images + crop windows → normalised float views, batched on the images' device."""
+IMPLS = ("auto", "fused", "torch")
 
-    def __init__(self, cfg: AugmentConfig = AugmentConfig(), channels_last: bool = False) -> None:
+
+class Augmenter(nn.Module):
+    """uint8 images + crop windows → normalised views, batched on the images' device.
+
+    `impl`: "fused" runs the Triton kernels of `viewpipe.fused` (CUDA tensors; on the CPU only under
+    TRITON_INTERPRET=1), "torch" the torch ops of this module (the reference, and the CPU path), "auto" the
+    fused kernels on CUDA tensors when Triton is there and torch otherwise. Both draw the same parameters
+    from the generator, so a seed gives the same views either way (within float rounding). `out_dtype`:
+    float32 or bfloat16 views; `channels_last`: the views' memory format."""
+
+    def __init__(self, cfg: AugmentConfig = AugmentConfig(), channels_last: bool = False, impl: str = "auto",
+                 out_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.channels_last = channels_last
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+        self.cfg, self.channels_last, self.impl, self.out_dtype = cfg, channels_last, impl, out_dtype
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+
+    def fused_on(self, device: torch.device | str) -> bool:
+        """Whether views on `device` go through the fused kernels."""
+        if self.impl == "torch":
+            return False
+        from viewpipe import fused
+
+        if self.impl == "fused":
+            return True
+        return torch.device(device).type == "cuda" and fused.available()
 
     def forward(
         self,
@@ -280,24 +316,56 @@ class Augmenter(nn.Module):
         windows: torch.Tensor | np.ndarray | None = None,
         generator: torch.Generator | None = None,
         layout: str = "auto",
+        sizes: torch.Tensor | np.ndarray | None = None,
     ) -> list[torch.Tensor]:
         """images: uint8 (N,H,W,3) / (N,3,H,W) or a list of images; windows: (N, V, 4) (top, left, h, w),
-        or None for one view of the whole image. Returns V tensors (N, 3, size, size)."""
-        x = to_nchw(images, layout)
-        N = x.shape[0]
+        or None for one view of the whole image; `sizes` (N, 2): each image's own (height, width) when the
+        batch is padded (default: the whole tensor). Returns V tensors (N, 3, size, size)."""
+        if not isinstance(images, torch.Tensor):
+            images, layout = to_nchw(images, layout), "chw"
+        N, H, W = images.shape[0], *_spatial(images, layout)
         if windows is None:
-            windows = torch.tensor([0, 0, x.shape[2], x.shape[3]]).expand(N, 1, 4)
+            windows = torch.tensor([0, 0, H, W]).expand(N, 1, 4)
         windows = torch.as_tensor(windows)
         if windows.ndim != 3 or windows.shape[0] != N or windows.shape[2] != 4:
             raise ValueError(f"windows must have shape (N={N}, views, 4), got {tuple(windows.shape)}")
         V, S = windows.shape[1], self.cfg.size
-        views = crop_resize(x, windows, S).div_(255.0).clamp_(0, 1)
+        if self.fused_on(images.device):
+            from viewpipe import fused
+
+            views = fused.crop_resize(images, windows, S, sizes=sizes, layout=layout, scale=1.0 / 255.0)
+        else:
+            x = to_nchw(images, layout)
+            if sizes is not None:  # each image's edge extends it over the padding, as the fused path reads it
+                x = x.clone()
+                for n, (h, w) in enumerate(torch.as_tensor(sizes).tolist()):
+                    x[n, :, h:, :w] = x[n, :, h - 1 : h, :w]
+                    x[n, :, :, w:] = x[n, :, :, w - 1 : w]
+            views = crop_resize(x, windows, S).div_(255.0).clamp_(0, 1)
         return [self.finish(views[v * N : (v + 1) * N], v, generator) for v in range(V)]
 
-    def finish(self, x: torch.Tensor, view: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, view: int, generator: torch.Generator | None = None,
+               layout: str = "chw") -> torch.Tensor:
         """Photometric augmentation of view number `view` and normalisation, for views already cropped and
-        resized ((N,3,S,S) float in [0, 1]; a backend that crops inside its own graph calls this)."""
+        resized: (N,3,S,S) float in [0, 1], or uint8 (N,3,S,S) / (N,S,S,3) with layout="hwc" (a backend that
+        crops inside its own graph hands its uint8 views over as they are). Draws the view's parameters from
+        `generator` and returns a new tensor (the torch path may also change a float input in place)."""
         vcfg = self.cfg.views[view % len(self.cfg.views)]
-        y = photometric(x, draw_params(vcfg, x.shape[0], generator), vcfg, self.cfg.kernel_size)
-        y = (y - self.mean.to(y.device)) / self.std.to(y.device)
-        return y.contiguous(memory_format=torch.channels_last) if self.channels_last else y
+        p = draw_params(vcfg, x.shape[0], generator)
+        if self.fused_on(x.device):
+            from viewpipe import fused
+
+            return fused.photometric(x, p, vcfg, self.cfg.kernel_size, self.cfg.mean, self.cfg.std, layout=layout,
+                                     out_dtype=self.out_dtype, channels_last=self.channels_last)
+        if layout == "hwc":
+            x = x.permute(0, 3, 1, 2)
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        y = photometric(x, p, vcfg, self.cfg.kernel_size)
+        y = ((y - self.mean.to(y.device)) / self.std.to(y.device)).to(self.out_dtype)
+        return y.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+def _spatial(x: torch.Tensor, layout: str) -> tuple[int, int]:
+    """(H, W) of a batch in `layout` ("auto", "hwc" or "chw")."""
+    return (x.shape[1], x.shape[2]) if _is_hwc(x.shape[1:], layout) else (x.shape[2], x.shape[3])
