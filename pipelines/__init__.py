@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -27,6 +28,21 @@ class LoaderConfig:
     shuffle: bool = True
     drop_last: bool = True
     seed: int = 0
+    augment_impl: str = "auto"  # "fused" (Triton kernels), "torch" (the reference ops), "auto": fused on CUDA
+    dtype: str = "float32"  # the views' dtype: "float32" or "bfloat16"
+    channels_last: bool = False  # the views' memory format
+
+
+def make_augmenter(cfg: LoaderConfig) -> Any:
+    """The `viewpipe.augment.Augmenter` a backend finishes its views with, as `cfg` asks."""
+    import torch
+
+    from viewpipe.augment import Augmenter
+
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ViewpipeError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    return Augmenter(cfg.augment, channels_last=cfg.channels_last, impl=cfg.augment_impl,
+                     out_dtype=getattr(torch, cfg.dtype))
 
 
 def dist_rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
@@ -71,21 +87,39 @@ def epoch_batches(n: int, cfg: LoaderConfig, epoch: int, rank: int = 0, world: i
     return [order[b * B : (b + 1) * B] for b in range(count)]
 
 
-# name -> "module:function" building a loader as f(source, cfg, state, ...); imported on first use.
+def batch_tensors(batch: Any) -> Iterator[Any]:
+    """Every tensor of a batch (tuples and lists nested), for stream bookkeeping."""
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            yield from batch_tensors(item)
+    elif hasattr(batch, "record_stream"):
+        yield batch
+
+
 class EpochPosition:
-    """Where a backend's loader is in its epochs, shared by every backend: `set_epoch`, `state_dict` /
-    `load_state_dict` (epoch and next batch: mid-epoch resume), `order`, `batches` and `len`. A subclass sets
-    `num_samples`, `cfg`, `rank`, `world`, and calls `EpochPosition.__init__`; its iteration starts at batch
-    `_next` of `epoch` and advances both."""
+    """Where a backend's loader is in its epochs, and how it hands batches out, shared by every backend:
+    `set_epoch`, `state_dict` / `load_state_dict` (epoch and next batch: mid-epoch resume), `order`, `batches`,
+    `len`, and `hand_out`. A subclass sets `num_samples`, `cfg`, `rank`, `world`, `device` and `overlap`, and
+    calls `EpochPosition.__init__`; its iteration starts at batch `_next` of `epoch`.
+
+    Overlap: a backend describes each batch as a function doing the batch's device work (copy, crops,
+    augmentation) and `hand_out` runs batch b + 1's function while the consumer holds batch b. On CUDA it
+    runs on a side stream, so that the augmentation overlaps the training step on the consumer's stream (the
+    consumer's stream waits for the batch's event, and its tensors are recorded on the consumer's stream so
+    that their memory is not reused early); on the CPU the same one-batch look-ahead runs without streams
+    (the tests' twin of the CUDA path). It adds one batch to how late a SampleState update can arrive."""
 
     num_samples: int
     cfg: LoaderConfig
     rank: int
     world: int
+    device: Any  # torch.device
+    overlap: bool = False
 
     def __init__(self) -> None:
         self.epoch = 0
         self._next = 0  # the batch of `epoch` the next iteration starts at (set by load_state_dict)
+        self._generation = 0  # the current iteration: an older one stops handing out batches
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` at its first batch on the next iteration (the order depends on (seed, epoch))."""
@@ -112,7 +146,58 @@ class EpochPosition:
     def __len__(self) -> int:
         return len(self.batches())
 
+    def hand_out(self, epoch: int, count: int, pending: Iterable[tuple[int, Callable[[], Any]]]) -> Iterator[Any]:
+        """Yield the batches of `pending` — (batch number, function making the batch) pairs of `epoch`, which
+        has `count` batches — keeping the position: after batch b is handed out the next iteration starts at
+        b + 1, after the last one at the next epoch. With `overlap`, one batch ahead (see the class)."""
+        import torch
 
+        self._generation += 1
+        generation = self._generation
+        cuda = self.overlap and torch.device(self.device).type == "cuda"
+        side = torch.cuda.Stream(self.device) if cuda else None
+        ready, items = None, iter(pending)
+        while self._generation == generation:  # (a newer iteration takes over the backend: this one stops)
+            try:
+                b, work = next(items)
+            except StopIteration:
+                break
+            with torch.cuda.stream(side) if side is not None else nullcontext():
+                batch = work()
+            made = (b, batch, side.record_event() if side is not None else None)
+            if not self.overlap:
+                ready, made = made, None
+            if ready is not None:
+                if self._generation != generation:
+                    return
+                yield self._hand_over(epoch, count, *ready)
+            ready = made
+        if ready is not None and self._generation == generation:
+            yield self._hand_over(epoch, count, *ready)
+        if self._generation == generation and self.epoch == epoch and self._next >= count:
+            self.epoch, self._next = epoch + 1, 0  # (an epoch resumed at its end has nothing left)
+
+    def _hand_over(self, epoch: int, count: int, b: int, batch: Any, event: Any) -> Any:
+        if event is not None:
+            import torch
+
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for t in batch_tensors(batch):
+                if t.is_cuda:
+                    t.record_stream(stream)
+        self.epoch, self._next = (epoch + 1, 0) if b + 1 >= count else (epoch, b + 1)
+        return batch
+
+
+def resolve_overlap(overlap: bool | None, device: Any) -> bool:
+    """`overlap=None` (auto): on for CUDA devices, where it hides the augmentation behind the training step."""
+    import torch
+
+    return torch.device(device).type == "cuda" if overlap is None else bool(overlap)
+
+
+# name -> "module:function" building a loader as f(source, cfg, state, ...); imported on first use.
 BACKENDS: dict[str, str] = {
     "torch": "viewpipe.pipelines.reference:reference_loader",
     "dali": "viewpipe.pipelines.dali:dali_loader",

@@ -13,8 +13,12 @@ Data flow per batch (one `fn.external_source` callback in the main process, call
 4. in the graph: `fn.decoders.image` once per image, then one `fn.resize` per view with the window as an
    absolute ROI. DALI orders `roi_start`/`roi_end` like the tensor shape, so for HWC images they are (y, x).
 
+5. the views, uint8 (B, S, S, 3) as DALI made them, copied to torch and finished by the augmenter (the fused
+   kernels on a GPU), one batch ahead of the consumer on a side CUDA stream (`EpochPosition.hand_out`).
+
 A box or neighbour update published in the SampleState is used by every batch the consumer receives from
-the `prefetch`-th batch after the update on (batches already requested by DALI keep the old tables).
+the `prefetch`-th batch after the update on (`prefetch`: DALI's queue depth, plus one with the overlap's
+look-ahead; batches already requested by DALI keep the old tables).
 Because the callback owns the batch index, restarting at any batch is one mechanism for both mid-epoch
 resume and recovery from an image that fails to decode (a failed DALI pipeline is rebuilt).
 """
@@ -23,16 +27,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterator
+from functools import partial
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from viewpipe.augment import Augmenter
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import header_size
-from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world
+from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world, make_augmenter, resolve_overlap
 from viewpipe.sources import ShardSource, Source
 from viewpipe.state import SampleState
 
@@ -217,7 +221,11 @@ class DaliLoader(EpochPosition):
 
     `device_id="auto"`: the current CUDA device (nvJPEG via `device="mixed"`), or DALI's CPU-only mode
     (`device_id=None`) without CUDA. `rank`/`world` default to torch.distributed's when it is initialised.
-    `prefetch`: DALI's queue depth, which is also the bound on how late a box or neighbour update arrives.
+    `prefetch`: DALI's queue depth (`queue_depth`); the attribute `prefetch` is the bound on how late a box or
+    neighbour update arrives (the queue, plus one batch with `overlap`). `overlap` (default: on with CUDA):
+    augment batch b + 1 on a side stream while the consumer has batch b. `hw_decoder_load`: the share of
+    the JPEG decoding given to the GPU's hardware decoder (the rest runs on CUDA cores). `photometric=False`:
+    the views as the graph cut them, uint8 (B, S, S, 3), without augmentation (a benchmark row).
     One iterator at a time; starting a new one abandons the previous one. `state_dict()` /
     `load_state_dict()` resume mid-epoch with the same batches, windows and augmentations. A sample that
     fails to decode is replaced by the next sample that decodes, for the rest of the run, and counted
@@ -227,7 +235,8 @@ class DaliLoader(EpochPosition):
                  state: SampleState | None = None, *, device_id: int | None | str = "auto",
                  hw_decoder_load: float = 0.65, rank: int | None = None, world: int | None = None,
                  return_windows: bool = False, companions: bool = False, prefetch: int = 2,
-                 num_threads: int | None = None, decode_only: bool = False) -> None:
+                 num_threads: int | None = None, decode_only: bool = False, photometric: bool = True,
+                 overlap: bool | None = None) -> None:
         import_optional("nvidia.dali", "dali", "NVIDIA DALI")
         self.reader = _Reader(ShardSource(data) if isinstance(data, (str, os.PathLike)) else data)
         if state is not None and len(state) != len(self.reader):
@@ -242,12 +251,14 @@ class DaliLoader(EpochPosition):
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.rank, self.world = dist_rank_world(rank, world)
         self.cfg, self.state, self.return_windows = cfg, state, return_windows
-        self.hw_decoder_load, self.prefetch, self.decode_only = hw_decoder_load, prefetch, decode_only
+        self.hw_decoder_load, self.queue_depth, self.decode_only = hw_decoder_load, prefetch, decode_only
+        self.photometric, self.overlap = photometric, resolve_overlap(overlap, self.device)
+        self.prefetch = prefetch + int(self.overlap)  # the live-state bound: DALI's queue and the look-ahead
         self.num_threads = num_threads or max(1, cfg.workers)
         self.num_samples = len(self.reader)
         EpochPosition.__init__(self)
         self._source = _Callback(self.reader, cfg, state, self.rank, companions)
-        self._augmenter = Augmenter(cfg.augment)
+        self._augmenter = make_augmenter(cfg)
         self._pipe = None
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
 
@@ -283,14 +294,14 @@ class DaliLoader(EpochPosition):
         self._source.start, self._source.batches = b, batches
         if self._pipe is None:
             self._pipe = _build_pipeline(self._source, self.cfg, self.device_id, self.num_threads,
-                                         self.hw_decoder_load, self.prefetch, self.decode_only)
+                                         self.hw_decoder_load, self.queue_depth, self.decode_only)
         self._running = True
 
     def _replace_failures(self, b: int, error: RuntimeError) -> None:
         """Find the samples that do not decode in batch `b` (or else in the batches DALI had prefetched after
         it), mark them replaced, or re-raise `error` when every image decodes (not a data error)."""
         failed: dict[int, str] = {}
-        for later in range(b, min(b + self.prefetch + 1, len(self._source.batches))):
+        for later in range(b, min(b + self.queue_depth + 1, len(self._source.batches))):
             indices, neighbours, _, _ = self._source.samples(later)
             suspects = list(dict.fromkeys(indices.tolist() + ([] if neighbours is None else neighbours.tolist())))
             why = _decode_failures([self.reader.read(k) for k in suspects])
@@ -309,7 +320,12 @@ class DaliLoader(EpochPosition):
                   f"({len(self._source.bad)} replaced so far); re-convert it to restore it", file=sys.stderr)
 
     def __iter__(self) -> Iterator[tuple]:
-        src, cfg, V = self._source, self.cfg, self.cfg.views
+        return self.hand_out(self.epoch, len(self.batches()), self._pending())
+
+    def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
+        """(b, the function that makes batch b from DALI's outputs) for the rest of the epoch; DALI's outputs are
+        copied by that function, which runs before the pipeline runs again."""
+        src, cfg = self._source, self.cfg
         batches, b = self.batches(), self._next
         self._stop()
         src.epoch = self.epoch
@@ -317,7 +333,6 @@ class DaliLoader(EpochPosition):
             self._start(b, batches)
         # one torch Generator per batch, seeded from (seed, epoch, rank, batch): photometric draws are reproducible
         seeds = np.random.SeedSequence([cfg.seed, self.epoch, self.rank]).generate_state(len(batches), np.uint64)
-        n_views = 2 * V if src.companions else V
         while b < len(batches):
             try:
                 out = self._pipe.run()
@@ -326,24 +341,28 @@ class DaliLoader(EpochPosition):
                 self._replace_failures(b, exc)
                 self._start(b, batches)
                 continue
+            yield b, partial(self._batch, out, int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF)
             b += 1
-            self._next = b
-            labels = torch.from_numpy(np.array(out[1 if self.decode_only else n_views].as_tensor()).reshape(-1))
-            indices = torch.from_numpy(np.array(out[2 if self.decode_only else n_views + 1].as_tensor()).reshape(-1))
-            if self.decode_only:
-                yield None, labels, indices
-                continue
-            gen = torch.Generator().manual_seed(int(seeds[b - 1]) & 0x7FFF_FFFF_FFFF_FFFF)
-            views = [self._augmenter.finish(_to_torch(out[v], self.device).permute(0, 3, 1, 2).float().div_(255.0),
-                                            v % V, gen).contiguous() for v in range(n_views)]
-            batch: tuple = (views, labels, indices)
-            if src.companions:
-                batch += (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1)),)
-            if self.return_windows:
-                batch += (torch.from_numpy(np.array(out[n_views + 2].as_tensor())),)
-            yield batch
         self._stop()
-        self.epoch, self._next = self.epoch + 1, 0  # a completed epoch: the next iteration is the next epoch
+
+    def _batch(self, out: tuple, seed: int) -> tuple:
+        """A batch from DALI's outputs: the views copied to torch and augmented (photometric draws from a torch
+        Generator seeded with `seed`), labels, indices[, neighbours][, windows]."""
+        V, n_views = self.cfg.views, 2 * self.cfg.views if self._source.companions else self.cfg.views
+        labels = torch.from_numpy(np.array(out[1 if self.decode_only else n_views].as_tensor()).reshape(-1))
+        indices = torch.from_numpy(np.array(out[2 if self.decode_only else n_views + 1].as_tensor()).reshape(-1))
+        if self.decode_only:
+            return None, labels, indices
+        gen = torch.Generator().manual_seed(seed)
+        views = [_to_torch(out[v], self.device) for v in range(n_views)]  # uint8 (B, S, S, 3)
+        if self.photometric:
+            views = [self._augmenter.finish(x, v % V, gen, layout="hwc") for v, x in enumerate(views)]
+        batch: tuple = (views, labels, indices)
+        if self._source.companions:
+            batch += (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1)),)
+        if self.return_windows:
+            batch += (torch.from_numpy(np.array(out[n_views + 2].as_tensor())),)
+        return batch
 
     def close(self) -> None:
         self._pipe = None

@@ -24,12 +24,15 @@ Data flow per batch (FFCV's producer thread runs up to `batches_ahead` batches a
    never see padding. It records per image the index, size and number of decodes (`FfcvLoader.decodes`).
    With `fused=True` it instead cuts and resizes every view to S×S from the decoded image (libffcv's
    `resize`: OpenCV INTER_AREA, what FFCV's RandomResizedCropRGBImageDecoder does);
-4. in the consumer: the decoded batch goes to the device (cut to the batch's largest image), every view is
-   cut and resized with `viewpipe.augment.crop_resize` (roi_align, antialiased) and finished by
-   `Augmenter.finish` with a `torch.Generator` seeded from (seed, epoch, rank, batch).
+4. in the consumer: the decoded uint8 slot goes to the device, every view is cut and resized from it
+   (`Augmenter.forward`: on a GPU Triton's crop kernel reads the uint8 slot with 64-bit offsets; on the CPU
+   roi_align) and finished with a `torch.Generator` seeded from (seed, epoch, rank, batch), one batch ahead of
+   the consumer on a side CUDA stream (`EpochPosition.hand_out`). (The first GPU run crashed with "illegal
+   memory access": the slot was converted to one float tensor of B×3×h×w values, over 2^31 for natural-size
+   images, which roi_align indexes with 32-bit integers.)
 
 Live state: a box or neighbour update published after the consumer received batch u is used by every batch
-from u + `prefetch` on, `prefetch = batches_ahead + 2` (the batches already queued, the one FFCV's thread may
+from u + `prefetch` on, `prefetch = batches_ahead + 2 (+ 1 with the overlap's look-ahead)` (the batches already queued, the one FFCV's thread may
 be preparing, and the one it starts as soon as the consumer frees a place). The table's size does not matter.
 """
 
@@ -38,20 +41,20 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from numba import prange
 
-from viewpipe.augment import Augmenter, crop_resize
 from viewpipe.crop import FULL_BOX, draw, windows_numba
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import BETON
-from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world, epoch_batches
+from viewpipe.pipelines import (EpochPosition, LoaderConfig, dist_rank_world, epoch_batches, make_augmenter,
+                                resolve_overlap)
 from viewpipe.state import SampleState
 
 _GOT = 5  # per decoded image: sample index, height, width, decodes, libjpeg-turbo status
@@ -311,7 +314,9 @@ class FfcvLoader(EpochPosition):
 
     `device="auto"`: CUDA when available, else the CPU. `rank`/`world` default to torch.distributed's when it
     is initialised (then FFCV runs with `distributed=True` and this backend's order). `batches_ahead`: FFCV's
-    queue; `prefetch = batches_ahead + 2` bounds how late a box or neighbour update arrives. `fused`: crop and
+    queue; `prefetch = batches_ahead + 2`, plus one with `overlap`, bounds how late a box or neighbour update
+    arrives. `overlap` (default: on with CUDA): batch b + 1 is cut and augmented on a side stream while the
+    consumer has batch b. `fused`: crop and
     resize on FFCV's CPU threads as FFCV's own decoders do (OpenCV INTER_AREA: an area average when
     shrinking, close to the default path; blocky, nearest-neighbour-like, when enlarging), only the
     photometric steps on the device.
@@ -325,7 +330,7 @@ class FfcvLoader(EpochPosition):
                  state: SampleState | None = None, *, device: str | torch.device = "auto", rank: int | None = None,
                  world: int | None = None, return_windows: bool = False, companions: bool = False,
                  fused: bool = False, batches_ahead: int = 2, num_threads: int | None = None,
-                 decode_only: bool = False, stock: bool = False) -> None:
+                 decode_only: bool = False, stock: bool = False, overlap: bool | None = None) -> None:
         _import_ffcv()
         beton = _beton(data)
         ns = _ffcv()
@@ -358,12 +363,13 @@ class FfcvLoader(EpochPosition):
         self.rank, self.world = dist_rank_world(rank, world)
         self.cfg, self.state, self.return_windows, self.companions = cfg, state, return_windows, companions
         self.fused, self.decode_only, self.stock = fused and not decode_only, decode_only, stock
-        self.batches_ahead, self.prefetch = batches_ahead, batches_ahead + 2
+        self.overlap = resolve_overlap(overlap, self.device)
+        self.batches_ahead, self.prefetch = batches_ahead, batches_ahead + 2 + int(self.overlap)
         self.num_threads = max(1, min(num_threads or cfg.workers or 1, numba.config.NUMBA_NUM_THREADS))
         EpochPosition.__init__(self)
         self.decodes = np.zeros(self.num_samples, np.int64)
         self.decode_warnings: dict[int, int] = {}  # sample -> libjpeg-turbo status (warnings or errors)
-        self._augmenter = Augmenter(cfg.augment).to(self.device)
+        self._augmenter = make_augmenter(cfg)
         self._epoch = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -446,26 +452,24 @@ class FfcvLoader(EpochPosition):
         return out
 
     def _views(self, images: np.ndarray, got: np.ndarray, windows: np.ndarray, gen: torch.Generator) -> list:
-        V, S, B = self.cfg.views, self.cfg.augment.size, len(got)
+        """The batch's views from FFCV's decoded slot: uploaded, cut and resized (`Augmenter.forward`: Triton
+        reading the uint8 slot on a GPU, roi_align on the CPU), then finished; view V + v like view v."""
+        V = self.cfg.views
         x = self._to_device(images)
-        if self.fused:  # (B, n_views, S, S, 3)
-            crops = [x[:, v].permute(0, 3, 1, 2).float().div_(255.0) for v in range(V * self._n_images)]
-        else:  # (B, n_images, Hmax, Wmax, 3)
-            Hp, Wp = self.max_size
-            crops = []
-            for i in range(self._n_images):  # cut to the batch's largest image (+ the repeated row/column)
-                h, w = min(Hp, int(got[:, i, 1].max()) + 1), min(Wp, int(got[:, i, 2].max()) + 1)
-                x_i = x[:, i, :h, :w].permute(0, 3, 1, 2).float()
-                win = torch.from_numpy(windows[:, i * V : (i + 1) * V])
-                out = crop_resize(x_i, win, S).div_(255.0).clamp_(0, 1)
-                crops += [out[v * B : (v + 1) * B] for v in range(V)]
-        return [self._augmenter.finish(c, v % V, gen).contiguous() for v, c in enumerate(crops)]
+        if self.fused:  # (B, n_views, S, S, 3), cut and resized on FFCV's threads
+            return [self._augmenter.finish(x[:, v], v % V, gen, layout="hwc") for v in range(V * self._n_images)]
+        Hp, Wp = self.max_size  # (B, n_images, Hmax, Wmax, 3)
+        views = []
+        for i in range(self._n_images):  # cut to the batch's largest image (+ the repeated row/column)
+            h, w = min(Hp, int(got[:, i, 1].max()) + 1), min(Wp, int(got[:, i, 2].max()) + 1)
+            views += self._augmenter(x[:, i, :h, :w], torch.from_numpy(windows[:, i * V : (i + 1) * V]), gen,
+                                     layout="hwc")
+        return views
 
     def _stock_views(self, result: tuple, gen: torch.Generator) -> list:
         V = self.cfg.views
         images = [result[0]] + list(result[2 : 2 + V - 1])
-        return [self._augmenter.finish(self._to_device(x).permute(0, 3, 1, 2).float().div_(255.0), v, gen)
-                .contiguous() for v, x in enumerate(images)]
+        return [self._augmenter.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
 
     def _record(self, got: np.ndarray) -> None:
         """Count decodes per sample; report samples libjpeg-turbo complained about (once each)."""
@@ -478,12 +482,17 @@ class FfcvLoader(EpochPosition):
                           "its pixels may be incomplete (re-convert it)", file=sys.stderr)
 
     def __iter__(self) -> Iterator[tuple]:
+        return self.hand_out(self.epoch, len(self.batches()), self._pending())
+
+    def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
+        """(b, the function that makes batch b from FFCV's result) for the rest of the epoch. Each function
+        runs before FFCV's next result is taken, while FFCV's thread keeps the slot it reads."""
         ns, cfg = _ffcv(), self.cfg
         epoch, batches, b = self.epoch, self.batches(), self._next
         self._stop()
         # one torch Generator per batch, seeded from (seed, epoch, rank, batch): photometric draws are reproducible
         seeds = np.random.SeedSequence([cfg.seed, epoch, self.rank]).generate_state(len(batches), np.uint64)
-        finished, mine = False, None
+        mine = None
         try:
             if b < len(batches):
                 self._epoch = mine = ns.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
@@ -493,36 +502,32 @@ class FfcvLoader(EpochPosition):
                 except StopIteration:
                     error = mine.error
                     raise (error if error is not None else RuntimeError("FFCV's epoch thread ended early")) from None
+                yield b, partial(self._batch, result, batches[b], int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF)
                 b += 1
-                self._next = b
-                labels = torch.from_numpy(np.asarray(result[1]).reshape(-1).astype(np.int64))
-                if self.stock:
-                    indices = torch.from_numpy(np.asarray(result[-2]).reshape(-1).astype(np.int64))
-                    gen = torch.Generator().manual_seed(int(seeds[b - 1]) & 0x7FFF_FFFF_FFFF_FFFF)
-                    yield self._stock_views(result, gen), labels, indices
-                    continue
-                images, _, _, got, windows = result[-1]
-                indices = torch.from_numpy(got[:, 0, 0].copy())
-                if not np.array_equal(indices.numpy(), batches[b - 1]):  # the decoder saw other samples: a bug
-                    raise RuntimeError(f"FFCV decoded samples {indices.tolist()} for batch {b - 1}, "
-                                       f"expected {batches[b - 1].tolist()}")
-                self._record(got)
-                if self.decode_only:
-                    yield None, labels, indices
-                    continue
-                gen = torch.Generator().manual_seed(int(seeds[b - 1]) & 0x7FFF_FFFF_FFFF_FFFF)
-                batch: tuple = (self._views(images, got, windows, gen), labels, indices)
-                if self.companions:
-                    batch += (torch.from_numpy(got[:, 1, 0].copy()),)
-                if self.return_windows:
-                    batch += (torch.from_numpy(windows.copy()),)
-                yield batch
-            finished = True
         finally:
             if self._epoch is mine:  # (an abandoned iterator never stops a newer one)
                 self._stop()
-        if finished:
-            self.epoch, self._next = epoch + 1, 0  # a completed epoch: the next iteration is the next epoch
+
+    def _batch(self, result: tuple, expected: np.ndarray, seed: int) -> tuple:
+        """Batch `(views, labels, indices[, neighbours][, windows])` from FFCV's result for one batch."""
+        labels = torch.from_numpy(np.asarray(result[1]).reshape(-1).astype(np.int64))
+        gen = torch.Generator().manual_seed(seed)
+        if self.stock:
+            indices = torch.from_numpy(np.asarray(result[-2]).reshape(-1).astype(np.int64))
+            return self._stock_views(result, gen), labels, indices
+        images, _, _, got, windows = result[-1]
+        indices = torch.from_numpy(got[:, 0, 0].copy())
+        if not np.array_equal(indices.numpy(), expected):  # the decoder saw other samples: a bug
+            raise RuntimeError(f"FFCV decoded samples {indices.tolist()}, expected {expected.tolist()}")
+        self._record(got)
+        if self.decode_only:
+            return None, labels, indices
+        batch: tuple = (self._views(images, got, windows, gen), labels, indices)
+        if self.companions:
+            batch += (torch.from_numpy(got[:, 1, 0].copy()),)
+        if self.return_windows:
+            batch += (torch.from_numpy(windows.copy()),)
+        return batch
 
     def close(self) -> None:
         self._stop()

@@ -20,7 +20,8 @@ workers too (the official code needs its workers re-created).
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from viewpipe.augment import AugmentConfig, ViewAugment
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import open_image
-from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world
+from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world, resolve_overlap
 from viewpipe.sources import Source, open_source
 from viewpipe.state import SampleState
 
@@ -173,12 +174,15 @@ class ReferenceLoader(EpochPosition):
     Windows are the DALI backend's for the same seed, epoch, rank, batch and state. A box or neighbour
     update published after the consumer received batch u is used by every batch from u + `prefetch` on
     (`prefetch = workers × prefetch_factor + 1`: the batches already handed to workers, plus the one handed
-    out when batch u was received; 1 without workers). Workers persist across epochs. One iterator at a
+    out when batch u was received; 1 without workers; one more with `overlap`). Workers persist across
+    epochs. `device`: where the views are handed over ("cpu", "cuda" or "auto"); `overlap` (default: on
+    with CUDA) copies batch b + 1 there on a side stream while the consumer has batch b. One iterator at a
     time: starting a new one ends the previous one."""
 
     def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                  state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
-                 return_windows: bool = False, companions: bool = False, prefetch_factor: int = 2) -> None:
+                 return_windows: bool = False, companions: bool = False, prefetch_factor: int = 2,
+                 device: str | torch.device = "cpu", overlap: bool | None = None) -> None:
         source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
         if state is not None and len(state) != len(source):
             raise ViewpipeError(f"sample state {state.name!r} has {len(state)} rows but the data has {len(source)} samples")
@@ -192,10 +196,11 @@ class ReferenceLoader(EpochPosition):
         self.return_windows, self.companions = return_windows, companions
         self.workers = max(0, int(cfg.workers))
         self.prefetch_factor = prefetch_factor
-        self.prefetch = self.workers * prefetch_factor + 1
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.overlap = resolve_overlap(overlap, self.device)
+        self.prefetch = self.workers * prefetch_factor + 1 + int(self.overlap)
         self.num_samples = len(source)
         EpochPosition.__init__(self)
-        self._run = 0  # the current iteration (an older generator stops rather than take its batches)
         self.dataset = ReferenceBatches(source, cfg, state, self.rank, return_windows, companions)
         self.sampler = EpochSampler()
         self._loader = DataLoader(
@@ -206,27 +211,33 @@ class ReferenceLoader(EpochPosition):
         )
 
     def __iter__(self) -> Iterator[tuple]:
-        self._run += 1
-        run, epoch, batches, b = self._run, self.epoch, self.batches(), self._next
-        if b < len(batches):
-            # one torch seed per batch from (seed, epoch, rank, batch), as the DALI and FFCV backends derive theirs
-            seeds = np.random.SeedSequence([self.cfg.seed, epoch, self.rank]).generate_state(len(batches), np.uint64)
-            self.sampler.set(epoch, b, batches, seeds)
-            it = iter(self._loader)  # (persistent workers: the same workers, their queues drained)
-            while b < len(batches):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    raise RuntimeError(f"the DataLoader ended at batch {b} of {len(batches)}") from None
-                if not np.array_equal(batch[2].numpy(), batches[b]):  # a batch out of place: a bug
-                    raise RuntimeError(f"batch {b} holds samples {batch[2].tolist()}, expected {batches[b].tolist()}")
-                b += 1
-                self._next = b
-                yield batch
-                if self._run != run:  # a newer iteration has taken over the DataLoader
-                    return
-        if self._run == run:
-            self.epoch, self._next = epoch + 1, 0  # a completed epoch: the next iteration is the next epoch
+        return self.hand_out(self.epoch, len(self.batches()), self._pending())
+
+    def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
+        """(b, the function that moves batch b to the loader's device) for the rest of the epoch."""
+        epoch, batches, b = self.epoch, self.batches(), self._next
+        if b >= len(batches):
+            return
+        # one torch seed per batch from (seed, epoch, rank, batch), as the DALI and FFCV backends derive theirs
+        seeds = np.random.SeedSequence([self.cfg.seed, epoch, self.rank]).generate_state(len(batches), np.uint64)
+        self.sampler.set(epoch, b, batches, seeds)
+        it = iter(self._loader)  # (persistent workers: the same workers, their queues drained)
+        while b < len(batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError(f"the DataLoader ended at batch {b} of {len(batches)}") from None
+            if not np.array_equal(batch[2].numpy(), batches[b]):  # a batch out of place: a bug
+                raise RuntimeError(f"batch {b} holds samples {batch[2].tolist()}, expected {batches[b].tolist()}")
+            yield b, partial(self._to_device, batch)
+            b += 1
+
+    def _to_device(self, batch: tuple) -> tuple:
+        """The batch's views on the loader's device, in the configured dtype and memory format."""
+        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        dtype = getattr(torch, self.cfg.dtype)
+        views = [v.to(self.device, dtype, non_blocking=True).contiguous(memory_format=fmt) for v in batch[0]]
+        return (views, *batch[1:])
 
     def close(self) -> None:
         """Stop the persistent workers (they stop with the loader anyway; this frees them now)."""
@@ -253,8 +264,8 @@ class DecodeDataset(Dataset):
 def reference_loader(source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                      state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
                      return_windows: bool = False, companions: bool = False,
-                     prefetch_factor: int = 2) -> ReferenceLoader:
+                     prefetch_factor: int = 2, **kwargs) -> ReferenceLoader:  # noqa: ANN003
     """The reference loader over a `Source` or a path (`viewpipe.sources.open_source`: an image folder, a
     .npz collection or a converted dataset). See `ReferenceLoader`."""
     return ReferenceLoader(source, cfg, state, rank=rank, world=world, return_windows=return_windows,
-                           companions=companions, prefetch_factor=prefetch_factor)
+                           companions=companions, prefetch_factor=prefetch_factor, **kwargs)

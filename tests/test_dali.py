@@ -120,15 +120,18 @@ def test_windows_follow_the_sampler_and_roi_axis_order(dataset: Path) -> None:
     assert np.mean(swapped) > 5 * d.mean()
 
 
-@pytest.mark.parametrize("prefetch", [1, 2, 3])
-def test_box_update_reaches_the_running_loader(dataset: Path, state_name: str, prefetch: int) -> None:
-    """An update published after the consumer received batch k is used from batch k + prefetch on."""
+@pytest.mark.parametrize("prefetch,overlap", [(1, False), (2, False), (3, False), (2, True)])
+def test_box_update_reaches_the_running_loader(dataset: Path, state_name: str, prefetch: int, overlap: bool) -> None:
+    """An update published after the consumer received batch k is used from batch k + prefetch on (one batch
+    later with the overlap's look-ahead)."""
     index = DatasetIndex.load(dataset)
     N = len(index)
     cfg = cfg_(augment=PLAIN, crop=CropConfig(alpha=0.6))
     new_box = np.array([0.0, 0.0, 0.25, 0.3], dtype=np.float32)
     with SampleState.create(N, name=state_name) as st:
-        loader = dali_loader(dataset, cfg, st, device_id=None, return_windows=True, prefetch=prefetch)
+        loader = dali_loader(dataset, cfg, st, device_id=None, return_windows=True, prefetch=prefetch,
+                             overlap=overlap)
+        assert loader.prefetch == prefetch + overlap
         update_after, changed = 3, 0
         for b, (_, _, indices, windows) in enumerate(loader):
             idx, win = indices.numpy(), windows.numpy()
