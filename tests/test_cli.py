@@ -58,26 +58,6 @@ def test_bench_table(image_folder) -> None:
     assert lines[4].startswith("torch, 2 views, ContrastiveCrop") and lines[4].split()[-1] == "1.00"
 
 
-def test_bench_dali_rows_from_a_cached_converted_copy(image_folder) -> None:
-    """`--backend dali`: its decode-only ceiling, boxes on and off, beside the reference, in one run; the
-    converted copy the DALI rows read is made once and reused."""
-    args = ("bench", "--data", str(image_folder), "--backend", "torch", "--backend", "dali", "--batch-size", "8",
-            "--batches", "2", "--workers", "1", "--size", "32", "--json")
-    first = viewpipe(*args)
-    assert first.returncode == 0, first.stderr
-    names = [r["name"] for r in json.loads(first.stdout)["rows"]]
-    assert names == ["decode only (PIL, ceiling)", "torch, 2 views, ContrastiveCrop boxes",
-                     "torch, 2 views, RandomResizedCrop", "dali, decode only (CPU, ceiling)",
-                     "dali, 2 views, ContrastiveCrop boxes", "dali, 2 views, RandomResizedCrop"]
-    cache = Path(os.environ["VIEWPIPE_CACHE"]) / "converted"
-    (copy,) = cache.iterdir()
-    report = copy / "convert_report.json"
-    stamp = report.stat().st_mtime_ns
-    second = viewpipe(*args)
-    assert second.returncode == 0, second.stderr
-    assert list(cache.iterdir()) == [copy] and report.stat().st_mtime_ns == stamp
-
-
 def _assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
     assert res.returncode == 2, (res.stdout, res.stderr)
     lines = res.stderr.strip().splitlines()

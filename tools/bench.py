@@ -1,10 +1,13 @@
 """`viewpipe bench`: images/s and views/s of each backend beside the decode-only ceiling, in one run,
-so the ratios hold on a noisy machine. Speed is judged here, never in tests."""
+so the ratios hold on a noisy machine; for DALI also where the time goes (its graph without the photometric
+ops, the augmenter alone on device-resident views) and a stock DALI two-view pipeline to compare against.
+Speed is judged here, never in tests."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -24,13 +27,15 @@ from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import BACKENDS, LoaderConfig, get_backend
 from viewpipe.pipelines.reference import DecodeDataset
-from viewpipe.formats import BETON, INDEX
+from viewpipe.formats import BETON, INDEX, DatasetIndex
 from viewpipe.sources import Source, open_source
 from viewpipe.state import SampleState
 from viewpipe.synthetic import make_folder
 
 # backends that read a converted dataset, and the format each reads
 CONVERTED = {"dali": "dali", "ffcv": "ffcv"}
+PIL_DECODE = "decode only (PIL, ceiling)"
+STOCK_DALI = "stock DALI"  # the name of the stock DALI pipeline's row starts so
 
 
 @dataclass
@@ -85,9 +90,11 @@ def converted_data(data: Path, split: str, formats: set[str], workers: int) -> P
     and cached (the converted backends read shards and .beton files, never the folder)."""
     from viewpipe.tools.convert import convert
 
-    if (data / INDEX).is_file():
+    if (data / INDEX).is_file():  # only the formats of the backends asked for are needed
         if "ffcv" in formats and not (data / BETON).is_file():
             raise ViewpipeError(f"{data}: no {BETON}; convert it with --format both to bench the ffcv backend")
+        if "dali" in formats and not has_shards(data):
+            raise ViewpipeError(f"{data}: no DALI shards; convert it with --format both to bench the dali backend")
         return data
     cache = Path(os.environ.get("VIEWPIPE_CACHE", Path.home() / ".cache" / "viewpipe"))
     key = hashlib.sha1(f"{data.resolve()}|{split}".encode()).hexdigest()[:12]
@@ -97,24 +104,35 @@ def converted_data(data: Path, split: str, formats: set[str], workers: int) -> P
     return dst
 
 
+def has_shards(data: Path) -> bool:
+    """Whether the converted dataset `data` has DALI shards (a dataset converted with `--format ffcv` alone has not)."""
+    return bool((DatasetIndex.load(data).shards >= 0).all())
+
+
 def time_batches(loader: Iterable, batches: int, views: int, name: str, count: Callable[[Any], int]) -> BenchRow:
     """Time `batches` batches after one warm-up batch (worker start-up), cycling epochs if needed;
-    `count(batch)` is the number of images in a batch."""
+    `count(batch)` is the number of images in a batch. The loader is closed after (its threads and workers
+    do not compete with the next row's)."""
     from tqdm import tqdm
 
     it = iter(loader)
-    next(it)
-    images, t0 = 0, time.perf_counter()
-    for _ in tqdm(range(batches), desc=name, unit="batch", leave=False, disable=None):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        images += count(batch)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # the GPU augmentations of the last batches are done too
-    return BenchRow(name, images, time.perf_counter() - t0, views)
+    try:
+        next(it)
+        images, t0 = 0, time.perf_counter()
+        for _ in tqdm(range(batches), desc=name, unit="batch", leave=False, disable=None):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            images += count(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU augmentations of the last batches are done too
+        seconds = time.perf_counter() - t0
+    finally:
+        getattr(it, "close", lambda: None)()
+        getattr(loader, "close", lambda: None)()
+    return BenchRow(name, images, seconds, views)
 
 
 def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -123,40 +141,87 @@ def random_boxes(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.concatenate([lo, lo + rng.uniform(0.2, 0.5, size=(n, 2))], 1).astype(np.float32)
 
 
-def check(source: Source, cfg: LoaderConfig, batches: int) -> None:
-    """Refuse a run that cannot time anything (before any conversion is made for it)."""
+def check(n: int, cfg: LoaderConfig, batches: int) -> None:
+    """Refuse a run of `n` images that cannot time anything (before any conversion is made for it)."""
     if batches < 1:
         raise ViewpipeError(f"--batches must be at least 1, got {batches}")
-    if len(source) < 2 * cfg.batch_size:
-        raise ViewpipeError(
-            f"the data has {len(source)} images, fewer than two batches of {cfg.batch_size}; lower --batch-size"
-        )
+    if n < 2 * cfg.batch_size:
+        raise ViewpipeError(f"the data has {n} images, fewer than two batches of {cfg.batch_size}; lower --batch-size")
 
 
-def run(source: Source, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0,
-        converted: Path | None = None) -> list[BenchRow]:
-    """The PIL decode ceiling, then per backend its own ceiling (decode only), FFCV's stock decoder (one
-    decode per view), and its loader with boxes and without (plain RandomResizedCrop). Converted backends read `converted`, the reference `source`."""
-    check(source, cfg, batches)
+def augmenter_rows(cfg: LoaderConfig, batches: int, notes: list[str]) -> list[BenchRow]:
+    """The augmenter alone (`Augmenter.finish` of every view) on device-resident uint8 views (B, S, S, 3),
+    per implementation: torch, and the fused kernels where there is a GPU. What the loaders' photometric
+    step costs without any loading."""
+    from viewpipe.augment import Augmenter
+
+    gpu = torch.cuda.is_available()
+    dev = torch.device("cuda" if gpu else "cpu")
+    B, S, V = cfg.batch_size, cfg.augment.size, cfg.views
+    x = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8, device=dev,
+                      generator=torch.Generator(device=dev).manual_seed(0))
+    rows = []
+    for impl in ("torch", "fused"):
+        if impl == "fused" and not gpu:
+            notes.append("augmenter alone (fused): omitted (its Triton kernels need a GPU)")
+            continue
+        aug = Augmenter(cfg.augment, impl=impl).to(dev)
+
+        def steps(aug: Augmenter = aug) -> Iterable[None]:
+            for i in itertools.count():
+                for v in range(V):
+                    aug.finish(x, view=v, generator=torch.Generator().manual_seed(i), layout="hwc")
+                yield None
+
+        rows.append(time_batches(steps(), batches, V, f"augmenter alone ({impl}, {dev.type}), {V} views",
+                                 lambda _: B))
+    return rows
+
+
+def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0,
+        converted: Path | None = None, hw_decoder_load: float | None = None,
+        notes: list[str] | None = None) -> list[BenchRow]:
+    """The PIL decode ceiling, then per backend its own ceiling (decode only) and its loader with boxes and
+    without (plain RandomResizedCrop); for DALI also its graph without the photometric ops, the augmenter
+    alone and the stock DALI pipeline, for FFCV its stock decoder (one decode per view). Converted backends
+    read `converted`, the reference and the PIL ceiling `source` (None: a converted dataset without DALI
+    shards, benched with FFCV alone; no PIL row). `hw_decoder_load` (None: the loaders' default) goes to
+    the DALI loaders. Rows that cannot run here are left out with a line appended to `notes`."""
+    notes = [] if notes is None else notes
     if converted is None and any(b in CONVERTED for b in backends):
         raise ViewpipeError(f"backends {', '.join(b for b in backends if b in CONVERTED)} need a converted dataset")
-    decode = DataLoader(
-        DecodeDataset(source), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-        collate_fn=lambda items: items,
-    )
-    rows = [time_batches(decode, batches, 1, "decode only (PIL, ceiling)", len)]
+    if source is None and any(b not in CONVERTED for b in backends):
+        raise ViewpipeError(f"backends {', '.join(b for b in backends if b not in CONVERTED)} need a source")
+    n = len(source) if source is not None else len(DatasetIndex.load(converted))
+    check(n, cfg, batches)
+    rows = []
+    if source is not None:
+        decode = DataLoader(
+            DecodeDataset(source), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+            num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+            collate_fn=lambda items: items,
+        )
+        rows.append(time_batches(decode, batches, 1, PIL_DECODE, len))
+    else:
+        notes.append(f"{PIL_DECODE}: omitted ({converted} has no DALI shards for PIL to read)")
     count = lambda b: len(b[2])  # noqa: E731  (every loader's batch: views, labels, indices, ...)
+    dali_kw = {} if hw_decoder_load is None else {"hw_decoder_load": hw_decoder_load}
     rng = np.random.default_rng(seed)
-    with SampleState.create(len(source)) as state:
-        state.set_boxes(random_boxes(rng, len(source)))
+    with SampleState.create(n) as state:
+        state.set_boxes(random_boxes(rng, n))
         for name in backends:
             factory = get_backend(name)
             data = converted if name in CONVERTED else source
+            kw = dali_kw if name == "dali" else {}
             if name == "dali":
-                loader = factory(data, cfg, decode_only=True)
+                boxes = replace(cfg, crop=replace(cfg.crop, use_box=True))
+
+                loader = factory(data, cfg, decode_only=True, **kw)
                 where = "nvJPEG" if loader.device_id is not None else "CPU"
                 rows.append(time_batches(loader, batches, 1, f"dali, decode only ({where}, ceiling)", count))
+                rows.append(time_batches(factory(data, boxes, state, photometric=False, **kw), batches,
+                                         cfg.views, f"dali, {cfg.views} views, boxes, no photometric ops", count))
+                rows += augmenter_rows(cfg, batches, notes)
             if name == "ffcv":
                 from viewpipe.pipelines.ffcv import stock_rrc_loader
 
@@ -167,7 +232,13 @@ def run(source: Source, backends: list[str], cfg: LoaderConfig, batches: int, se
             for use_box in (True, False):
                 c = replace(cfg, crop=replace(cfg.crop, use_box=use_box))
                 label = f"{name}, {cfg.views} views, {'ContrastiveCrop boxes' if use_box else 'RandomResizedCrop'}"
-                rows.append(time_batches(factory(data, c, state), batches, cfg.views, label, count))
+                rows.append(time_batches(factory(data, c, state, **kw), batches, cfg.views, label, count))
+            if name == "dali":
+                from viewpipe.pipelines.baselines import stock_dali_loader
+
+                rows.append(time_batches(stock_dali_loader(data, cfg, **kw), batches, cfg.views,
+                                         f"{STOCK_DALI}, {cfg.views} views (RRC + DALI colour ops)",
+                                         lambda b: len(b[1])))
     return rows
 
 
@@ -186,6 +257,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=224, help="output side of each view")
     p.add_argument("--alpha", type=float, default=0.6, help="Beta(α, α) of ContrastiveCrop")
     p.add_argument("--preset", default="mocov2", help="augmentation preset")
+    p.add_argument("--hw-decoder-load", type=float, default=None, metavar="F",
+                   help="share of the images the DALI loaders decode on the GPU's hardware JPEG decoder, in [0, 1] "
+                   "(default: the DALI loader's); also with --train (data.hw_decoder_load)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--train", action="store_true",
                    help="measure training steps instead: synthetic GPU-resident data, then each backend feeding "
@@ -203,43 +277,77 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     data = Path(args.data) if args.data else generated_data()
     backends = args.backend or sorted(BACKENDS)
-    source = open_source(data, args.split)  # (checks the data first)
+    hw = args.hw_decoder_load
+    if hw is not None and not 0.0 <= hw <= 1.0:
+        raise ViewpipeError(f"--hw-decoder-load must be in [0, 1], got {hw}")
     if args.train:
-        return train_main(args, data, source, backends)
+        return train_main(args, data, open_source(data, args.split), backends)  # (the trainer reads a Source)
+    source = bench_source(data, args.split, backends)  # (checks the data first)
+    n = len(source) if source is not None else len(DatasetIndex.load(data))
     cfg = LoaderConfig(
         views=args.views, batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
         augment=preset(args.preset, size=args.size), workers=args.workers,
     )
-    check(source, cfg, args.batches)
+    check(n, cfg, args.batches)
     needed = {CONVERTED[b] for b in backends if b in CONVERTED}
     converted = converted_data(data, args.split, needed, args.workers) if needed else None
-    rows = run(source, backends, cfg, args.batches, converted=converted)
+    notes: list[str] = []
+    rows = run(source, backends, cfg, args.batches, converted=converted, hw_decoder_load=hw, notes=notes)
     where = args.data or "generated images"
     if args.json:
-        out = {"data": str(where), "images": len(source), "machine": machine(), "config": {
+        stock = stock_speed(rows)
+        out = {"data": str(where), "images": n, "machine": machine(), "config": {
             "views": cfg.views, "batch_size": cfg.batch_size, "batches": args.batches, "workers": cfg.workers,
-            "size": args.size, "alpha": args.alpha, "preset": args.preset},
-            "rows": [asdict(r) | {"images_per_s": r.images_per_s, "views_per_s": r.views_per_s} for r in rows]}
+            "size": args.size, "alpha": args.alpha, "preset": args.preset, "hw_decoder_load": hw},
+            "rows": [asdict(r) | {"images_per_s": r.images_per_s, "views_per_s": r.views_per_s,
+                                  "of_stock_dali": r.images_per_s / stock if stock else None} for r in rows],
+            "notes": notes}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"viewpipe bench: {where} ({len(source)} images), {cfg.views} views of {args.size}px, "
+    print(f"viewpipe bench: {where} ({n} images), {cfg.views} views of {args.size}px, "
           f"batch {cfg.batch_size} × {args.batches}, {cfg.workers} workers")
     if converted is not None and converted != data:
         print(f"converted copy for dali/ffcv: {converted}")
     print(f"machine: {machine()}")
     print(table(rows))
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
+def bench_source(data: Path, split: str, backends: list[str]) -> Source | None:
+    """The Source the PIL ceiling and the reference read; None for a dataset converted with `--format ffcv`
+    alone when only FFCV is benched (it has no shards to read images from, and FFCV reads its .beton)."""
+    if (data / INDEX).is_file() and not has_shards(data):
+        readers = [b for b in backends if b not in CONVERTED or CONVERTED[b] == "dali"]
+        if readers:
+            raise ViewpipeError(f"{data}: the dataset has no DALI shards, which the {', '.join(readers)} rows read; "
+                                "convert it with --format both, or bench --backend ffcv alone")
+        return None
+    return open_source(data, split)
+
+
+def stock_speed(rows: list[BenchRow]) -> float | None:
+    """The stock DALI pipeline's images/s, if it was measured."""
+    return next((r.images_per_s for r in rows if r.name.startswith(STOCK_DALI)), None)
+
+
 def table(rows: list[BenchRow]) -> str:
-    """The rows with their ratio to the PIL decode ceiling and to the reference loader (torch, boxes)."""
-    ceiling = rows[0].images_per_s
+    """The rows with their ratio to the PIL decode ceiling, to the reference loader (torch, boxes) and, when
+    it was measured, to the stock DALI pipeline."""
+    ceiling = next((r.images_per_s for r in rows if r.name == PIL_DECODE), None)
     ref = next((r.images_per_s for r in rows if r.name.startswith("torch,") and "boxes" in r.name), None)
-    lines = [f"{'':52s} {'images/s':>10s} {'views/s':>10s} {'÷ PIL decode':>12s} {'× reference':>12s}"]
+    stock = stock_speed(rows)
+
+    def ratio(x: float, to: float | None) -> str:
+        return f"{x / to:12.2f}" if to else f"{'-':>12s}"
+
+    lines = [f"{'':52s} {'images/s':>10s} {'views/s':>10s} {'÷ PIL decode':>12s} {'× reference':>12s}"
+             + (f" {'÷ stock DALI':>12s}" if stock else "")]
     for r in rows:
         views = f"{r.views_per_s:10.1f}" if r.views > 1 else f"{'-':>10s}"
-        vs_ref = f"{r.images_per_s / ref:12.2f}" if ref else f"{'-':>12s}"
-        lines.append(f"{r.name:52s} {r.images_per_s:10.1f} {views} {r.images_per_s / ceiling:12.2f} {vs_ref}")
+        lines.append(f"{r.name:52s} {r.images_per_s:10.1f} {views} {ratio(r.images_per_s, ceiling)} "
+                     f"{ratio(r.images_per_s, ref)}" + (f" {ratio(r.images_per_s, stock)}" if stock else ""))
     return "\n".join(lines)
 
 
@@ -265,13 +373,12 @@ def time_steps(trainer: Any, batches: Iterable, steps: int, name: str) -> BenchR
 def train_main(args: argparse.Namespace, data: Path, source: Source, backends: list[str]) -> int:
     """`viewpipe bench --train`: the method's steps on synthetic views already on the device, then fed by each
     backend (ContrastiveCrop boxes on), in one run; each row's ratio to the synthetic speed."""
-    import itertools
-
     from viewpipe.trainers.config import load_config
     from viewpipe.trainers.engine import Trainer
 
     gpu = torch.cuda.is_available()
     needed = {CONVERTED[b] for b in backends if b in CONVERTED}
+    hw = [] if args.hw_decoder_load is None else [f"data.hw_decoder_load={args.hw_decoder_load}"]
     converted = converted_data(data, args.split, needed, args.workers) if needed else None
     backbone = args.backbone or ("resnet50" if gpu else "resnet_tiny")
     rows: list[BenchRow] = []
@@ -283,7 +390,7 @@ def train_main(args: argparse.Namespace, data: Path, source: Source, backends: l
                 f"data.backend={backend}", f"data.size={args.size}", f"data.preset={args.preset}",
                 f"data.views={args.views}", f"data.batch_size={args.batch_size}", f"data.workers={args.workers}",
                 "ccrop.enabled=true", "ccrop.warmup=0", "ccrop.interval=1", f"ccrop.alpha={args.alpha}",
-                f"out={out}", "knn_every=0", "epochs=1000"])
+                f"out={out}", "knn_every=0", "epochs=1000", *hw])
             return Trainer(cfg)
 
         t = trainer(backends[0])

@@ -28,6 +28,9 @@ class DataConfig:
     views: int = 2
     batch_size: int = 512  # global: divided among ranks
     workers: int = 8
+    # dali backend only: the share of images nvJPEG sends to the GPU's hardware JPEG decoder (A100, H100), the
+    # rest decoded by CUDA; in [0, 1]; ignored without a GPU
+    hw_decoder_load: float = field(default=0.65, metadata={"range": (0.0, 1.0)})
 
 
 @dataclass
@@ -115,14 +118,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ViewpipeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+def _check_range(value: Any, f: dataclasses.Field, where: str) -> Any:
+    """`value` when it lies in the field's `range` metadata (inclusive), or a one-line error."""
+    if "range" in f.metadata:
+        lo, hi = f.metadata["range"]
+        if not lo <= value <= hi:
+            raise ViewpipeError(f"{where}: expected a number in [{lo:g}, {hi:g}], got {value!r}")
+    return value
+
+
 def from_dict(cls: type, values: dict, where: str = "config") -> Any:
-    """A config dataclass from a (nested) dict; unknown keys are errors."""
+    """A config dataclass from a (nested) dict; unknown keys and values outside a field's range are errors."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
-        raise ViewpipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+        raise ViewpipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(fields))}")
+    return cls(**{k: _check_range(_coerce(v, hints[k], f"{where}.{k}"), fields[k], f"{where}.{k}")
+                  for k, v in values.items()})
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

@@ -218,10 +218,12 @@ class Trainer:
             d = self.cfg.data
             lc = LoaderConfig(views=d.views, batch_size=d.batch_size // self.world,
                               crop=CropConfig(alpha=self.cfg.ccrop.alpha, use_box=use_box), augment=self.augment,
-                              workers=d.workers, seed=self.cfg.seed)
+                              workers=d.workers, seed=self.cfg.seed, channels_last=self.cfg.channels_last)
             kw: dict[str, Any] = {"rank": self.rank, "world": self.world}
             if self.method.needs_neighbours():
                 kw["companions"] = True
+            if d.backend == "dali":
+                kw["hw_decoder_load"] = d.hw_decoder_load
             data = d.path if d.backend == "ffcv" else self.source
             self._loader, self._loader_box = get_backend(d.backend)(data, lc, self.state, **kw), use_box
         return self._loader

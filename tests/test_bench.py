@@ -1,0 +1,202 @@
+"""`viewpipe bench`'s breakdown rows (DALI without photometric ops, the augmenter alone, the stock DALI
+pipeline and each row's ratio to it), the stock DALI baseline itself, benching FFCV on an FFCV-only
+conversion, and `hw_decoder_load` from the command line and the config to the DALI loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from viewpipe.augment import preset
+from viewpipe.errors import ViewpipeError
+from viewpipe.pipelines import LoaderConfig
+
+VIEWPIPE = [sys.executable, "-m", "viewpipe.tools"]
+STOCK = "stock DALI, 2 views (RRC + DALI colour ops)"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench's cache (generated images, converted copies) in a temporary folder, not the user's."""
+    monkeypatch.setenv("VIEWPIPE_CACHE", str(tmp_path_factory.getbasetemp() / "bench-cache"))
+
+
+def viewpipe(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*VIEWPIPE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("viewpipe: error: "), res.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+@pytest.fixture(scope="module")
+def converted(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The image folder converted three ways: DALI shards only, FFCV only, both."""
+    from viewpipe.tools.convert import convert
+
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name, formats in (("dali", ("dali",)), ("ffcv", ("ffcv",))):
+        convert(image_folder, root / name, formats=formats, workers=1)
+        out[name] = root / name
+    return out
+
+
+# ------------------------------------------------------------------------------------ the stock DALI baseline
+@pytest.mark.parametrize("name", ["mocov2", "byol", "mocov2_small"])
+def test_stock_dali_baseline_batches_on_the_cpu(converted: dict[str, Path], name: str) -> None:
+    """DALI's CPU mode: one epoch of full batches, V normalised float views (B, 3, S, S) and int64 labels of
+    the dataset (every preset's ops build: blur, solarize, no blur)."""
+    from viewpipe.formats import DatasetIndex
+    from viewpipe.pipelines.baselines import stock_dali_loader
+
+    cfg = LoaderConfig(views=2, batch_size=8, augment=preset(name, size=32), workers=1)
+    loader = stock_dali_loader(converted["dali"], cfg, hw_decoder_load=0.3)
+    assert loader.device_id is None and loader.hw_decoder_load == 0.3
+    batches = list(loader)
+    assert len(batches) == 96 // 8
+    labels = set(DatasetIndex.load(converted["dali"]).labels.tolist())
+    for views, lab in batches:
+        assert len(views) == 2
+        for v in views:
+            assert v.shape == (8, 3, 32, 32) and v.dtype == torch.float32 and v.device.type == "cpu"
+            assert torch.isfinite(v).all() and -2.5 < v.mean() < 2.5 and 0.1 < v.std() < 3
+        assert lab.dtype == torch.int64 and lab.shape == (8,) and set(lab.tolist()) <= labels
+    assert not torch.equal(batches[0][0][0], batches[0][0][1])  # two different views
+    assert len(list(loader)) == 12  # a second epoch from the same pipeline
+    loader.close()
+
+
+def test_stock_dali_baseline_needs_shards(converted: dict[str, Path]) -> None:
+    from viewpipe.pipelines.baselines import stock_dali_loader
+
+    with pytest.raises(ViewpipeError, match="no DALI shards"):
+        stock_dali_loader(converted["ffcv"], LoaderConfig(batch_size=8))
+
+
+# ------------------------------------------------------------------------------------ bench rows
+def test_bench_dali_rows_from_a_cached_converted_copy(image_folder: Path) -> None:
+    """`--backend dali`: its decode-only ceiling, its graph without the photometric ops (once the loader has
+    them), the augmenter alone on device-resident views (torch; the fused kernels only on a GPU, else a
+    note), boxes on and off, and the stock DALI pipeline, beside the reference, in one run; every row's ratio
+    to the stock pipeline; the converted copy the DALI rows read is made once and reused."""
+    args = ("bench", "--data", str(image_folder), "--backend", "torch", "--backend", "dali", "--batch-size", "8",
+            "--batches", "2", "--workers", "1", "--size", "32", "--json")
+    first = viewpipe(*args)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    rows, notes = out["rows"], out["notes"]
+    assert [r["name"] for r in rows] == [
+        "decode only (PIL, ceiling)", "torch, 2 views, ContrastiveCrop boxes", "torch, 2 views, RandomResizedCrop",
+        "dali, decode only (CPU, ceiling)",
+        "dali, 2 views, boxes, no photometric ops",
+        "augmenter alone (torch, cpu), 2 views",
+        "dali, 2 views, ContrastiveCrop boxes", "dali, 2 views, RandomResizedCrop", STOCK]
+    assert any("augmenter alone (fused): omitted" in n for n in notes)  # (no GPU here)
+    stock = rows[-1]["images_per_s"]
+    assert rows[-1]["of_stock_dali"] == 1.0 and rows[-1]["views"] == 2
+    for r in rows:
+        assert r["images"] == 2 * 8 and r["images_per_s"] > 0
+        assert r["of_stock_dali"] == pytest.approx(r["images_per_s"] / stock)
+    assert out["config"]["hw_decoder_load"] is None
+    cache = Path(os.environ["VIEWPIPE_CACHE"]) / "converted"
+    (copy,) = cache.iterdir()
+    report = copy / "convert_report.json"
+    stamp = report.stat().st_mtime_ns
+    second = viewpipe(*args)
+    assert second.returncode == 0, second.stderr
+    assert list(cache.iterdir()) == [copy] and report.stat().st_mtime_ns == stamp
+
+
+def test_bench_table_has_the_stock_dali_column(converted: dict[str, Path]) -> None:
+    """The table: a "÷ stock DALI" column where the stock pipeline ran (the stock row 1.00), omitted rows as
+    notes under it; `--hw-decoder-load` is taken (and refused outside [0, 1])."""
+    res = viewpipe("bench", "--data", str(converted["dali"]), "--backend", "dali", "--batch-size", "8",
+                   "--batches", "2", "--workers", "1", "--size", "32", "--hw-decoder-load", "0.5")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    header = next(ln for ln in lines if "images/s" in ln)
+    assert header.split()[-3:] == ["÷", "stock", "DALI"] and "× reference" in header
+    stock = next(ln for ln in lines if ln.startswith(STOCK))
+    assert stock.split()[-1] == "1.00"
+    assert lines[-1].startswith("note: ")
+    one_line_error(viewpipe("bench", "--data", str(converted["dali"]), "--hw-decoder-load", "1.5"),
+                   "--hw-decoder-load", "[0, 1]")
+
+
+def test_bench_ffcv_on_an_ffcv_only_conversion(converted: dict[str, Path]) -> None:
+    """A dataset converted with `--format ffcv` alone: `--backend ffcv` runs its rows (no PIL ceiling: there
+    are no shards to read images from; a note says so); backends that read the shards are refused."""
+    res = viewpipe("bench", "--data", str(converted["ffcv"]), "--backend", "ffcv", "--batch-size", "8",
+                   "--batches", "2", "--workers", "1", "--size", "32", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [r["name"] for r in out["rows"]] == [
+        "ffcv, decode only (CPU threads, ceiling)", "ffcv stock RandomResizedCrop, 2 decodes per image",
+        "ffcv, 2 views, ContrastiveCrop boxes", "ffcv, 2 views, RandomResizedCrop"]
+    assert all(r["images"] == 16 and r["of_stock_dali"] is None for r in out["rows"])
+    assert out["images"] == 96 and any("decode only (PIL" in n and "no DALI shards" in n for n in out["notes"])
+    from viewpipe.tools.bench import bench_source, converted_data
+
+    with pytest.raises(ViewpipeError, match="no DALI shards, which the torch, dali rows read"):
+        bench_source(converted["ffcv"], "train", ["torch", "dali", "ffcv"])
+    with pytest.raises(ViewpipeError, match="no DALI shards"):
+        converted_data(converted["ffcv"], "train", {"dali", "ffcv"}, 1)
+    with pytest.raises(ViewpipeError, match="no data.beton"):
+        converted_data(converted["dali"], "train", {"dali", "ffcv"}, 1)
+    assert converted_data(converted["ffcv"], "train", {"ffcv"}, 1) == converted["ffcv"]
+
+
+# ------------------------------------------------------------------------------------ hw_decoder_load
+def test_hw_decoder_load_config_is_checked() -> None:
+    from viewpipe.trainers.config import load_config
+
+    assert load_config(None).data.hw_decoder_load == 0.65
+    assert load_config(None, ["data.hw_decoder_load=0"]).data.hw_decoder_load == 0.0
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ViewpipeError, match=rf"config.data.hw_decoder_load: expected a number in \[0, 1\], "
+                                                rf"got {bad}"):
+            load_config(None, [f"data.hw_decoder_load={bad}"])
+    with pytest.raises(ViewpipeError, match="data.hw_decoder_load: expected float, got 'half'"):
+        load_config(None, ["data.hw_decoder_load=half"])
+    one_line_error(viewpipe("pretrain", "data.hw_decoder_load=2"), "data.hw_decoder_load", "[0, 1]")
+
+
+def test_hw_decoder_load_reaches_the_dali_loader(image_folder: Path, tmp_path: Path) -> None:
+    """`data.hw_decoder_load` goes to the DALI backend (and to no other: FFCV takes no such argument)."""
+    from viewpipe.trainers.config import load_config
+    from viewpipe.trainers.engine import Trainer
+
+    for backend in ("dali", "torch"):
+        cfg = load_config(None, [f"data.path={image_folder}", f"data.backend={backend}", "backbone=resnet_tiny",
+                                 "data.batch_size=8", "data.workers=1", "data.size=24", "ccrop.enabled=false",
+                                 f"out={tmp_path / backend}", "device=cpu", "knn_every=0",
+                                 "data.hw_decoder_load=0.25"])
+        t = Trainer(cfg)
+        try:
+            loader = t.loader(0)
+            assert getattr(loader, "hw_decoder_load", None) == (0.25 if backend == "dali" else None)
+        finally:
+            t.close()
+
+
+def test_bench_train_passes_hw_decoder_load(image_folder: Path) -> None:
+    """`bench --train --hw-decoder-load` reaches the trainer's config (data.hw_decoder_load) and runs."""
+    res = viewpipe("bench", "--train", "--data", str(image_folder), "--backend", "dali", "--batch-size", "8",
+                   "--batches", "2", "--workers", "1", "--size", "24", "--hw-decoder-load", "0.4", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout)["rows"]
+    assert [r["name"] for r in rows][1:] == ["dali loader, 2 views, boxes"]
+    one_line_error(viewpipe("bench", "--train", "--data", str(image_folder), "--hw-decoder-load", "-1"),
+                   "--hw-decoder-load")
