@@ -95,3 +95,23 @@ def step_losses(out: Path) -> dict[int, float]:
 
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
             if "loss" in r and "event" not in r}
+
+
+def view_params(n: int, **kw):  # noqa: ANN003, ANN201  (viewpipe.augment.ViewParams)
+    """Hand-made ViewParams for n samples: every op off and the identity factors, unless given."""
+    import torch
+
+    from viewpipe.augment import ViewParams
+
+    base = dict(
+        flip=torch.zeros(n, dtype=torch.bool),
+        jitter=torch.zeros(n, dtype=torch.bool),
+        factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
+        order=torch.arange(4).repeat(n, 1),
+        gray=torch.zeros(n, dtype=torch.bool),
+        blur=torch.zeros(n, dtype=torch.bool),
+        sigma=torch.ones(n),
+        solarize=torch.zeros(n, dtype=torch.bool),
+    )
+    base.update(kw)
+    return ViewParams(**base)

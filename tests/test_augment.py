@@ -11,6 +11,7 @@ import torch.nn.functional as tnf
 import torchvision.transforms.functional as F1
 import torchvision.transforms.v2.functional as F
 
+from conftest import view_params
 from viewpipe import augment as A
 from viewpipe.augment import AugmentConfig, Augmenter, ViewAugment, ViewParams, draw_params, photometric, preset
 
@@ -37,18 +38,7 @@ def _smooth(n: int, H: int, W: int, seed: int, cells: int = 5) -> torch.Tensor:
 
 def _params(n: int, **kw: torch.Tensor) -> ViewParams:
     """Hand-made ViewParams: everything off (identity) unless given."""
-    base = dict(
-        flip=torch.zeros(n, dtype=torch.bool),
-        jitter=torch.zeros(n, dtype=torch.bool),
-        factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
-        order=torch.arange(4).repeat(n, 1),
-        gray=torch.zeros(n, dtype=torch.bool),
-        blur=torch.zeros(n, dtype=torch.bool),
-        sigma=torch.ones(n),
-        solarize=torch.zeros(n, dtype=torch.bool),
-    )
-    base.update(kw)
-    return ViewParams(**base)
+    return view_params(n, **kw)
 
 
 # ============================================================================ single photometric ops

@@ -24,6 +24,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import view_params
 from viewpipe import augment as A
 from viewpipe import fused
 from viewpipe.augment import AugmentConfig, Augmenter, ViewAugment, ViewParams, draw_params, preset
@@ -72,18 +73,7 @@ def _images_u8(n: int, H: int, W: int, seed: int) -> torch.Tensor:
 def _params(n: int, **kw: torch.Tensor) -> ViewParams:
     """Hand-made ViewParams: everything off unless given (the jitter factors are deliberately not the identity:
     an op that is off or whose strength is 0 in the config must have no effect)."""
-    base = dict(
-        flip=torch.zeros(n, dtype=torch.bool),
-        jitter=torch.zeros(n, dtype=torch.bool),
-        factors=torch.tensor([[1.3, 0.6, 1.5, 0.2]]).repeat(n, 1),
-        order=torch.arange(4).repeat(n, 1),
-        gray=torch.zeros(n, dtype=torch.bool),
-        blur=torch.zeros(n, dtype=torch.bool),
-        sigma=torch.ones(n),
-        solarize=torch.zeros(n, dtype=torch.bool),
-    )
-    base.update(kw)
-    return ViewParams(**base)
+    return view_params(n, **{"factors": torch.tensor([[1.3, 0.6, 1.5, 0.2]]).repeat(n, 1), **kw})
 
 
 def _to01(x: torch.Tensor, layout: str = "chw") -> torch.Tensor:
