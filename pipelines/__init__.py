@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -87,6 +88,55 @@ def epoch_batches(n: int, cfg: LoaderConfig, epoch: int, rank: int = 0, world: i
     return [order[b * B : (b + 1) * B] for b in range(count)]
 
 
+class Substitutes:
+    """The samples a run cannot use — they fail to decode, or their bytes differ from the checksum written at
+    conversion — each replaced by the next usable sample (cyclically) for the rest of the run, announced once
+    on stderr and kept in the loader's state dict. One mechanism for every backend; `check(indices)`, where a
+    source has one, names the damaged samples among `indices` (index → why)."""
+
+    def __init__(self, n: int, describe: Callable[[int], str],
+                 check: Callable[[np.ndarray], dict[int, str]] | None = None) -> None:
+        self.n, self.describe, self.check = n, describe, check
+        self.bad: dict[int, str] = {}  # sample index -> why it cannot be used
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        """Each index that cannot be used replaced by the next sample (cyclically) that can."""
+        if not self.bad:
+            return indices
+        out = np.array(indices, dtype=np.int64, copy=True)
+        for j, k in enumerate(out.tolist()):
+            while k in self.bad:
+                k = (k + 1) % self.n
+            out[j] = k
+        return out
+
+    def usable(self, indices: np.ndarray) -> np.ndarray:
+        """`indices` substituted, after checking the bytes of the samples not checked before (where the source
+        can): a damaged one is added and replaced too."""
+        while True:
+            out = self(indices)
+            failed = self.check(out) if self.check is not None else {}
+            if not failed:
+                return out
+            self.add(failed)
+
+    def add(self, failed: dict[int, str]) -> None:
+        """Replace `failed` (index → why) from now on, or raise when no usable sample would be left."""
+        if len(set(self.bad) | set(failed)) >= self.n:
+            raise ViewpipeError("no sample of the dataset can be used (none decodes, or every one is damaged); "
+                                "check the data (viewpipe convert --verify)")
+        self.bad.update(failed)
+        for k, why in failed.items():
+            print(f"viewpipe: {self.describe(k)} {why}; replaced by sample {int(self(np.array([k]))[0])} from now on "
+                  f"({len(self.bad)} replaced so far); re-convert it to restore it", file=sys.stderr)
+
+    def state_dict(self) -> dict[int, str]:
+        return dict(self.bad)
+
+    def load_state_dict(self, bad: dict) -> None:
+        self.bad = {int(k): str(v) for k, v in bad.items()}
+
+
 def batch_tensors(batch: Any) -> Iterator[Any]:
     """Every tensor of a batch (tuples and lists nested), for stream bookkeeping."""
     if isinstance(batch, (tuple, list)):
@@ -115,6 +165,7 @@ class EpochPosition:
     world: int
     device: Any  # torch.device
     overlap: bool = False
+    substitutes: Substitutes
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -126,12 +177,19 @@ class EpochPosition:
         self.epoch, self._next = int(epoch), 0
 
     def state_dict(self) -> dict:
-        """Where the loader is: the epoch and the next batch (a finished epoch is the next one at batch 0)."""
-        return {"epoch": self.epoch, "batch": self._next}
+        """Where the loader is: the epoch and the next batch (a finished epoch is the next one at batch 0), and
+        the samples replaced so far (`decode_failures`)."""
+        return {"epoch": self.epoch, "batch": self._next, "decode_failures": self.substitutes.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
         self.epoch, self._next = int(sd["epoch"]), int(sd["batch"])
+        self.substitutes.load_state_dict(sd.get("decode_failures", {}))
+
+    @property
+    def decode_failures(self) -> dict[int, str]:
+        """The samples replaced so far because they cannot be used (index → why)."""
+        return self.substitutes.state_dict()
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         """This rank's sample order in `epoch` (default: the current one)."""

@@ -36,7 +36,8 @@ import torch
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import header_size
-from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world, make_augmenter, resolve_overlap
+from viewpipe.pipelines import (EpochPosition, LoaderConfig, Substitutes, dist_rank_world, make_augmenter,
+                                resolve_overlap)
 from viewpipe.sources import ShardSource, Source
 from viewpipe.state import SampleState
 
@@ -70,26 +71,15 @@ class _Reader:
 
 class _Callback:
     """The external-source callback: iteration `i` → batch `start + i` of the current epoch as encoded images,
-    labels, indices, [companion images and indices,] windows and per-view ROIs. Samples known not to decode
-    (`bad`) are replaced by `substitute`."""
+    labels, indices, [companion images and indices,] windows and per-view ROIs. Samples that cannot be used
+    are replaced (`substitutes`)."""
 
     def __init__(self, reader: _Reader, cfg: LoaderConfig, state: SampleState | None,
-                 rank: int, companions: bool) -> None:
+                 rank: int, companions: bool, substitutes: Substitutes) -> None:
         self.reader, self.cfg, self.state, self.rank, self.companions = reader, cfg, state, rank, companions
         self.epoch, self.start, self.decode_only = 0, 0, False
         self.batches: list[np.ndarray] = []
-        self.bad: dict[int, str] = {}  # sample index -> why it failed to decode
-
-    def substitute(self, indices: np.ndarray) -> np.ndarray:
-        """Each index that failed to decode replaced by the next sample (cyclically) that has not."""
-        if not self.bad:
-            return indices
-        out, n = indices.copy(), len(self.reader)
-        for j, k in enumerate(out.tolist()):
-            while k in self.bad:
-                k = (k + 1) % n
-            out[j] = k
-        return out
+        self.substitutes = substitutes
 
     def samples(self, b: int) -> tuple[np.ndarray, np.ndarray | None, np.random.Generator, np.ndarray]:
         """Batch `b`'s (indices, companion indices or None, its generator after the draws, windows (B, V', 4)).
@@ -97,13 +87,13 @@ class _Callback:
         then view 1, ...), then with companions each sample's neighbour column and the neighbours' V windows."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, b])
-        indices = self.substitute(self.batches[b])
+        indices = self.substitutes.usable(self.batches[b])
         win = self._windows(rng, indices)
         if not self.companions:
             return indices, None, rng, win
         table = self.state.neighbours(indices)  # type: ignore[union-attr]
         chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
-        neighbours = self.substitute(chosen.astype(np.int64))
+        neighbours = self.substitutes.usable(chosen.astype(np.int64))
         return indices, neighbours, rng, np.concatenate([win, self._windows(rng, neighbours)], 1)
 
     def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
@@ -115,7 +105,7 @@ class _Callback:
         if b >= len(self.batches):
             raise StopIteration
         if self.decode_only:
-            indices = self.substitute(self.batches[b])
+            indices = self.substitutes.usable(self.batches[b])
             return [self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices
         indices, neighbours, _, win = self.samples(b)
         out = [[self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices]
@@ -257,24 +247,11 @@ class DaliLoader(EpochPosition):
         self.num_threads = num_threads or max(1, cfg.workers)
         self.num_samples = len(self.reader)
         EpochPosition.__init__(self)
-        self._source = _Callback(self.reader, cfg, state, self.rank, companions)
+        self.substitutes = Substitutes(self.num_samples, self.reader.describe, getattr(self.reader.source, "damaged", None))
+        self._source = _Callback(self.reader, cfg, state, self.rank, companions, self.substitutes)
         self._augmenter = make_augmenter(cfg)
         self._pipe = None
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
-
-    def state_dict(self) -> dict:
-        """Where the loader is: the epoch, the next batch, and the samples replaced for failing to decode."""
-        return super().state_dict() | {"decode_failures": dict(self._source.bad)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        """Resume from `state_dict()`: the next iteration yields the remaining batches of that epoch."""
-        super().load_state_dict(sd)
-        self._source.bad = {int(k): str(v) for k, v in sd.get("decode_failures", {}).items()}
-
-    @property
-    def decode_failures(self) -> dict[int, str]:
-        """Samples that failed to decode at train time (index → reason); each is replaced since."""
-        return dict(self._source.bad)
 
     def _stop(self) -> None:
         """End the epoch in flight: the source stops at once, the batches DALI prefetched are collected, and
@@ -310,14 +287,7 @@ class DaliLoader(EpochPosition):
                 break
         if not failed:
             raise error
-        if len(self._source.bad) + len(failed) >= len(self.reader):
-            raise ViewpipeError("no sample of the dataset decodes; check the data (viewpipe convert --verify)")
-        self._source.bad.update(failed)
-        for k, w in failed.items():
-            where = self.reader.describe(k)
-            print(f"viewpipe: {where} fails to decode ({w}); replaced by sample "
-                  f"{int(self._source.substitute(np.array([k]))[0])} from now on "
-                  f"({len(self._source.bad)} replaced so far); re-convert it to restore it", file=sys.stderr)
+        self.substitutes.add({k: f"fails to decode ({w})" for k, w in failed.items()})
 
     def __iter__(self) -> Iterator[tuple]:
         return self.hand_out(self.epoch, len(self.batches()), self._pending())

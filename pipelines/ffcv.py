@@ -53,8 +53,8 @@ from numba import prange
 from viewpipe.crop import FULL_BOX, draw, windows_numba
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import BETON
-from viewpipe.pipelines import (EpochPosition, LoaderConfig, dist_rank_world, epoch_batches, make_augmenter,
-                                resolve_overlap)
+from viewpipe.pipelines import (EpochPosition, LoaderConfig, Substitutes, dist_rank_world, epoch_batches,
+                                make_augmenter, resolve_overlap)
 from viewpipe.state import SampleState
 
 _GOT = 5  # per decoded image: sample index, height, width, decodes, libjpeg-turbo status
@@ -368,7 +368,7 @@ class FfcvLoader(EpochPosition):
         self.num_threads = max(1, min(num_threads or cfg.workers or 1, numba.config.NUMBA_NUM_THREADS))
         EpochPosition.__init__(self)
         self.decodes = np.zeros(self.num_samples, np.int64)
-        self.decode_warnings: dict[int, int] = {}  # sample -> libjpeg-turbo status (warnings or errors)
+        self.substitutes = Substitutes(self.num_samples, lambda k: f"{beton} (sample {k})")
         self._augmenter = make_augmenter(cfg)
         self._epoch = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -426,8 +426,9 @@ class FfcvLoader(EpochPosition):
             if self.companions:
                 table = self.state.neighbours(indices)
                 chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
+                chosen = self.substitutes(chosen.astype(np.int64))
                 want[:, 0] = chosen
-                windows[:, V:] = self._windows(rng, chosen.astype(np.int64))
+                windows[:, V:] = self._windows(rng, chosen)
 
         return prepare
 
@@ -472,14 +473,15 @@ class FfcvLoader(EpochPosition):
         return [self._augmenter.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
 
     def _record(self, got: np.ndarray) -> None:
-        """Count decodes per sample; report samples libjpeg-turbo complained about (once each)."""
+        """Count decodes per sample."""
         for i in range(self._n_images):
             np.add.at(self.decodes, got[:, i, 0], got[:, i, 3])
-            for k, status in got[np.flatnonzero(got[:, i, 4]), i][:, [0, 4]].tolist():
-                if k not in self.decode_warnings:
-                    self.decode_warnings[k] = status
-                    print(f"viewpipe: sample {k} of the FFCV dataset decoded with a libjpeg-turbo error or warning; "
-                          "its pixels may be incomplete (re-convert it)", file=sys.stderr)
+
+    def _failures(self, got: np.ndarray) -> dict[int, str]:
+        """The samples of a decoded batch libjpeg-turbo reported an error or warning for (damaged data: their
+        pixels may be incomplete), index → why."""
+        return {int(k): f"fails to decode (libjpeg-turbo status {int(status)}: damaged data)"
+                for i in range(self._n_images) for k, status in got[np.flatnonzero(got[:, i, 4]), i][:, [0, 4]]}
 
     def __iter__(self) -> Iterator[tuple]:
         return self.hand_out(self.epoch, len(self.batches()), self._pending())
@@ -488,7 +490,8 @@ class FfcvLoader(EpochPosition):
         """(b, the function that makes batch b from FFCV's result) for the rest of the epoch. Each function
         runs before FFCV's next result is taken, while FFCV's thread keeps the slot it reads."""
         ns, cfg = _ffcv(), self.cfg
-        epoch, batches, b = self.epoch, self.batches(), self._next
+        epoch, b = self.epoch, self._next
+        batches = [self.substitutes(x) for x in self.batches(epoch)]
         self._stop()
         # one torch Generator per batch, seeded from (seed, epoch, rank, batch): photometric draws are reproducible
         seeds = np.random.SeedSequence([cfg.seed, epoch, self.rank]).generate_state(len(batches), np.uint64)
@@ -502,6 +505,13 @@ class FfcvLoader(EpochPosition):
                 except StopIteration:
                     error = mine.error
                     raise (error if error is not None else RuntimeError("FFCV's epoch thread ended early")) from None
+                failed = {} if self.stock else self._failures(result[-1][3])
+                if failed:  # replace them from now on and decode this batch again, from the new plan
+                    self._stop()
+                    self.substitutes.add(failed)
+                    batches = [self.substitutes(x) for x in self.batches(epoch)]
+                    self._epoch = mine = ns.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
+                    continue
                 yield b, partial(self._batch, result, batches[b], int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF)
                 b += 1
         finally:

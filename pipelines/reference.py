@@ -31,7 +31,7 @@ from viewpipe.augment import AugmentConfig, ViewAugment
 from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import open_image
-from viewpipe.pipelines import EpochPosition, LoaderConfig, dist_rank_world, resolve_overlap
+from viewpipe.pipelines import EpochPosition, LoaderConfig, Substitutes, dist_rank_world, resolve_overlap
 from viewpipe.sources import Source, open_source
 from viewpipe.state import SampleState
 
@@ -64,8 +64,13 @@ def torchvision_view_transform(view: ViewAugment, cfg: AugmentConfig):  # noqa: 
     return T.Compose(steps)
 
 
-# (epoch, batch, sample indices, torch seed): everything a worker needs to build one batch
-Descriptor = tuple[int, int, np.ndarray, int]
+# (epoch, batch, sample indices, torch seed, the samples replaced so far): all a worker needs to build one batch
+Descriptor = tuple[int, int, np.ndarray, int, Substitutes]
+
+
+class Unusable(dict):
+    """What a worker returns instead of a batch when some of its images cannot be used (index → why): the
+    consumer replaces them from now on and asks for the batch again."""
 
 
 class EpochSampler(Sampler):
@@ -73,10 +78,11 @@ class EpochSampler(Sampler):
     process: the DataLoader takes the next descriptor each time the consumer receives a batch, and a worker
     builds that batch, so the loader's position and the live-state bound follow from the consumer alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, substitutes: Substitutes) -> None:
         self.epoch, self.start = 0, 0
         self.batches: list[np.ndarray] = []
         self.seeds = np.zeros(0, dtype=np.uint64)
+        self.substitutes = substitutes
 
     def set(self, epoch: int, start: int, batches: list[np.ndarray], seeds: np.ndarray) -> None:
         """What the next pass yields: batches `start`.. of `epoch`, with their torch seeds."""
@@ -88,7 +94,8 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[Descriptor]:
         epoch, start, batches, seeds = self.epoch, self.start, self.batches, self.seeds
         for b in range(start, len(batches)):
-            yield epoch, b, batches[b], int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF
+            indices = self.substitutes.usable(batches[b])  # (checked bytes, where the source can check them)
+            yield epoch, b, indices, int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF, self.substitutes
 
 
 class ReferenceBatches(Dataset):
@@ -117,28 +124,39 @@ class ReferenceBatches(Dataset):
     def __getitem__(self, descriptor: Descriptor) -> tuple:
         from PIL import Image
 
-        epoch, b, indices, torch_seed = descriptor
+        epoch, b, indices, torch_seed, substitutes = descriptor
         cfg, V, S = self.cfg, self.cfg.views, self.cfg.augment.size
         indices = np.asarray(indices, dtype=np.int64)
         decoded: dict[int, Any] = {}
+        unusable = Unusable()
 
         def images(ks: np.ndarray) -> list:
             for k in ks.tolist():
                 if k not in decoded:
-                    decoded[k] = decode_rgb(self.source.read(k), self.source.describe(k))
+                    try:
+                        decoded[k] = decode_rgb(self.source.read(k), self.source.describe(k))
+                    except ViewpipeError as exc:
+                        unusable[k] = f"fails to decode ({str(exc).split('cannot decode image (', 1)[-1].rstrip(')')})"
+                        decoded[k] = None
             return [decoded[k] for k in ks.tolist()]
 
         # the DALI backend's draw order on one generator: the samples' V windows (view-major), then with
         # companions each sample's neighbour column (uniform over its k) and the neighbours' V windows
         rng = np.random.default_rng([cfg.seed, epoch, self.rank, b])
         groups = [images(indices)]
+        if unusable:
+            return unusable
         windows = self._windows(rng, indices, groups[0])
         neighbours = None
         if self.companions:
             table = self.state.neighbours(indices)  # type: ignore[union-attr]
             chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
-            neighbours = chosen.astype(np.int64)
+            neighbours = substitutes(chosen.astype(np.int64))
+            if substitutes.check is not None:
+                unusable.update(substitutes.check(neighbours))
             groups.append(images(neighbours))
+            if unusable:
+                return unusable
             windows = np.concatenate([windows, self._windows(rng, neighbours, groups[1])], 1)
         # torchvision draws from torch's global generator: seed it per batch, and restore it afterwards so that
         # a loader without workers leaves the caller's random stream as it was
@@ -202,7 +220,8 @@ class ReferenceLoader(EpochPosition):
         self.num_samples = len(source)
         EpochPosition.__init__(self)
         self.dataset = ReferenceBatches(source, cfg, state, self.rank, return_windows, companions)
-        self.sampler = EpochSampler()
+        self.substitutes = Substitutes(self.num_samples, source.describe, getattr(source, "damaged", None))
+        self.sampler = EpochSampler(self.substitutes)
         self._loader = DataLoader(
             self.dataset, batch_size=None, sampler=self.sampler, collate_fn=_as_is, num_workers=self.workers,
             persistent_workers=self.workers > 0, prefetch_factor=prefetch_factor if self.workers else None,
@@ -227,8 +246,14 @@ class ReferenceLoader(EpochPosition):
                 batch = next(it)
             except StopIteration:
                 raise RuntimeError(f"the DataLoader ended at batch {b} of {len(batches)}") from None
-            if not np.array_equal(batch[2].numpy(), batches[b]):  # a batch out of place: a bug
-                raise RuntimeError(f"batch {b} holds samples {batch[2].tolist()}, expected {batches[b].tolist()}")
+            if isinstance(batch, Unusable):  # replace them from now on, and ask for this batch again
+                self.substitutes.add(dict(batch))
+                self.sampler.set(epoch, b, batches, seeds)
+                it = iter(self._loader)
+                continue
+            expected = self.substitutes(batches[b])
+            if not np.array_equal(batch[2].numpy(), expected):  # a batch out of place: a bug
+                raise RuntimeError(f"batch {b} holds samples {batch[2].tolist()}, expected {expected.tolist()}")
             yield b, partial(self._to_device, batch)
             b += 1
 

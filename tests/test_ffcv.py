@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -462,13 +463,13 @@ def test_resume_mid_epoch_replays_the_same_batches(dataset: Path) -> None:
     full = ffcv_loader(dataset, cfg, device="cpu", return_windows=True)
     full.set_epoch(2)
     reference = list(full)
-    assert full.state_dict() == {"epoch": 3, "batch": 0}  # a completed epoch moves on
+    assert full.state_dict() == {"epoch": 3, "batch": 0, "decode_failures": {}}  # a completed epoch moves on
     first = ffcv_loader(dataset, cfg, device="cpu", return_windows=True)
     first.set_epoch(2)
     for _ in zip(range(5), first):
         pass
     sd = first.state_dict()
-    assert sd == {"epoch": 2, "batch": 5}
+    assert sd == {"epoch": 2, "batch": 5, "decode_failures": {}}
     resumed = ffcv_loader(dataset, cfg, device="cpu", return_windows=True)
     resumed.load_state_dict(sd)
     rest = list(resumed)
@@ -535,3 +536,27 @@ def test_registered_as_a_backend() -> None:
     from viewpipe.pipelines import get_backend
 
     assert get_backend("ffcv") is ffcv_loader
+
+
+def test_damaged_jpeg_bytes_are_replaced_and_named(dataset: Path, tmp_path: Path,
+                                                   capfd: pytest.CaptureFixture) -> None:
+    """Random bytes in one sample's entropy-coded data (libjpeg-turbo decodes it with a warning: pixels
+    incomplete): the sample is replaced by the next one for the rest of the run and named once on stderr, as
+    in the DALI and reference backends; the batch that held it is decoded again without it."""
+    from ffcv.libffcv import imdecode
+
+    damaged = tmp_path / "ds"
+    shutil.copytree(dataset, damaged)
+    decoded, bad = Decoded(damaged), 21
+    ptr, size = int(decoded.meta["data_ptr"][bad]), decoded.size[int(decoded.meta["data_ptr"][bad])]
+    with open(damaged / BETON, "r+b") as f:  # the middle of the JPEG data, same length
+        f.seek(ptr + size // 2)
+        f.write(np.random.default_rng(0).integers(0, 256, 48, dtype=np.uint8).tobytes())
+    data, H, W = Decoded(damaged).data(bad)
+    assert imdecode(data, np.zeros((H, W, 3), np.uint8), H, W, H, W, 0, 0, 1, 1, False, False) != 0
+    loader = ffcv_loader(damaged, cfg_(augment=PLAIN, drop_last=False), device="cpu")
+    seen = [k for batch in loader for k in batch[2].tolist()]
+    err = capfd.readouterr().err
+    assert err.count("fails to decode") == 1 and f"sample {bad})" in err and f"replaced by sample {bad + 1}" in err
+    assert list(loader.decode_failures) == [bad] and bad not in seen and seen.count(bad + 1) == 2
+    assert len(seen) == 96 and loader.decodes[bad] == 0

@@ -155,18 +155,18 @@ def test_resume_mid_epoch_replays_identical_batches(image_folder: Path) -> None:
     full = reference_loader(image_folder, cfg, return_windows=True)
     full.set_epoch(2)
     reference = list(full)
-    assert full.state_dict() == {"epoch": 3, "batch": 0}
+    assert full.state_dict() == {"epoch": 3, "batch": 0, "decode_failures": {}}
     first = reference_loader(image_folder, cfg, return_windows=True)
     first.set_epoch(2)
     for _ in zip(range(5), first):
         pass
     sd = first.state_dict()
-    assert sd == {"epoch": 2, "batch": 5}
+    assert sd == {"epoch": 2, "batch": 5, "decode_failures": {}}
     resumed = reference_loader(image_folder, replace(cfg, workers=0), return_windows=True)
     resumed.load_state_dict(sd)
     rest = list(resumed)
     same_batches(reference[5:], rest)
-    assert resumed.state_dict() == {"epoch": 3, "batch": 0}
+    assert resumed.state_dict() == {"epoch": 3, "batch": 0, "decode_failures": {}}
     # the interrupted loader itself continues where it stopped, then starts the next epoch
     same_batches(list(first), rest)
     assert [b[2].tolist() for b in first] == [b.tolist() for b in first.batches(3)]
@@ -318,13 +318,20 @@ def test_state_size_mismatch_is_an_error(image_folder: Path, state_name: str) ->
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_file_that_does_not_decode_is_named(image_folder: Path, tmp_path: Path, workers: int) -> None:
+def test_a_file_that_does_not_decode_is_named_and_replaced(image_folder: Path, tmp_path: Path, workers: int,
+                                                           capfd: pytest.CaptureFixture) -> None:
+    """As in the DALI and FFCV backends: the sample is replaced by the next one for the rest of the run, named
+    once on stderr, kept in `decode_failures` (and the state dict); the epoch runs to its end."""
     root = tmp_path / "images"
     shutil.copytree(image_folder, root)
     bad = FolderSource(root).paths[17]
     Path(bad).write_bytes(b"not an image")
-    with pytest.raises(ViewpipeError, match=rf"{Path(bad).name}: cannot decode image"):
-        list(reference_loader(root, _cfg(workers=workers, augment=PLAIN)))
+    loader = reference_loader(root, _cfg(workers=workers, augment=PLAIN, drop_last=False))
+    seen = [k for batch in loader for k in batch[2].tolist()]
+    err = capfd.readouterr().err
+    assert err.count("fails to decode") == 1 and Path(bad).name in err and "replaced by sample 18" in err
+    assert list(loader.decode_failures) == [17] and loader.state_dict()["decode_failures"] == loader.decode_failures
+    assert 17 not in seen and seen.count(18) == 2 and len(seen) == len(FolderSource(root))
 
 
 def test_decode_rgb_converts_and_reports() -> None:

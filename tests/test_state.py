@@ -1,23 +1,63 @@
-"""SampleState: live updates across processes, no torn rows, cleanup on exit/signals, kill -9 reclaim."""
+"""SampleState: live updates across processes, no torn rows, cleanup on exit/signals, kill -9 reclaim, owners
+alive by their lock (across PID namespaces), unprovable owners kept unless forced."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import run_python, start_python
+import viewpipe.state
 from viewpipe.errors import ViewpipeError
-from viewpipe.state import SHM_DIR, PREFIX, SampleState, list_segments, reclaim_stale
+from viewpipe.state import (
+    _H_LAYOUT, _H_LOCKED, _H_MAGIC, _H_PID, _H_START, _HEADER_BYTES, _LAYOUT, _MAGIC, PREFIX, SampleState,
+    _owner_alive, _process_start, list_segments, reclaim_stale,
+)
 
 
-def _path(name: str):
-    return SHM_DIR / f"{PREFIX}{name}"
+@pytest.fixture(autouse=True)
+def private_shm_dir(monkeypatch):
+    """Each test's segments in a folder of its own on /dev/shm's tmpfs (VIEWPIPE_SHM_DIR, inherited by the
+    processes it starts, those in other PID namespaces included): a `SampleState.create` of another test run on
+    this machine reclaims stale segments and would take the stale ones these tests make and check."""
+    base = viewpipe.state.SHM_DIR
+    folder = Path(tempfile.mkdtemp(prefix="viewpipe-tests-", dir=base if base.is_dir() else None))
+    monkeypatch.setattr(viewpipe.state, "SHM_DIR", folder)
+    monkeypatch.setenv("VIEWPIPE_SHM_DIR", str(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _path(name: str) -> Path:
+    return viewpipe.state.SHM_DIR / f"{PREFIX}{name}"
+
+
+def _header(name: str) -> np.ndarray:
+    return np.frombuffer(_path(name).read_bytes()[:_HEADER_BYTES], dtype=np.int64)
+
+
+def _pid_not_running_here() -> int:
+    """A pid no process has in this namespace (above pid_max), as a pid from another namespace may be."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1000
+
+
+def _legacy_segment(name: str, pid: int, start: int) -> None:
+    """A complete segment as a viewpipe without owner locks wrote it: owner pid and start time only."""
+    header = np.zeros(_HEADER_BYTES // 8, np.int64)
+    header[_H_MAGIC], header[_H_LAYOUT], header[_H_PID], header[_H_START] = _MAGIC, _LAYOUT, pid, start
+    _path(name).write_bytes(header.tobytes())
 
 
 def test_create_defaults_and_roundtrip(state_name: str) -> None:
@@ -269,9 +309,9 @@ def test_kill9_segment_is_detected_and_reclaimed(state_name: str, tmp_path) -> N
 
 
 def test_state_clean_command_reclaims_kill9_segment(state_name: str, tmp_path) -> None:
-    import subprocess
-    import sys
-
+    """`viewpipe state list`, `clean` and `clean --force` (one interpreter: the command imports torch): a segment
+    left by kill -9 is stale and removed; one of a viewpipe without owner locks whose pid does not run here is
+    unknown, kept by `clean` with a hint and removed by `clean --force`."""
     script = tmp_path / "owner.py"
     script.write_text(_OWNER)
     p = subprocess.Popen([sys.executable, "-u", str(script), state_name, "sleep"], stdout=subprocess.PIPE,
@@ -280,12 +320,31 @@ def test_state_clean_command_reclaims_kill9_segment(state_name: str, tmp_path) -
     os.kill(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
     assert _path(state_name).exists()
-    listed = run_python("from viewpipe.tools.cli import main; main(['state', 'list'])")
-    assert f"{state_name}\t" in listed.stdout and "stale (owner gone)" in listed.stdout
-    res = run_python("import sys; from viewpipe.tools.cli import main; sys.exit(main(['state', 'clean']))")
-    assert res.returncode == 0, res.stderr
-    assert f"removed {_path(state_name)}" in res.stdout
-    assert not _path(state_name).exists()
+    legacy = state_name + "-legacy"
+    _legacy_segment(legacy, _pid_not_running_here(), 12345)
+    try:
+        res = run_python(
+            f"""
+            import os
+            from viewpipe.tools.cli import main
+            for argv in (["state", "list"], ["state", "clean"], ["state", "clean", "--force"]):
+                print("$", *argv, flush=True)
+                rc = main(argv)
+                print("rc", rc, "legacy exists", os.path.exists({str(_path(legacy))!r}), flush=True)
+            """
+        )
+        assert res.returncode == 0, res.stderr
+        listed, cleaned, forced = res.stdout.split("$ ")[1:]
+        assert f"{state_name}\t" in listed and "stale (owner gone)" in listed
+        assert f"{legacy}\t" in listed and "unknown (owner not proven alive or gone)" in listed
+        assert f"removed {_path(state_name)}" in cleaned and f"removed {_path(legacy)}" not in cleaned
+        assert f"kept {_path(legacy)}: made by a viewpipe without owner locks" in cleaned
+        assert "`viewpipe state clean --force` removes it" in cleaned
+        assert cleaned.strip().endswith("rc 0 legacy exists True"), cleaned
+        assert f"removed {_path(legacy)}" in forced and forced.strip().endswith("rc 0 legacy exists False"), forced
+        assert not _path(state_name).exists()
+    finally:
+        _path(legacy).unlink(missing_ok=True)
 
 
 def test_half_created_segment_is_reclaimed_after_grace(state_name: str) -> None:
@@ -302,3 +361,207 @@ def test_create_with_live_duplicate_name_is_refused(state_name: str) -> None:
     with SampleState.create(2, name=state_name):
         with pytest.raises(ViewpipeError, match="already exists and its owner is alive"):
             SampleState.create(2, name=state_name)
+
+
+def test_segments_without_owner_lock_are_kept_unless_forced(state_name: str) -> None:
+    """Segments of a viewpipe without owner locks: alive when their pid runs here with the recorded start time;
+    otherwise unknown (the owner may run in another PID namespace): kept by the reclaim and by `create` with
+    the same name, removed only when forced."""
+    running, gone = state_name + "-running", state_name + "-gone"
+    _legacy_segment(running, os.getpid(), _process_start(os.getpid()))
+    _legacy_segment(gone, _pid_not_running_here(), 12345)
+    try:
+        segs = {s.name: s for s in list_segments()}
+        assert segs[running].alive and segs[running].status == "alive"
+        assert segs[gone].status == "unknown" and "another PID namespace" in segs[gone].reason
+        assert not {running, gone} & {s.name for s in reclaim_stale()}
+        with pytest.raises(ViewpipeError, match=r"cannot be proven alive or gone .*`viewpipe state clean --force`"):
+            SampleState.create(2, name=gone)
+        assert _path(gone).exists() and _path(running).exists()
+        assert {s.name for s in reclaim_stale(force=True)} & {running, gone} == {gone}, "never a live one"
+        assert not _path(gone).exists() and _path(running).exists()
+    finally:
+        _path(running).unlink(missing_ok=True)
+        _path(gone).unlink(missing_ok=True)
+
+
+def test_owner_lock_decides_liveness_not_the_pid(state_name: str, tmp_path, capsys) -> None:
+    """No namespace needed: a live owner's header is given a pid that runs nowhere here (the view from another
+    PID namespace). Its lock keeps it alive for list, clean (forced too) and `create` with the same name; readers
+    attaching and closing in this process do not take or break that lock; kill -9 frees it."""
+    import argparse
+
+    from viewpipe.tools.cli import state_main
+
+    script = tmp_path / "owner.py"
+    script.write_text(_OWNER)
+    owner = subprocess.Popen([sys.executable, "-u", str(script), state_name, "sleep"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready", owner.stderr.read()
+        header = _header(state_name)
+        assert header[_H_LOCKED] == 1 and header[_H_PID] == owner.pid
+        fake = _pid_not_running_here()
+        with open(_path(state_name), "r+b") as f:
+            f.seek(8 * _H_PID)
+            f.write(np.int64(fake).tobytes())
+        assert not _owner_alive(fake, int(header[_H_START])), "the pid check alone would call this owner dead"
+
+        for _ in range(3):  # readers in this process: attach (also by unpickling), read, close
+            reader = SampleState.attach(state_name)
+            np.testing.assert_array_equal(pickle.loads(pickle.dumps(reader)).boxes([0]), [[0, 0, 1, 1]])
+            reader.close()
+        seg = {s.name: s for s in list_segments()}[state_name]
+        assert seg.alive and seg.owner_pid == fake and "holds the segment's lock" in seg.reason, seg
+        assert state_name not in {s.name for s in reclaim_stale(force=True)}
+        for force in (False, True):
+            assert state_main(argparse.Namespace(action="clean", force=force)) == 0
+        assert f"removed {_path(state_name)}" not in capsys.readouterr().out
+        with pytest.raises(ViewpipeError, match="already exists and its owner is alive"):
+            SampleState.create(2, name=state_name)
+        assert _path(state_name).exists()
+        np.testing.assert_array_equal(SampleState.attach(state_name).boxes([3]), [[0, 0, 1, 1]])  # a new attach works
+
+        owner.kill()  # kill -9: the kernel drops the lock with the process
+        owner.wait(timeout=30)
+        seg = {s.name: s for s in list_segments()}[state_name]
+        assert seg.stale and not seg.alive, seg
+        with SampleState.create(2, name=state_name) as again:  # the name is free again
+            assert _header(state_name)[_H_PID] == os.getpid() and again.is_owner
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+
+
+_FORKING_OWNER = """
+import os, sys, time
+from viewpipe.state import SampleState
+st = SampleState.create(16, name=sys.argv[1])
+closer = os.fork()
+if closer == 0:  # a forked worker that closes its copy of the owner's object, and a reader of its own
+    st.boxes()
+    reader = SampleState.attach(sys.argv[1])
+    reader.close()
+    st.close()
+    os._exit(0)
+os.waitpid(closer, 0)
+keeper = os.fork()
+if keeper == 0:  # a forked loader worker that keeps reading through the inherited mapping
+    while True:
+        st.boxes([0])
+        time.sleep(0.01)
+print("ready", keeper, flush=True)
+time.sleep(60)
+"""
+
+
+def test_forked_workers_neither_break_nor_inherit_the_owner_lock(state_name: str, tmp_path) -> None:
+    """A worker forked from the owner that closes its copy does not release the owner's lock; one that outlives
+    the owner (still mapping the segment, with its inherited descriptors) does not keep it: kill -9 of the owner
+    alone leaves a reclaimable segment."""
+    script = tmp_path / "owner.py"
+    script.write_text(_FORKING_OWNER)
+    owner = subprocess.Popen([sys.executable, "-u", str(script), state_name], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    keeper = -1
+    try:
+        line = owner.stdout.readline().split()
+        assert line[:1] == ["ready"], owner.stderr.read()
+        keeper = int(line[1])
+        assert {s.name: s for s in list_segments()}[state_name].alive, "a forked child's close released the lock"
+        owner.kill()
+        owner.wait(timeout=30)
+        assert Path(f"/proc/{keeper}").exists(), "the forked worker still runs"
+        seg = {s.name: s for s in list_segments()}[state_name]
+        assert seg.stale, f"the forked worker kept the dead owner's lock: {seg}"
+        assert state_name in {s.name for s in reclaim_stale()}
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+        if keeper > 0:
+            try:
+                os.kill(keeper, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _path(state_name).unlink(missing_ok=True)
+
+
+_UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+_OTHER_NAMESPACE = """
+import argparse, json, os, sys
+import numpy as np
+from viewpipe.errors import ViewpipeError
+from viewpipe.state import SHM_DIR, PREFIX, SampleState, _owner_alive, list_segments
+from viewpipe.tools.cli import state_main
+name = sys.argv[1]
+path = SHM_DIR / f"{PREFIX}{name}"
+seg = {s.name: s for s in list_segments()}[name]
+header = np.frombuffer(path.read_bytes()[:4096], dtype=np.int64)
+out = {"my_pid": os.getpid(), "pid_check_alive": _owner_alive(int(header[2]), int(header[3])),
+       "status": seg.status, "reason": seg.reason}
+rcs = [state_main(argparse.Namespace(action="clean", force=force)) for force in (False, True)]
+out["kept_by_clean"] = path.exists()
+try:
+    SampleState.create(4, name=name).close()
+    out["create"] = "created"
+except ViewpipeError as exc:
+    out["create"] = str(exc)
+out["kept_by_create"] = path.exists()
+other = SampleState.create(2, name=name + "-b")  # creating (and reclaiming) still works here
+other.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def _in_new_pid_namespace(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*_UNSHARE, sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_two_pid_namespaces_keep_each_others_segments(state_name: str, tmp_path) -> None:
+    """Two jobs in separate PID namespaces sharing /dev/shm (docker --ipc=host), each its namespace's pid 1:
+    `viewpipe state clean` (forced too) and `SampleState.create` with the same name in one keep the other's live
+    segment, whose pid means another process there; kill -9 of the owner leaves it reclaimable from the other."""
+    unshare = shutil.which("unshare")
+    assert unshare, "this test needs util-linux `unshare` (apt-get install util-linux) and root"
+    probe = subprocess.run([*_UNSHARE, "true"], capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0, (
+        f"`{' '.join(_UNSHARE)} true` failed here ({probe.stderr.strip()}): this test needs root "
+        "(or user namespaces) to start a job in its own PID namespace"
+    )
+    script = tmp_path / "owner.py"
+    script.write_text(_OWNER)
+    owner = subprocess.Popen([*_UNSHARE, sys.executable, "-u", str(script), state_name, "sleep"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "ready", owner.stderr.read()
+        assert _header(state_name)[_H_PID] == 1, "the owner is pid 1 of its own namespace"
+
+        res = _in_new_pid_namespace(_OTHER_NAMESPACE, state_name)
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        assert got["my_pid"] == 1 and not got["pid_check_alive"], f"pid 1 there is another process: {got}"
+        assert got["status"] == "alive" and "another PID namespace" in got["reason"], got
+        assert got["kept_by_clean"] and got["kept_by_create"], got
+        assert "already exists and its owner is alive" in got["create"], got
+        np.testing.assert_array_equal(SampleState.attach(state_name).boxes([0]), [[0, 0, 1, 1]])
+
+        # kill -9 of the owner (its pid out here: the child of `unshare`)
+        inner = int(Path(f"/proc/{owner.pid}/task/{owner.pid}/children").read_text().split()[0])
+        os.kill(inner, signal.SIGKILL)
+        owner.wait(timeout=30)
+        res = _in_new_pid_namespace(
+            """
+            import argparse, sys
+            from viewpipe.tools.cli import state_main
+            sys.exit(state_main(argparse.Namespace(action="clean", force=False)))
+            """
+        )
+        assert res.returncode == 0, res.stderr
+        assert f"removed {_path(state_name)}" in res.stdout, res.stdout
+        assert not _path(state_name).exists()
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)
+        _path(state_name).unlink(missing_ok=True)
