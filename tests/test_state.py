@@ -445,11 +445,14 @@ if closer == 0:  # a forked worker that closes its copy of the owner's object, a
     st.close()
     os._exit(0)
 os.waitpid(closer, 0)
+started, tell = os.pipe()
 keeper = os.fork()
 if keeper == 0:  # a forked loader worker that keeps reading through the inherited mapping
+    os.write(tell, b"1")  # running Python: fork's after-child handlers have run
     while True:
         st.boxes([0])
         time.sleep(0.01)
+os.read(started, 1)
 print("ready", keeper, flush=True)
 time.sleep(60)
 """

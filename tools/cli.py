@@ -21,21 +21,33 @@ def _worker_error(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
+_STATUS = {"alive": "alive", "stale": "stale (owner gone)", "unknown": "unknown (owner not proven alive or gone)"}
+
+
 def state_main(args: argparse.Namespace) -> int:
-    from viewpipe.state import SHM_DIR, list_segments, reclaim_stale
+    """`viewpipe state list|clean [--force]`. An owner is alive while it holds its segment's lock, which holds
+    across PID namespaces (containers sharing /dev/shm); owner pids are as the owner saw them."""
+    from viewpipe.state import SHM_DIR, clean_segments, list_segments
 
     if args.action == "list":
         segs = list_segments()
         for s in segs:
-            status = "alive" if s.alive else "stale (owner gone)"
-            print(f"{s.name}\t{s.size} bytes\towner pid {s.owner_pid}\t{status}")
+            print(f"{s.name}\t{s.size} bytes\towner pid {s.owner_pid}\t{_STATUS[s.status]}: {s.reason}")
         print(f"{len(segs)} sample state segment(s) in {SHM_DIR}")
         return 0
-    removed = reclaim_stale()
+    force = bool(getattr(args, "force", False))
+    removed, kept = clean_segments(force=force)
     for s in removed:
-        print(f"removed {s.path} ({s.size} bytes, owner pid {s.owner_pid} is gone)")
-    print(f"removed {len(removed)} stale segment(s); segments of running processes are kept")
-    return 0
+        why = "is gone" if s.stale else "not proven alive; --force"
+        print(f"removed {s.path} ({s.size} bytes, owner pid {s.owner_pid} {why})")
+    for s in kept:
+        if s.error:
+            print(f"kept {s.path}: {s.reason}; {s.error}", file=sys.stderr)
+        else:
+            print(f"kept {s.path}: {s.reason}; `viewpipe state clean --force` removes it if its run has ended")
+    print(f"removed {len(removed)} segment(s); segments whose owner holds its lock are kept"
+          + (f", and {len(kept)} not proven gone or not removable" if kept else ""))
+    return 1 if any(s.error for s in kept) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,9 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     quality.add_parser(sub)
     st = sub.add_parser("state", help="list or clean shared sample-state segments",
-                        description="Shared sample-state segments live in /dev/shm; `clean` removes those whose "
-                        "owning process is gone (left by kill -9 or a crash).")
+                        description="Shared sample-state segments live in /dev/shm. Their owner holds a lock on "
+                        "each for its lifetime (this holds across containers sharing /dev/shm); `clean` removes "
+                        "those whose lock is free (owner gone: kill -9, a crash) and keeps the rest.")
     st.add_argument("action", choices=["list", "clean"])
+    st.add_argument("--force", action="store_true",
+                    help="clean: also remove segments whose owner cannot be proven alive or gone (made by a "
+                    "viewpipe without owner locks, or unreadable); never one whose owner holds its lock")
     st.set_defaults(func=state_main)
     return parser
 
