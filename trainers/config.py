@@ -1,9 +1,11 @@
 """Pretraining configuration: dataclasses, loaded from YAML and overridden from the command line with dotted
-keys (`optim.lr=0.3 ccrop.alpha=0.6`). Unknown keys and badly typed values are one-line errors."""
+keys (`optim.lr=0.3 ccrop.alpha=0.6`). Unknown keys, badly typed values and values out of range (`validate`,
+one place for every check that needs no data) are one-line errors naming the key."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -14,6 +16,19 @@ from typing import Any
 from viewpipe.errors import ViewpipeError
 
 
+def bounded(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False) -> Any:
+    """A numeric field whose values must lie between `lo` and `hi` (None: unbounded; inclusive unless
+    `lo_open`/`hi_open`); for a tuple field, every element. NaN and infinities are always refused. Checked by
+    `validate`, with the field's name as the user wrote it."""
+    return field(default=default, metadata={"range": (lo, hi), "open": (lo_open, hi_open)})
+
+
+def choice(default: str, *options: str) -> Any:
+    """A text field whose value must be one of `options` (the default first). Checked by `validate`."""
+    return field(default=default, metadata={"choices": (default, *options)})
+
+
 @dataclass
 class DataConfig:
     """The training data, its loader backend and the views made from it."""
@@ -22,15 +37,15 @@ class DataConfig:
     split: str = "train"
     test_path: str = ""  # the kNN monitor's test set (empty: the monitor is off)
     test_split: str = "test"
-    backend: str = "torch"  # torch | dali | ffcv
-    size: int = 32  # view side
+    backend: str = choice("torch", "dali", "ffcv")
+    size: int = bounded(32, 1)  # view side
     preset: str = "mocov2_small"  # augmentation preset (viewpipe.augment.PRESETS)
-    views: int = 2
-    batch_size: int = 512  # global: divided among ranks
-    workers: int = 8
+    views: int = bounded(2, 1)  # per sample; each method needs at least 2 (METHOD_VIEWS)
+    batch_size: int = bounded(512, 1)  # global: divided among ranks
+    workers: int = bounded(8, 0)
     # dali backend only: the share of images nvJPEG sends to the GPU's hardware JPEG decoder (A100, H100), the
     # rest decoded by CUDA; in [0, 1]; ignored without a GPU
-    hw_decoder_load: float = field(default=0.65, metadata={"range": (0.0, 1.0)})
+    hw_decoder_load: float = bounded(0.65, 0.0, 1.0)
 
 
 @dataclass
@@ -39,26 +54,29 @@ class CCropConfig:
     epoch `warmup`, then after every epoch e with e % interval == 0 (never after the last)."""
 
     enabled: bool = True
-    alpha: float = 0.1
-    warmup: int = 100
-    interval: int = 100
-    threshold: float = 0.1
-    size: int = 0  # side of the clean images of the box pass (0: data.size)
-    grid: int = 32  # images in the PNG written after each update (0: none)
+    alpha: float = bounded(0.1, 0.0, lo_open=True)  # Beta(α, α) of the crop centre within the box
+    warmup: int = bounded(100, 0)
+    interval: int = bounded(100, 1)
+    threshold: float = bounded(0.1, 0.0, 1.0)
+    size: int = bounded(0, 0)  # side of the clean images of the box pass (0: data.size)
+    grid: int = bounded(32, 0)  # images in the PNG written after each update (0: none)
 
 
 @dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule: linear warm-up, then cosine down to lr × final_lr_ratio."""
 
-    name: str = "sgd"  # sgd | lars | adamw
-    lr: float = 0.5
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)  # adamw
-    warmup_epochs: float = 0.0
-    final_lr_ratio: float = 0.1
+    name: str = choice("sgd", "lars", "adamw")
+    lr: float = bounded(0.5, 0.0)
+    momentum: float = bounded(0.9, 0.0, 1.0, hi_open=True)
+    weight_decay: float = bounded(1e-4, 0.0)
+    betas: tuple[float, float] = bounded((0.9, 0.999), 0.0, 1.0, hi_open=True)  # adamw
+    warmup_epochs: float = bounded(0.0, 0.0)
+    final_lr_ratio: float = bounded(0.1, 0.0)
     per_epoch: bool = True  # the official ContrastiveCrop code steps the cosine once per epoch
+    # a step whose loss is NaN or infinite: false stops the run with an error naming the step (the last good
+    # checkpoint is kept); true skips the step's update, counts it (`skipped_nonfinite` in the log) and goes on
+    skip_nonfinite: bool = False
 
 
 @dataclass
@@ -68,22 +86,42 @@ class TrainConfig:
     method: str = "mocov2"
     backbone: str = "resnet18_cifar"
     method_args: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 500
+    epochs: int = bounded(500, 1)
     data: DataConfig = field(default_factory=DataConfig)
     ccrop: CCropConfig = field(default_factory=CCropConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     out: str = "runs/run"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    seed: int = bounded(0, 0)
+    device: str = choice("auto", "cpu", "cuda")
     amp: bool = True  # bf16 autocast on the GPU (never on the CPU)
     channels_last: bool = True
     sync_bn: bool = False
-    knn_every: int = 10  # epochs between kNN monitor runs (0: off); also after the last epoch
-    knn_k: int = 200
-    knn_t: float = 0.1
-    log_every: int = 20  # steps between log lines
-    save_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
-    max_steps: int = 0  # stop after this many steps of this process (0: no limit): for tests and benchmarks
+    knn_every: int = bounded(10, 0)  # epochs between kNN monitor runs (0: off); also after the last epoch
+    knn_k: int = bounded(200, 1)
+    knn_t: float = bounded(0.1, 0.0, lo_open=True)
+    log_every: int = bounded(20, 1)  # steps between log lines
+    save_every: int = bounded(0, 0)  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
+    max_steps: int = bounded(0, 0)  # stop after this many steps of this process (0: no limit): for tests and benchmarks
+
+
+# views of each sample a method's forward takes: (at least, at most); methods not listed need at least 2
+METHOD_VIEWS: dict[str, tuple[int, int | None]] = {
+    "mocov2": (2, None), "simsiam": (2, None), "snclr": (2, None),
+    "csml": (2, 2),  # 2 of the sample and 2 of its neighbour (the loader's companions)
+}
+
+# method_args whose range is the same in every method that takes them: (lo, hi, lo_open, hi_open, integer)
+METHOD_ARG_RANGES: dict[str, tuple[float | None, float | None, bool, bool, bool]] = {
+    "tau": (0.0, None, True, False, False),  # temperatures
+    "momentum": (0.0, 1.0, False, False, False),
+    "queue": (1, None, False, False, True), "bank": (1, None, False, False, True),
+    "dim": (1, None, False, False, True), "hidden": (0, None, False, False, True),
+    "mlp_dim": (1, None, False, False, True), "pred_hidden": (1, None, False, False, True),
+    "k": (1, None, False, False, True), "topk": (1, None, False, False, True),
+    "interval": (1, None, False, False, True), "switch_epoch": (0, None, False, False, True),
+    "cutmix_beta": (0.0, None, True, False, False), "mine_resize": (0, None, False, False, True),
+    "proj_layers": (0, None, False, False, True),
+}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -118,24 +156,80 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ViewpipeError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
-def _check_range(value: Any, f: dataclasses.Field, where: str) -> Any:
-    """`value` when it lies in the field's `range` metadata (inclusive), or a one-line error."""
+def _describe(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, integer: bool) -> str:
+    what = "an integer" if integer else "a number"
+    if lo is not None and hi is not None:
+        return f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{what} {'>' if lo_open else '>='} {lo:g}"
+    if hi is not None:
+        return f"{what} {'<' if hi_open else '<='} {hi:g}"
+    return what
+
+
+def _check_number(value: Any, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, integer: bool,
+                  where: str) -> None:
+    """A one-line error unless `value` is a finite number (an integer when `integer`) within the bounds."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or isinstance(value, int))
+    ok = ok and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        raise ViewpipeError(f"{where}: expected {_describe(lo, hi, lo_open, hi_open, integer)}, got {value!r}")
+
+
+def _check_field(value: Any, f: dataclasses.Field, where: str) -> None:
+    """A one-line error unless `value` satisfies the field's metadata: `range` (lo, hi) with `open`
+    (lo_open, hi_open) from `bounded` (for a tuple, every element), `choices` from `choice`."""
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ViewpipeError(f"{where}: expected one of {', '.join(f.metadata['choices'])}, got {value!r}")
     if "range" in f.metadata:
         lo, hi = f.metadata["range"]
-        if not lo <= value <= hi:
-            raise ViewpipeError(f"{where}: expected a number in [{lo:g}, {hi:g}], got {value!r}")
-    return value
+        lo_open, hi_open = f.metadata.get("open", (False, False))
+        integer = isinstance(f.default, int) and not isinstance(f.default, bool)
+        for v in value if isinstance(value, tuple) else (value,):
+            _check_number(v, lo, hi, lo_open, hi_open, integer, where)
+
+
+def _check_fields(obj: Any, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{where}.{f.name}")
+        else:
+            _check_field(value, f, f"{where}.{f.name}")
+
+
+def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
+    """`cfg` when every value is in range (the `bounded` and `choice` fields, the method's views, the
+    method_args whose range is known), or a one-line ViewpipeError naming the first offending key as written
+    (`config.optim.lr: expected a number >= 0, got -0.1`; `where` is the config file, or "config"). What
+    depends on the data or the ranks (batch size against the dataset, divisibility) is checked by the Trainer
+    before training."""
+    _check_fields(cfg, where)
+    lo, hi = METHOD_VIEWS.get(cfg.method, (2, None))
+    views = cfg.data.views
+    if views < lo or (hi is not None and views > hi):
+        need = f"exactly {lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise ViewpipeError(f"{where}.data.views: {cfg.method} needs {need} views of each sample, got {views}")
+    if not isinstance(cfg.method_args, dict):
+        raise ViewpipeError(f"{where}.method_args: expected a mapping, got {cfg.method_args!r}")
+    for key, value in cfg.method_args.items():
+        if key in METHOD_ARG_RANGES:
+            _check_number(value, *METHOD_ARG_RANGES[key], f"{where}.method_args.{key}")
+    return cfg
 
 
 def from_dict(cls: type, values: dict, where: str = "config") -> Any:
-    """A config dataclass from a (nested) dict; unknown keys and values outside a field's range are errors."""
+    """A config dataclass from a (nested) dict; unknown keys and badly typed values are errors (ranges: `validate`)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
         raise ViewpipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(fields))}")
-    return cls(**{k: _check_range(_coerce(v, hints[k], f"{where}.{k}"), fields[k], f"{where}.{k}")
-                  for k, v in values.items()})
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -157,7 +251,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A TrainConfig from a YAML file (or the defaults) with command-line overrides."""
+    """A TrainConfig from a YAML file (or the defaults) with command-line overrides, validated (`validate`)."""
     import yaml
 
     values: dict = {}
@@ -171,7 +265,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             raise ViewpipeError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ViewpipeError(f"{p}: expected a mapping of settings at the top level")
-    return from_dict(TrainConfig, apply_overrides(values, list(overrides)), str(path or "config"))
+    where = str(path or "config")
+    return validate(from_dict(TrainConfig, apply_overrides(values, list(overrides)), where), where)
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -1,8 +1,10 @@
 """The training engine every method runs on: loaders from any backend over the live SampleState, the epoch
 loop with AMP (bf16 on the GPU), channels_last, SGD/LARS/AdamW with warm-up and cosine, DDP (torchrun; NCCL
 on the GPU, gloo on the CPU), SyncBN, logging (console, progress bar, JSONL) with throughput and the time
-spent waiting for data, the ContrastiveCrop box updates and the kNN monitor, atomic checkpoints and exact
-resume of everything (model, optimizer, queues, sample state, RNG states, epoch and batch within it)."""
+spent waiting for data, the ContrastiveCrop box updates and the kNN monitor, atomic checksummed checkpoints
+(`trainers/checkpoint.py`: the last two kept, a damaged one refused) and exact resume of everything (model,
+optimizer, queues, sample state, RNG states, epoch and batch within it); a non-finite loss stops the run (or,
+with `optim.skip_nonfinite`, its step is skipped) and a non-finite state is never saved."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import math
 import os
 import random
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ import torch.nn as nn
 from viewpipe.augment import preset
 from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import LoaderConfig, get_backend
+from viewpipe.pipelines import Batch, LoaderConfig, get_backend
 from viewpipe.sources import open_source
 from viewpipe.state import SampleState
 from viewpipe.trainers.base import DataContext, Method, broadcast_bn_stats
-from viewpipe.trainers.config import TrainConfig, to_dict
+from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove_stale_tmp, rng_state,
+                                          save_checkpoint, set_rng_state, warn)
+from viewpipe.trainers.config import TrainConfig, to_dict, validate
 from viewpipe.trainers.models import build_backbone
 
 METHODS: dict[str, str] = {
@@ -117,44 +120,33 @@ def setup_distributed(device: str) -> tuple[torch.device, int, int, int]:
     return torch.device("cpu"), rank, world, local
 
 
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+# what a resume reads from a checkpoint (a file without them is not one of viewpipe pretrain's)
+REQUIRED = ("config", "epoch", "step", "loader", "model", "optimizer", "sample_state", "box_updates", "history",
+            "rng")
+NO_BAD_STEP = 2**62  # "no non-finite loss yet" in the device-side record of the first one
 
 
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save into a temporary file beside `path`, flushed to disk, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class NonFiniteError(ViewpipeError):
+    """A non-finite loss (or weights) stopped the run; the last good checkpoint is left as it was."""
 
 
 class Trainer:
     """One pretraining run of `cfg` in this process (one rank under torchrun). `fit()` trains from the start or
-    from `resume` (a checkpoint path; "auto": `out/last.pt` when it exists) and returns the final metrics."""
+    from `resume` (a checkpoint path; "auto": `out/last.pt` when it or `out/last.prev.pt` exists) and returns the
+    final metrics. The config is validated and the checkpoint verified (or replaced by the previous one kept
+    beside it, with a warning) before anything is built."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = validate(cfg)
         if not cfg.data.path:
             raise ViewpipeError("data.path is empty: give the training data (data.path=... or a config file)")
         self.device, self.rank, self.world, self.local_rank = setup_distributed(cfg.device)
         self.main = self.rank == 0
         self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "last.pt"
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(self.ckpt_path)  # left by a process killed during a save
         torch.manual_seed(cfg.seed + self.rank)
         np.random.seed((cfg.seed + self.rank) % 2**32)
         random.seed(cfg.seed + self.rank)
@@ -164,6 +156,22 @@ class Trainer:
         self.n = len(self.source)
         if d.batch_size % self.world:
             raise ViewpipeError(f"data.batch_size {d.batch_size} is not divisible by the {self.world} ranks")
+        if d.batch_size > self.n:
+            raise ViewpipeError(f"data.batch_size {d.batch_size} is larger than the {self.n} training images of "
+                                f"{d.path}: not one full batch per epoch; lower data.batch_size")
+        # what save_checkpoint knows of the file at ckpt_path: "drop" (another run's, or none), "verify", "keep"
+        self._previous = "drop"
+        self._good: tuple[Path, int] | None = None  # this run's last good checkpoint and its step
+        self._first_bad: torch.Tensor | None = None  # device-side: the first step with a non-finite loss
+        self._bad_loss: torch.Tensor | None = None
+        self._pos = (0, 0, 0, 0)  # (epoch, batch, batches in the epoch, steps before the epoch's batch 0)
+        self.skipped_nonfinite, self._skipped_last = 0, False
+        ckpt = None
+        if resume == "auto":
+            auto = self.ckpt_path.is_file() or previous_path(self.ckpt_path).is_file()
+            resume = str(self.ckpt_path) if auto else None
+        if resume:  # read and verified before anything is built; applied once the model and state exist
+            ckpt = self._read(Path(resume))
         self.augment = preset(d.preset, size=d.size)
 
         self.method = build_method(cfg).to(self.device)
@@ -191,10 +199,13 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self._loader, self._loader_box = None, None
         self._resume_loader: dict | None = None
-        if resume == "auto":
-            resume = str(self.out / "last.pt") if (self.out / "last.pt").is_file() else None
-        if resume:
-            self.load(Path(resume))
+        self._log = None
+        if ckpt is not None:
+            try:
+                self._apply(ckpt)
+            except BaseException:
+                self.close()
+                raise
         self._log = open(self.out / "log.jsonl", "a") if self.main else None
 
     # ------------------------------------------------------------------ sample state and loader
@@ -232,9 +243,9 @@ class Trainer:
     def checkpoint(self, loader_state: dict) -> dict:
         rng = [None] * self.world
         if self.world > 1:
-            dist.all_gather_object(rng, _rng_state())
+            dist.all_gather_object(rng, rng_state())
         else:
-            rng = [_rng_state()]
+            rng = [rng_state()]
         return {
             "config": to_dict(self.cfg), "epoch": self.epoch, "step": self.step, "loader": loader_state,
             "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -246,26 +257,119 @@ class Trainer:
         }
 
     def save(self, loader_state: dict) -> None:
-        ckpt = self.checkpoint(loader_state)  # (collective: every rank takes part)
+        """`OUT/last.pt` (the one it replaces kept as `last.prev.pt`), unless a loss since the last check or the
+        weights are not finite: then a NonFiniteError, and the last good checkpoint stays as it was."""
+        self._check_finite(weights=True)  # (collective, as the checkpoint's RNG gathering)
+        ckpt = self.checkpoint(loader_state)
         if self.main:
-            save_atomic(ckpt, self.out / "last.pt")
+            save_checkpoint(ckpt, self.ckpt_path, previous=self._previous)
+        self._previous, self._good = "keep", (self.ckpt_path, self.step)
+
+    def _read(self, path: Path) -> dict:
+        """The checkpoint to resume from: `path` verified, or the previous one kept beside it (a one-line
+        warning naming both) when `path` is missing or damaged; a one-line error when neither is good."""
+        if self.world == 1:
+            ckpt, used, notes = load_checkpoint(path, REQUIRED)
+        else:  # every rank resumes from the same checkpoint, or none does (and none waits for the others)
+            try:
+                ckpt, used, notes = load_checkpoint(path, REQUIRED)
+                mine: tuple = ("ok", str(used), ckpt["step"])
+            except ViewpipeError as exc:
+                mine = ("error", str(exc), None)
+            seen = [None] * self.world
+            dist.all_gather_object(seen, mine)
+            if mine[0] == "error":
+                raise ViewpipeError(mine[1])
+            failed = [f"rank {r}: {s[1]}" for r, s in enumerate(seen) if s[0] == "error"]
+            if failed:
+                raise ViewpipeError(failed[0])
+            if len({s[1:] for s in seen}) > 1:
+                raise ViewpipeError(f"the ranks found different checkpoints to resume from "
+                                    f"({sorted({s[1:] for s in seen})}): give one with --resume that every rank reads")
+        if self.main:
+            for note in notes:
+                warn(note)
+        self._good = (used, int(ckpt["step"]))
+        if used.resolve() == self.ckpt_path.resolve():
+            self._previous = "keep"  # verified: the next save keeps it as last.prev.pt
+        elif used.parent.resolve() == self.out.resolve():
+            self._previous = "verify"  # e.g. last.prev.pt after a damaged last.pt: that one is moved aside
+        return ckpt
 
     def load(self, path: Path) -> None:
+        """Resume from the checkpoint at `path` (verified; see `_read`)."""
+        self._apply(self._read(Path(path)))
+
+    def _apply(self, ckpt: dict) -> None:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise ViewpipeError(f"{path}: cannot read the checkpoint ({exc}); give another with --resume") from None
-        self.method.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.method.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ViewpipeError(f"{self._good[0] if self._good else 'checkpoint'}: does not fit this config's "
+                                f"method and backbone ({first[:160]})") from None
         if self.local_rank == 0:
             self.state.load_state_dict(ckpt["sample_state"])
         self.boxes.updates = ckpt["box_updates"]
         self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
         self._resume_loader = ckpt["loader"]
         rng = ckpt["rng"]
-        _set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
+        set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
         if self.world > 1:
             dist.barrier()  # the sample state is restored before any rank's loader reads it
+
+    # ------------------------------------------------------------------ non-finite losses
+    def _note_loss(self, loss: torch.Tensor) -> None:
+        """Record on the device (no host sync) the first step whose loss is not finite; read by
+        `_check_finite` at the log points and before every save."""
+        new = ~torch.isfinite(loss.detach()).all() & (self._first_bad == NO_BAD_STEP)
+        self._first_bad.masked_fill_(new, self.step)
+        self._bad_loss = torch.where(new, loss.detach().float().reshape(()), self._bad_loss)
+
+    def _weights_bad(self) -> torch.Tensor:
+        tensors = [t for t in (*self.method.parameters(), *self.method.buffers()) if t.is_floating_point()]
+        if not tensors:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+
+    def _where(self, step: int) -> str:
+        epoch, b, steps, before = self._pos
+        return f"step {step} (epoch {epoch}, batch {step - before} of {steps})"
+
+    def _kept(self) -> str:
+        if self._good is None:
+            return "no checkpoint of this run was written before it"
+        path, step = self._good
+        return f"the last good checkpoint, {path} (step {step}), is kept"
+
+    def _check_finite(self, weights: bool = False) -> None:
+        """A NonFiniteError (one line, the same on every rank) when a loss since the start of `fit` was not
+        finite, naming its step, or, with `weights`, when a weight or buffer is not finite. Reads the device-side
+        record: a host sync, made only where the loop already syncs (log points) or is about to save."""
+        if self._first_bad is None:
+            return
+        row = torch.stack([self._first_bad.double(), self._bad_loss.double(),
+                           self._weights_bad().double() if weights else self._bad_loss.new_zeros(()).double()])
+        if self.world > 1:
+            rows = [torch.empty_like(row) for _ in range(self.world)]
+            dist.all_gather(rows, row)
+            table = torch.stack(rows).cpu()
+        else:
+            table = row[None].cpu()
+        r = int(table[:, 0].argmin())
+        step = int(table[r, 0])
+        rank = f" on rank {r}" if self.world > 1 else ""
+        if step < NO_BAD_STEP:
+            value = float(table[r, 1])
+            self.log({"event": "nonfinite_loss", "step": step, "epoch": self._pos[0],
+                      "batch": step - self._pos[3], "loss": str(value)})
+            raise NonFiniteError(f"non-finite loss ({value:g}) at {self._where(step)}{rank}: training stopped; "
+                                 f"{self._kept()}; lower optim.lr or check the data, or set "
+                                 f"optim.skip_nonfinite=true to skip such steps")
+        if bool(table[:, 2].any()):
+            self.log({"event": "nonfinite_weights", "step": self.step, "epoch": self._pos[0]})
+            raise NonFiniteError(f"non-finite weights after {self._where(self.step)}: training stopped before "
+                                 f"saving them; {self._kept()}; lower optim.lr")
 
     # ------------------------------------------------------------------ logging
     def log(self, record: dict) -> None:
@@ -280,6 +384,9 @@ class Trainer:
 
         steps_this_run, stop = 0, False
         last: dict = {}
+        skip = cfg.optim.skip_nonfinite
+        self._first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
         while self.epoch < cfg.epochs and not stop:
             epoch = self.epoch
             resume = self._resume_loader if self._resume_loader and self._resume_loader["epoch"] == epoch else None
@@ -295,42 +402,65 @@ class Trainer:
             self.method.set_epoch(epoch)
             self.model.train()
             steps = len(loader)
+            if steps == 0:
+                raise ViewpipeError(f"the {cfg.data.backend} loader has no full batch of data.batch_size "
+                                    f"{cfg.data.batch_size} for {self.world} rank(s) in {self.n} images: lower "
+                                    f"data.batch_size")
             total = cfg.epochs * steps
             bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}", unit="step", leave=False,
                        disable=None if self.main else True)
             wait = busy = 0.0
             images = 0
             loss_sum, loss_n = torch.zeros((), device=self.device), 0
+            skipped = 0
             t_prev = time.perf_counter()
             b = start
-            for batch in loader:
-                t_data = time.perf_counter()
-                lr = lr_at(cfg, epoch, b, steps)
-                loss, logs = self.train_step(batch, lr, (self.step + 1) / total)
-                loss_sum, loss_n = loss_sum + loss.detach().float(), loss_n + 1
-                self.step, b, steps_this_run = self.step + 1, b + 1, steps_this_run + 1
-                if self.device.type == "cuda" and (self.step % cfg.log_every == 0):
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                wait, busy, t_prev = wait + (t_data - t_prev), busy + (now - t_data), now
-                images += len(batch[2]) * self.world
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or b == steps:
-                    last = {"step": self.step, "epoch": epoch, "batch": b, "loss": float(loss.detach()), "lr": lr,
-                            **{k: float(v) for k, v in logs.items()},
-                            "images_per_s": images / max(1e-9, wait + busy),
-                            "data_wait": wait / max(1e-9, wait + busy)}
-                    self.log(last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}",
-                                    wait=f"{100 * last['data_wait']:.0f}%")
-                    wait = busy = 0.0
-                    images = 0
-                if cfg.save_every and self.step % cfg.save_every == 0 and b < steps:
-                    self.save({"epoch": epoch, "batch": b})
-                if cfg.max_steps and steps_this_run >= cfg.max_steps:
-                    stop = True
-                    break
-            bar.close()
+            try:
+                for batch in loader:
+                    t_data = time.perf_counter()
+                    lr = lr_at(cfg, epoch, b, steps)
+                    loss, logs = self.train_step(batch, lr, (self.step + 1) / total)
+                    self.step, b, steps_this_run = self.step + 1, b + 1, steps_this_run + 1
+                    self._pos = (epoch, b, steps, self.step - b)
+                    if self._skipped_last:  # (skip mode only: train_step has read the loss on the host)
+                        skipped += 1
+                        self._skipped(loss)
+                    else:
+                        loss_sum, loss_n = loss_sum + loss.detach().float(), loss_n + 1
+                        if not skip:
+                            self._note_loss(loss)
+                    if self.device.type == "cuda" and (self.step % cfg.log_every == 0):
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    wait, busy, t_prev = wait + (t_data - t_prev), busy + (now - t_data), now
+                    images += len(batch.indices) * self.world
+                    bar.update(1)
+                    log_now = self.step % cfg.log_every == 0 or b == steps
+                    save_now = cfg.save_every and self.step % cfg.save_every == 0 and b < steps
+                    stop = bool(cfg.max_steps and steps_this_run >= cfg.max_steps)
+                    if log_now or save_now or stop:
+                        self._check_finite()  # stops at the first check after a non-finite loss, naming its step
+                    if log_now:
+                        last = {"step": self.step, "epoch": epoch, "batch": b, "loss": float(loss.detach()),
+                                "lr": lr, **{k: float(v) for k, v in logs.items()},
+                                "images_per_s": images / max(1e-9, wait + busy),
+                                "data_wait": wait / max(1e-9, wait + busy)}
+                        if skip:
+                            last["skipped_nonfinite"] = self.skipped_nonfinite
+                        self.log(last)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}",
+                                        wait=f"{100 * last['data_wait']:.0f}%")
+                        wait = busy = 0.0
+                        images = 0
+                    if save_now:
+                        self.save({"epoch": epoch, "batch": b})
+                    if stop:
+                        break
+            finally:
+                bar.close()
+            if skipped and skipped == b - start:
+                raise NonFiniteError(f"every step of epoch {epoch} ({skipped}) had a non-finite loss and was "
+                                     f"skipped: training stopped; {self._kept()}; lower optim.lr or check the data")
             if stop and b < steps:
                 self.save({"epoch": epoch, "batch": b})
                 break
@@ -338,6 +468,8 @@ class Trainer:
             broadcast_bn_stats(self.method)  # one network for the passes below and the next epoch's mining
             # the epoch's mean loss (of the batches this process ran: after a resume, those after the checkpoint)
             record: dict = {"epoch": epoch, "step": self.step, "loss": float(loss_sum) / max(1, loss_n), **before}
+            if skipped:
+                record["skipped_nonfinite"] = skipped
             if self.boxes.due(epoch):
                 record |= self.boxes.update(self.method.backbone, self.state, self.device, epoch,
                                             writer=self.local_rank == 0, main=self.main)
@@ -352,23 +484,43 @@ class Trainer:
             self.save({"epoch": self.epoch, "batch": 0})
         return {"epoch": self.epoch, "step": self.step, "history": self.history, "last": last}
 
-    def train_step(self, batch: tuple, lr: float, progress: float) -> tuple[torch.Tensor, dict]:
-        """One optimizer step on a loader batch `(views, labels, indices[, neighbours])`."""
-        views = [v.to(self.device, non_blocking=True) for v in batch[0]]
+    def train_step(self, batch: Batch, lr: float, progress: float) -> tuple[torch.Tensor, dict]:
+        """One optimizer step on a loader `Batch` (views, labels, indices, neighbours with companions)."""
+        views = [v.to(self.device, non_blocking=True) for v in batch.views]
         if self.cfg.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        info = {"labels": batch[1], "indices": batch[2]}
-        if len(batch) > 3:
-            info["neighbours"] = batch[3]
+        info = {"labels": batch.labels, "indices": batch.indices}
+        if batch.neighbours is not None:
+            info["neighbours"] = batch.neighbours
         for g in self.optimizer.param_groups:
             g["lr"] = self.cfg.optim.lr if g["fix_lr"] else lr
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.amp):
             loss, logs = self.model(views, info)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._skipped_last = False
+        if self.cfg.optim.skip_nonfinite:
+            # skipping needs the answer on the host before the update: one sync per step in this mode only
+            finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+            if self.world > 1:  # the gradients were averaged over the ranks: one rank's NaN is every rank's
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not bool(finite):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._skipped_last = True
+                return loss, logs
         self.optimizer.step()
         self.method.after_step(progress)
         return loss, logs
+
+    def _skipped(self, loss: torch.Tensor) -> None:
+        """Count, log and report a step skipped for its non-finite loss (optim.skip_nonfinite)."""
+        self.skipped_nonfinite += 1
+        value = float(loss.detach())
+        self.log({"event": "skipped_nonfinite", "step": self.step, "epoch": self._pos[0],
+                  "batch": self._pos[1], "loss": str(value)})
+        if self.main:
+            warn(f"non-finite loss ({value:g}) at {self._where(self.step)}: its update was skipped "
+                 f"({self.skipped_nonfinite} so far; optim.skip_nonfinite=true)")
 
     def knn(self) -> float:
         from viewpipe.trainers.eval import knn_accuracy
