@@ -8,12 +8,12 @@ import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from viewpipe.augment import AugmentConfig, preset
-from viewpipe.crop import CropConfig
+from viewpipe.crop import CropConfig, view_windows
 from viewpipe.errors import ViewpipeError
 
 
@@ -135,6 +135,93 @@ class Substitutes:
 
     def load_state_dict(self, bad: dict) -> None:
         self.bad = {int(k): str(v) for k, v in bad.items()}
+
+
+class Batch(NamedTuple):
+    """What every backend yields, read by name: V views (B, 3, S, S) (2V with companions: views[:V] of the
+    samples, views[V:] of one neighbour each, view V + v augmented like view v), int64 labels and sample
+    indices, the neighbours' indices (with companions) and the (B, V or 2V, 4) int32 crop windows (top, left,
+    h, w) the views were cut from."""
+
+    views: list
+    labels: Any  # torch.Tensor
+    indices: Any  # torch.Tensor
+    neighbours: Any = None  # torch.Tensor | None
+    windows: Any = None  # torch.Tensor | None
+
+
+class BatchPlan(NamedTuple):
+    """One batch decided before any byte is read (`Planner.plan`): the samples, their companions, every
+    view's crop window and the seed of the photometric draws."""
+
+    batch: int
+    indices: np.ndarray  # (B,) int64, samples that cannot be used already replaced
+    neighbours: np.ndarray | None  # (B,) int64: one companion per sample, or None
+    windows: np.ndarray  # (B, V or 2V, 4) int32 (top, left, h, w): the samples' V views, then the neighbours'
+    seed: int  # of the torch Generator the batch's photometric parameters are drawn from
+
+
+class Planner:
+    """The plan of every batch, the same function for every backend, so that for a (seed, epoch, rank, batch)
+    and a SampleState all backends cut the same windows from the same samples. Draw order on
+    `default_rng([seed, epoch, rank, batch])`: the samples' V windows (view-major), then with companions each
+    sample's neighbour column (uniform over the k of its row in the state's neighbour table) and the
+    neighbours' V windows; boxes are read from the live SampleState when the plan is made. The photometric
+    seed is word `batch` of `SeedSequence([seed, epoch, rank])`. `sizes(indices)` gives the images' (height,
+    width) after EXIF orientation."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int, state: Any, substitutes: Substitutes,
+                 sizes: Callable[[np.ndarray], np.ndarray], companions: bool = False) -> None:
+        self.cfg, self.rank, self.state, self.substitutes = cfg, rank, state, substitutes
+        self.sizes, self.companions = sizes, companions
+
+    def seed(self, epoch: int, b: int) -> int:
+        """The torch seed of batch b's photometric draws (a prefix of one SeedSequence per epoch and rank)."""
+        words = np.random.SeedSequence([self.cfg.seed, epoch, self.rank]).generate_state(b + 1, np.uint64)
+        return int(words[b]) & 0x7FFF_FFFF_FFFF_FFFF
+
+    def plan(self, epoch: int, b: int, indices: np.ndarray) -> BatchPlan:
+        """Batch b of `epoch` over `indices` (the epoch order's batch b)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, epoch, self.rank, b])
+        indices = self.substitutes.usable(np.asarray(indices, dtype=np.int64))
+        windows = self._windows(rng, indices)
+        neighbours = None
+        if self.companions:
+            table = self.state.neighbours(indices)
+            chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
+            neighbours = self.substitutes.usable(chosen.astype(np.int64))
+            windows = np.concatenate([windows, self._windows(rng, neighbours)], 1)
+        return BatchPlan(b, indices, neighbours, np.ascontiguousarray(windows, dtype=np.int32), self.seed(epoch, b))
+
+    def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
+        boxes = self.state.boxes(indices) if self.state is not None and self.cfg.crop.use_box else None
+        return view_windows(rng, self.sizes(indices), boxes, self.cfg.views, self.cfg.crop)
+
+
+def sample_check(source: Any, sizes: Any) -> Callable[[np.ndarray], dict[int, str]]:
+    """What a backend checks once per sample before using it: that its header gives its size (`sizes`, a
+    `viewpipe.sources.ImageSizes`), and its bytes against the conversion's checksums where the source keeps
+    them (`source.damaged`). Returns the samples that cannot be used, index → why."""
+    damaged = getattr(source, "damaged", None)
+
+    def check(indices: np.ndarray) -> dict[int, str]:
+        failed = sizes.check(indices)
+        if damaged is not None:
+            failed.update(damaged(np.array([k for k in np.asarray(indices).tolist() if k not in failed],
+                                           dtype=np.int64)))
+        return failed
+
+    return check
+
+
+def check_state(state: Any, n: int, companions: bool) -> None:
+    """A backend's SampleState must have one row per sample (and a neighbour table for companions)."""
+    if state is not None and len(state) != n:
+        raise ViewpipeError(f"sample state {state.name!r} has {len(state)} rows but the data has {n} samples")
+    if companions and (state is None or not state.has("neighbours")):
+        raise ViewpipeError("companion samples need a SampleState with a neighbour table: "
+                            "SampleState.create(n, neighbours=k)")
 
 
 def batch_tensors(batch: Any) -> Iterator[Any]:

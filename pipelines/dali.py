@@ -7,9 +7,9 @@ Data flow per batch (one `fn.external_source` callback in the main process, call
 
 1. the batch's sample indices: a pure function of (seed, epoch, rank, world) — see `epoch_batches`;
 2. their encoded bytes, sliced out of the memory-mapped WebDataset tars (`ShardSource`);
-3. the V crop windows per sample from the core sampler (`viewpipe.crop.view_windows`, vectorised over the
-   batch), image sizes from the index, boxes read live from the SampleState; with companions, one
-   neighbour per sample from the state's neighbour table, its bytes and its V windows;
+3. the batch's plan from the `Planner` every backend shares (the V crop windows per sample from the core
+   sampler, image sizes from the index, boxes read live from the SampleState; with companions, one
+   neighbour per sample from the state's neighbour table and its V windows), and the encoded bytes;
 4. in the graph: `fn.decoders.image` once per image, then one `fn.resize` per view with the window as an
    absolute ROI. DALI orders `roi_start`/`roi_end` like the tensor shape, so for HWC images they are (y, x).
 
@@ -26,31 +26,27 @@ resume and recovery from an image that fails to decode (a failed DALI pipeline i
 from __future__ import annotations
 
 import os
-import sys
 from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from viewpipe.crop import view_windows
-from viewpipe.errors import ViewpipeError, import_optional
-from viewpipe.formats import header_size
-from viewpipe.pipelines import (EpochPosition, LoaderConfig, Substitutes, dist_rank_world, make_augmenter,
-                                resolve_overlap)
-from viewpipe.sources import ShardSource, Source
+from viewpipe.errors import import_optional
+from viewpipe.pipelines import (Batch, BatchPlan, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
+                                dist_rank_world, make_augmenter, resolve_overlap, sample_check)
+from viewpipe.sources import ImageSizes, ShardSource, Source
 from viewpipe.state import SampleState
 
 
 class _Reader:
     """Encoded images and their sizes from any `Source`: a converted dataset's are read without a copy and
-    sized by its index; other sources' sizes (after EXIF orientation) come from the image headers, parsed
-    the first time a sample is seen."""
+    sized by its index; other sources' sizes (after EXIF orientation) come from the image headers."""
 
     def __init__(self, source: Source) -> None:
         self.source, self.labels = source, np.asarray(source.labels, dtype=np.int64)
         self.shards = isinstance(source, ShardSource)
-        self._sizes = source.sizes if self.shards else np.full((len(source), 2), -1, dtype=np.int64)
+        self.sizes = ImageSizes(source)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,60 +57,35 @@ class _Reader:
     def read(self, k: int) -> np.ndarray:
         return self.source.view(k) if self.shards else np.frombuffer(self.source.read(k), dtype=np.uint8)
 
-    def sizes(self, indices: np.ndarray) -> np.ndarray:
-        if not self.shards:
-            for k in indices.tolist():
-                if self._sizes[k, 0] < 0:
-                    self._sizes[k] = header_size(self.source.read(k), self.source.describe(k))
-        return self._sizes[indices]
-
 
 class _Callback:
-    """The external-source callback: iteration `i` → batch `start + i` of the current epoch as encoded images,
-    labels, indices, [companion images and indices,] windows and per-view ROIs. Samples that cannot be used
-    are replaced (`substitutes`)."""
+    """The external-source callback: iteration `i` → batch `start + i` of the current epoch, planned by the
+    shared `Planner`, as encoded images, labels, indices, [companion images and indices,] windows and per-view
+    ROIs."""
 
-    def __init__(self, reader: _Reader, cfg: LoaderConfig, state: SampleState | None,
-                 rank: int, companions: bool, substitutes: Substitutes) -> None:
-        self.reader, self.cfg, self.state, self.rank, self.companions = reader, cfg, state, rank, companions
+    def __init__(self, reader: _Reader, planner: Planner) -> None:
+        self.reader, self.planner, self.companions = reader, planner, planner.companions
         self.epoch, self.start, self.decode_only = 0, 0, False
         self.batches: list[np.ndarray] = []
-        self.substitutes = substitutes
 
-    def samples(self, b: int) -> tuple[np.ndarray, np.ndarray | None, np.random.Generator, np.ndarray]:
-        """Batch `b`'s (indices, companion indices or None, its generator after the draws, windows (B, V', 4)).
-        Draw order on `default_rng([seed, epoch, rank, b])`: the samples' V windows (all samples' view 0,
-        then view 1, ...), then with companions each sample's neighbour column and the neighbours' V windows."""
-        cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, self.epoch, self.rank, b])
-        indices = self.substitutes.usable(self.batches[b])
-        win = self._windows(rng, indices)
-        if not self.companions:
-            return indices, None, rng, win
-        table = self.state.neighbours(indices)  # type: ignore[union-attr]
-        chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
-        neighbours = self.substitutes.usable(chosen.astype(np.int64))
-        return indices, neighbours, rng, np.concatenate([win, self._windows(rng, neighbours)], 1)
-
-    def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
-        boxes = self.state.boxes(indices) if self.state is not None and self.cfg.crop.use_box else None
-        return view_windows(rng, self.reader.sizes(indices), boxes, self.cfg.views, self.cfg.crop)
+    def plan(self, b: int) -> BatchPlan:
+        return self.planner.plan(self.epoch, b, self.batches[b])
 
     def __call__(self, i: int) -> tuple:
         b = self.start + i
         if b >= len(self.batches):
             raise StopIteration
         if self.decode_only:
-            indices = self.substitutes.usable(self.batches[b])
+            indices = self.planner.substitutes.usable(self.batches[b])
             return [self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices
-        indices, neighbours, _, win = self.samples(b)
-        out = [[self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices]
-        if neighbours is not None:
-            out += [[self.reader.read(k) for k in neighbours.tolist()], neighbours]
-        out.append(win)
-        for v in range(win.shape[1]):
-            start = win[:, v, 0:2].astype(np.float32)  # (y, x): DALI's ROI follows the HWC shape order
-            out += [start, start + win[:, v, 2:4].astype(np.float32)]
+        plan = self.plan(b)
+        out = [[self.reader.read(k) for k in plan.indices.tolist()], self.reader.labels[plan.indices], plan.indices]
+        if plan.neighbours is not None:
+            out += [[self.reader.read(k) for k in plan.neighbours.tolist()], plan.neighbours]
+        out.append(plan.windows)
+        for v in range(plan.windows.shape[1]):
+            start = plan.windows[:, v, 0:2].astype(np.float32)  # (y, x): DALI's ROI follows the HWC shape order
+            out += [start, start + plan.windows[:, v, 2:4].astype(np.float32)]
         return tuple(out)
 
 
@@ -204,10 +175,9 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:  # noqa: ANN001  (a DAL
 
 
 class DaliLoader(EpochPosition):
-    """Iterable of batches `(views, labels, indices[, neighbours][, windows])`: V float tensors (B, 3, S, S)
-    on the loader's device, int64 labels and sample indices; with `companions` 2V views (views[:V] of each
-    sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour table) and
-    the neighbours' indices; with `return_windows` the (B, V or 2V, 4) int32 crop windows (top, left, h, w).
+    """Iterable of `Batch`es (views, labels, indices, neighbours, windows) on the loader's device; with
+    `companions` 2V views (views[:V] of each sample, views[V:] of one of its neighbours, drawn uniformly from
+    the SampleState's neighbour table) and the neighbours' indices.
 
     `device_id="auto"`: the current CUDA device (nvJPEG via `device="mixed"`), or DALI's CPU-only mode
     (`device_id=None`) without CUDA. `rank`/`world` default to torch.distributed's when it is initialised.
@@ -224,31 +194,28 @@ class DaliLoader(EpochPosition):
     def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                  state: SampleState | None = None, *, device_id: int | None | str = "auto",
                  hw_decoder_load: float = 0.65, rank: int | None = None, world: int | None = None,
-                 return_windows: bool = False, companions: bool = False, prefetch: int = 2,
+                 companions: bool = False, prefetch: int = 2,
                  num_threads: int | None = None, decode_only: bool = False, photometric: bool = True,
                  overlap: bool | None = None) -> None:
         import_optional("nvidia.dali", "dali", "NVIDIA DALI")
         self.reader = _Reader(ShardSource(data) if isinstance(data, (str, os.PathLike)) else data)
-        if state is not None and len(state) != len(self.reader):
-            raise ViewpipeError(
-                f"sample state {state.name!r} has {len(state)} rows but the data has {len(self.reader)} samples")
-        if companions and (state is None or not state.has("neighbours")):
-            raise ViewpipeError("companion samples need a SampleState with a neighbour table: "
-                                "SampleState.create(n, neighbours=k)")
+        check_state(state, len(self.reader), companions)
         if device_id == "auto":
             device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
         self.device_id = device_id
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.rank, self.world = dist_rank_world(rank, world)
-        self.cfg, self.state, self.return_windows = cfg, state, return_windows
+        self.cfg, self.state = cfg, state
         self.hw_decoder_load, self.queue_depth, self.decode_only = hw_decoder_load, prefetch, decode_only
         self.photometric, self.overlap = photometric, resolve_overlap(overlap, self.device)
         self.prefetch = prefetch + int(self.overlap)  # the live-state bound: DALI's queue and the look-ahead
         self.num_threads = num_threads or max(1, cfg.workers)
         self.num_samples = len(self.reader)
         EpochPosition.__init__(self)
-        self.substitutes = Substitutes(self.num_samples, self.reader.describe, getattr(self.reader.source, "damaged", None))
-        self._source = _Callback(self.reader, cfg, state, self.rank, companions, self.substitutes)
+        self.substitutes = Substitutes(self.num_samples, self.reader.describe,
+                                       sample_check(self.reader.source, self.reader.sizes))
+        self._source = _Callback(self.reader, Planner(cfg, self.rank, state, self.substitutes, self.reader.sizes,
+                                                      companions))
         self._augmenter = make_augmenter(cfg)
         self._pipe = None
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
@@ -279,8 +246,9 @@ class DaliLoader(EpochPosition):
         it), mark them replaced, or re-raise `error` when every image decodes (not a data error)."""
         failed: dict[int, str] = {}
         for later in range(b, min(b + self.queue_depth + 1, len(self._source.batches))):
-            indices, neighbours, _, _ = self._source.samples(later)
-            suspects = list(dict.fromkeys(indices.tolist() + ([] if neighbours is None else neighbours.tolist())))
+            plan = self._source.plan(later)
+            suspects = list(dict.fromkeys(plan.indices.tolist() + ([] if plan.neighbours is None
+                                                                    else plan.neighbours.tolist())))
             why = _decode_failures([self.reader.read(k) for k in suspects])
             failed = {k: w for k, w in zip(suspects, why) if w is not None}
             if failed:
@@ -295,14 +263,12 @@ class DaliLoader(EpochPosition):
     def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
         """(b, the function that makes batch b from DALI's outputs) for the rest of the epoch; DALI's outputs are
         copied by that function, which runs before the pipeline runs again."""
-        src, cfg = self._source, self.cfg
+        src = self._source
         batches, b = self.batches(), self._next
         self._stop()
         src.epoch = self.epoch
         if b < len(batches):
             self._start(b, batches)
-        # one torch Generator per batch, seeded from (seed, epoch, rank, batch): photometric draws are reproducible
-        seeds = np.random.SeedSequence([cfg.seed, self.epoch, self.rank]).generate_state(len(batches), np.uint64)
         while b < len(batches):
             try:
                 out = self._pipe.run()
@@ -311,28 +277,25 @@ class DaliLoader(EpochPosition):
                 self._replace_failures(b, exc)
                 self._start(b, batches)
                 continue
-            yield b, partial(self._batch, out, int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF)
+            yield b, partial(self._batch, out, self._source.planner.seed(self.epoch, b))
             b += 1
         self._stop()
 
-    def _batch(self, out: tuple, seed: int) -> tuple:
+    def _batch(self, out: tuple, seed: int) -> Batch:
         """A batch from DALI's outputs: the views copied to torch and augmented (photometric draws from a torch
-        Generator seeded with `seed`), labels, indices[, neighbours][, windows]."""
+        Generator seeded with `seed`), labels, indices, neighbours, windows."""
         V, n_views = self.cfg.views, 2 * self.cfg.views if self._source.companions else self.cfg.views
         labels = torch.from_numpy(np.array(out[1 if self.decode_only else n_views].as_tensor()).reshape(-1))
         indices = torch.from_numpy(np.array(out[2 if self.decode_only else n_views + 1].as_tensor()).reshape(-1))
         if self.decode_only:
-            return None, labels, indices
+            return Batch(None, labels, indices)
         gen = torch.Generator().manual_seed(seed)
         views = [_to_torch(out[v], self.device) for v in range(n_views)]  # uint8 (B, S, S, 3)
         if self.photometric:
             views = [self._augmenter.finish(x, v % V, gen, layout="hwc") for v, x in enumerate(views)]
-        batch: tuple = (views, labels, indices)
-        if self._source.companions:
-            batch += (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1)),)
-        if self.return_windows:
-            batch += (torch.from_numpy(np.array(out[n_views + 2].as_tensor())),)
-        return batch
+        neighbours = (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1))
+                      if self._source.companions else None)
+        return Batch(views, labels, indices, neighbours, torch.from_numpy(np.array(out[n_views + 2].as_tensor())))
 
     def close(self) -> None:
         self._pipe = None

@@ -9,11 +9,11 @@ Data flow per batch (FFCV's producer thread runs up to `batches_ahead` batches a
    (seed, epoch, rank, world), given to FFCV as a custom `TraversalOrder` (FFCV's `distributed=True` shards
    with it) and decoded batch by batch as listed (FFCV alone would cut a flat order into full batches, which
    cannot express the equal-count split of `epoch_batches` without drop_last);
-2. in Python, on FFCV's producer thread right before the batch is decoded: the crop draws from
-   `default_rng([seed, epoch, rank, batch])` (`viewpipe.crop.draw`, in `view_windows`' order), the boxes read
-   from the SampleState (`state.boxes(indices)`: the seqlock-checked copy of the live table) and the windows
-   computed by the numba kernel (`windows_numba`); with companions, one neighbour per sample from
-   `state.neighbours(indices)` and its windows. They go into the decoder's per-slot FFCV buffers, so the
+2. in Python, on FFCV's producer thread right before the batch is decoded: the batch's plan from the
+   `Planner` every backend shares (the crop draws from `default_rng([seed, epoch, rank, batch])`, the boxes
+   read from the SampleState: `state.boxes(indices)`, the seqlock-checked copy of the live table; with
+   companions, one neighbour per sample from `state.neighbours(indices)` and its windows). The windows and
+   companions go into the decoder's per-slot FFCV buffers, so the
    compiled code captures no table: numba freezes a captured array into the compiled code (a copy up to
    1 MB, a reference above), and a frozen copy would never see an update, nor would compiled code see the
    double buffer switch of a referenced one;
@@ -50,11 +50,10 @@ import numpy as np
 import torch
 from numba import prange
 
-from viewpipe.crop import FULL_BOX, draw, windows_numba
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import BETON
-from viewpipe.pipelines import (EpochPosition, LoaderConfig, Substitutes, dist_rank_world, epoch_batches,
-                                make_augmenter, resolve_overlap)
+from viewpipe.pipelines import (Batch, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
+                                dist_rank_world, epoch_batches, make_augmenter, resolve_overlap)
 from viewpipe.state import SampleState
 
 _GOT = 5  # per decoded image: sample index, height, width, decodes, libjpeg-turbo status
@@ -306,11 +305,9 @@ def _beton(path: str | os.PathLike[str]) -> Path:
 
 
 class FfcvLoader(EpochPosition):
-    """Iterable of batches `(views, labels, indices[, neighbours][, windows])`: V float tensors (B, 3, S, S)
-    on the loader's device, int64 labels and sample indices; with `companions` 2V views (views[:V] of each
-    sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour table; view
-    V + v uses view v's augmentation) and the neighbours' indices; with `return_windows` the (B, V or 2V, 4)
-    int32 crop windows (top, left, h, w).
+    """Iterable of `Batch`es (views, labels, indices, neighbours, windows) on the loader's device; with
+    `companions` 2V views (views[:V] of each sample, views[V:] of one of its neighbours, drawn uniformly from
+    the SampleState's neighbour table; view V + v uses view v's augmentation) and the neighbours' indices.
 
     `device="auto"`: CUDA when available, else the CPU. `rank`/`world` default to torch.distributed's when it
     is initialised (then FFCV runs with `distributed=True` and this backend's order). `batches_ahead`: FFCV's
@@ -328,7 +325,7 @@ class FfcvLoader(EpochPosition):
 
     def __init__(self, data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
                  state: SampleState | None = None, *, device: str | torch.device = "auto", rank: int | None = None,
-                 world: int | None = None, return_windows: bool = False, companions: bool = False,
+                 world: int | None = None, companions: bool = False,
                  fused: bool = False, batches_ahead: int = 2, num_threads: int | None = None,
                  decode_only: bool = False, stock: bool = False, overlap: bool | None = None) -> None:
         _import_ffcv()
@@ -348,20 +345,15 @@ class FfcvLoader(EpochPosition):
             raise ViewpipeError(f"{beton}: expected the fields image (RGBImageField) and label, found {names}; "
                                 "convert it with viewpipe convert")
         self.num_samples = int(reader.num_samples)
-        if state is not None and len(state) != self.num_samples:
-            raise ViewpipeError(f"sample state {state.name!r} has {len(state)} rows but {beton} has "
-                                f"{self.num_samples} samples")
-        if companions and (state is None or not state.has("neighbours")):
-            raise ViewpipeError("companion samples need a SampleState with a neighbour table: "
-                                "SampleState.create(n, neighbours=k)")
-        if stock and (companions or return_windows or fused):
-            raise ViewpipeError("the stock FFCV loader makes no windows, companions or fused crops")
+        check_state(state, self.num_samples, companions)
+        if stock and (companions or fused):
+            raise ViewpipeError("the stock FFCV loader makes no companions or fused crops")
         meta = reader.metadata[f"f{names.index('image')}"]
         self._sizes = np.stack([meta["height"], meta["width"]], 1).astype(np.int64)  # (N, 2)
         self.max_size = (int(meta["height"].max()), int(meta["width"].max()))
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.rank, self.world = dist_rank_world(rank, world)
-        self.cfg, self.state, self.return_windows, self.companions = cfg, state, return_windows, companions
+        self.cfg, self.state, self.companions = cfg, state, companions
         self.fused, self.decode_only, self.stock = fused and not decode_only, decode_only, stock
         self.overlap = resolve_overlap(overlap, self.device)
         self.batches_ahead, self.prefetch = batches_ahead, batches_ahead + 2 + int(self.overlap)
@@ -369,6 +361,7 @@ class FfcvLoader(EpochPosition):
         EpochPosition.__init__(self)
         self.decodes = np.zeros(self.num_samples, np.int64)
         self.substitutes = Substitutes(self.num_samples, lambda k: f"{beton} (sample {k})")
+        self._planner = Planner(cfg, self.rank, state, self.substitutes, lambda k: self._sizes[k], companions)
         self._augmenter = make_augmenter(cfg)
         self._epoch = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -400,35 +393,18 @@ class FfcvLoader(EpochPosition):
                           None) if self._decoder is not None else None
 
     # ------------------------------------------------------------------ the producer side (FFCV's thread)
-    def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
-        """(B, V, 4) windows of `indices`: `view_windows`' draws, boxes read live from the SampleState now,
-        the arithmetic by the core's numba kernel (`windows_numba`)."""
-        cfg, V, B = self.cfg, self.cfg.views, len(indices)
-        live = self.state is not None and cfg.crop.use_box
-        boxes = self.state.boxes(indices) if live else np.broadcast_to(FULL_BOX, (B, 4))
-        win = windows_numba(np.tile(self._sizes[indices], (V, 1)), np.tile(boxes, (V, 1)), draw(rng, V * B, cfg.crop),
-                            cfg.crop)
-        return win.reshape(V, B, 4).transpose(1, 0, 2)
-
     def _plan(self, epoch: int, start: int):  # noqa: ANN202
-        """What FFCV's thread calls right before decoding batch `start + b_ix`: its windows and companions
-        into the decoder's buffers. Draw order on `default_rng([seed, epoch, rank, batch])`, as the DALI
-        backend: the samples' V windows (view-major), then with companions each sample's neighbour column
-        (uniform over the k of its row) and the neighbours' V windows."""
-        cfg, V = self.cfg, self.cfg.views
+        """What FFCV's thread calls right before decoding batch `start + b_ix`: the batch's plan (the shared
+        `Planner`: windows from the live boxes, companions) into the decoder's buffers."""
 
         def prepare(b_ix: int, indices: np.ndarray, storage: tuple) -> None:
-            _, _, want, _, windows = storage
+            _, _, companion, _, windows = storage
             if self.decode_only:
                 return
-            rng = np.random.default_rng([cfg.seed, epoch, self.rank, start + b_ix])
-            windows[:, :V] = self._windows(rng, indices)
-            if self.companions:
-                table = self.state.neighbours(indices)
-                chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
-                chosen = self.substitutes(chosen.astype(np.int64))
-                want[:, 0] = chosen
-                windows[:, V:] = self._windows(rng, chosen)
+            plan = self._planner.plan(epoch, start + b_ix, indices)
+            windows[:] = plan.windows
+            if plan.neighbours is not None:
+                companion[:, 0] = plan.neighbours
 
         return prepare
 
@@ -489,12 +465,10 @@ class FfcvLoader(EpochPosition):
     def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
         """(b, the function that makes batch b from FFCV's result) for the rest of the epoch. Each function
         runs before FFCV's next result is taken, while FFCV's thread keeps the slot it reads."""
-        ns, cfg = _ffcv(), self.cfg
+        ns = _ffcv()
         epoch, b = self.epoch, self._next
         batches = [self.substitutes(x) for x in self.batches(epoch)]
         self._stop()
-        # one torch Generator per batch, seeded from (seed, epoch, rank, batch): photometric draws are reproducible
-        seeds = np.random.SeedSequence([cfg.seed, epoch, self.rank]).generate_state(len(batches), np.uint64)
         mine = None
         try:
             if b < len(batches):
@@ -512,32 +486,29 @@ class FfcvLoader(EpochPosition):
                     batches = [self.substitutes(x) for x in self.batches(epoch)]
                     self._epoch = mine = ns.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
                     continue
-                yield b, partial(self._batch, result, batches[b], int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF)
+                yield b, partial(self._batch, result, batches[b], self._planner.seed(epoch, b))
                 b += 1
         finally:
             if self._epoch is mine:  # (an abandoned iterator never stops a newer one)
                 self._stop()
 
-    def _batch(self, result: tuple, expected: np.ndarray, seed: int) -> tuple:
-        """Batch `(views, labels, indices[, neighbours][, windows])` from FFCV's result for one batch."""
+    def _batch(self, result: tuple, expected: np.ndarray, seed: int) -> Batch:
+        """The `Batch` of FFCV's result for one batch."""
         labels = torch.from_numpy(np.asarray(result[1]).reshape(-1).astype(np.int64))
         gen = torch.Generator().manual_seed(seed)
         if self.stock:
             indices = torch.from_numpy(np.asarray(result[-2]).reshape(-1).astype(np.int64))
-            return self._stock_views(result, gen), labels, indices
+            return Batch(self._stock_views(result, gen), labels, indices)
         images, _, _, got, windows = result[-1]
         indices = torch.from_numpy(got[:, 0, 0].copy())
         if not np.array_equal(indices.numpy(), expected):  # the decoder saw other samples: a bug
             raise RuntimeError(f"FFCV decoded samples {indices.tolist()}, expected {expected.tolist()}")
         self._record(got)
         if self.decode_only:
-            return None, labels, indices
-        batch: tuple = (self._views(images, got, windows, gen), labels, indices)
-        if self.companions:
-            batch += (torch.from_numpy(got[:, 1, 0].copy()),)
-        if self.return_windows:
-            batch += (torch.from_numpy(windows.copy()),)
-        return batch
+            return Batch(None, labels, indices)
+        neighbours = torch.from_numpy(got[:, 1, 0].copy()) if self.companions else None
+        return Batch(self._views(images, got, windows, gen), labels, indices, neighbours,
+                     torch.from_numpy(windows.copy()))
 
     def close(self) -> None:
         self._stop()

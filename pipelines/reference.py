@@ -2,16 +2,16 @@
 augmentations on the CPU. Every benchmark compares against it.
 
 It has the interface of the DALI and FFCV backends (`ReferenceLoader`): the batches of
-`viewpipe.pipelines.epoch_batches`, the crop draws of the DALI backend, `set_epoch`, `state_dict` /
-`load_state_dict` for an exact mid-epoch resume, companions and windows. Data flow:
+`viewpipe.pipelines.epoch_batches`, the plan of the shared `Planner` (the same windows, companions and seeds
+as every backend), `set_epoch`, `state_dict` / `load_state_dict` for an exact mid-epoch resume. Data flow:
 
-1. `EpochSampler`, iterated in the consumer's process, yields one descriptor per batch — (epoch, batch,
-   sample indices, torch seed) — when the DataLoader asks for one more (`workers × prefetch_factor` ahead);
+1. `EpochSampler`, iterated in the consumer's process, yields one `BatchPlan` per batch (the windows from the
+   boxes in the SampleState at that moment, image sizes from the headers) when the DataLoader asks for one
+   more (`workers × prefetch_factor` ahead);
 2. a persistent worker builds the whole batch from it (`ReferenceBatches.__getitem__`): PIL decode (once per
-   image, companions included), the V windows per sample drawn from `default_rng([seed, epoch, rank, batch])`
-   with the boxes read live from the SampleState at that moment, the crops resized by PIL and augmented by
-   torchvision under a torch seed per batch, and the batch collated;
-3. `ReferenceLoader.__iter__` counts batches for `state_dict()`.
+   image, companions included), the crops resized by PIL and augmented by torchvision under the plan's torch
+   seed, and the batch collated;
+3. the consumer hands the batches out through `EpochPosition.hand_out` (position, overlap).
 
 Unlike the official ContrastiveCrop code, boxes are read live for every batch, so updates reach persistent
 workers too (the official code needs its workers re-created).
@@ -28,11 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from viewpipe.augment import AugmentConfig, ViewAugment
-from viewpipe.crop import view_windows
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import open_image
-from viewpipe.pipelines import EpochPosition, LoaderConfig, Substitutes, dist_rank_world, resolve_overlap
-from viewpipe.sources import Source, open_source
+from viewpipe.pipelines import (Batch, BatchPlan, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
+                                dist_rank_world, resolve_overlap, sample_check)
+from viewpipe.sources import ImageSizes, Source, open_source
 from viewpipe.state import SampleState
 
 
@@ -64,49 +64,41 @@ def torchvision_view_transform(view: ViewAugment, cfg: AugmentConfig):  # noqa: 
     return T.Compose(steps)
 
 
-# (epoch, batch, sample indices, torch seed, the samples replaced so far): all a worker needs to build one batch
-Descriptor = tuple[int, int, np.ndarray, int, Substitutes]
-
-
 class Unusable(dict):
     """What a worker returns instead of a batch when some of its images cannot be used (index → why): the
     consumer replaces them from now on and asks for the batch again."""
 
 
 class EpochSampler(Sampler):
-    """The batch descriptors of one pass, from batch `start` of `batches` on. Iterated in the consumer's
-    process: the DataLoader takes the next descriptor each time the consumer receives a batch, and a worker
-    builds that batch, so the loader's position and the live-state bound follow from the consumer alone."""
+    """The plans of one pass's batches, from batch `start` of `batches` on. Iterated in the consumer's
+    process: the DataLoader takes the next plan (`Planner.plan`: windows from the boxes as they are now,
+    companions) each time the consumer receives a batch, and a worker builds that batch, so the loader's
+    position and the live-state bound follow from the consumer alone."""
 
-    def __init__(self, substitutes: Substitutes) -> None:
-        self.epoch, self.start = 0, 0
+    def __init__(self, planner: Planner) -> None:
+        self.epoch, self.start, self.planner = 0, 0, planner
         self.batches: list[np.ndarray] = []
-        self.seeds = np.zeros(0, dtype=np.uint64)
-        self.substitutes = substitutes
 
-    def set(self, epoch: int, start: int, batches: list[np.ndarray], seeds: np.ndarray) -> None:
-        """What the next pass yields: batches `start`.. of `epoch`, with their torch seeds."""
-        self.epoch, self.start, self.batches, self.seeds = epoch, start, batches, seeds
+    def set(self, epoch: int, start: int, batches: list[np.ndarray]) -> None:
+        """What the next pass yields: batches `start`.. of `epoch`."""
+        self.epoch, self.start, self.batches = epoch, start, batches
 
     def __len__(self) -> int:
         return max(0, len(self.batches) - self.start)
 
-    def __iter__(self) -> Iterator[Descriptor]:
-        epoch, start, batches, seeds = self.epoch, self.start, self.batches, self.seeds
+    def __iter__(self) -> Iterator[BatchPlan]:
+        epoch, start, batches = self.epoch, self.start, self.batches
         for b in range(start, len(batches)):
-            indices = self.substitutes.usable(batches[b])  # (checked bytes, where the source can check them)
-            yield epoch, b, indices, int(seeds[b]) & 0x7FFF_FFFF_FFFF_FFFF, self.substitutes
+            yield self.planner.plan(epoch, b, batches[b])
 
 
 class ReferenceBatches(Dataset):
-    """A map-style dataset whose items are whole batches: `self[descriptor]` decodes the batch's images with
-    PIL (each once), draws their windows from the live SampleState, cuts and resizes each view with PIL and
-    augments it with torchvision. Returns `(views, labels, indices[, neighbours][, windows])`."""
+    """A map-style dataset whose items are whole batches: `self[plan]` decodes the plan's images with PIL
+    (each once), cuts and resizes each view's window with PIL and augments it with torchvision under the
+    plan's torch seed. Returns a `Batch`, or `Unusable` when an image does not decode."""
 
-    def __init__(self, source: Source, cfg: LoaderConfig, state: SampleState | None, rank: int,
-                 return_windows: bool = False, companions: bool = False) -> None:
-        self.source, self.cfg, self.state, self.rank = source, cfg, state, rank
-        self.return_windows, self.companions = return_windows, companions
+    def __init__(self, source: Source, cfg: LoaderConfig) -> None:
+        self.source, self.cfg = source, cfg
         self.labels = np.asarray(source.labels, dtype=np.int64)
         views = cfg.augment.views
         self.transforms = [torchvision_view_transform(views[v % len(views)], cfg.augment) for v in range(cfg.views)]
@@ -114,66 +106,34 @@ class ReferenceBatches(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _windows(self, rng: np.random.Generator, indices: np.ndarray, images: list) -> np.ndarray:
-        """(B, V, 4) windows: the core sampler's draws, the decoded sizes, the boxes as they are now."""
-        live = self.state is not None and self.cfg.crop.use_box
-        boxes = self.state.boxes(indices) if live else None  # type: ignore[union-attr]
-        sizes = np.array([[img.height, img.width] for img in images], dtype=np.int64).reshape(-1, 2)
-        return view_windows(rng, sizes, boxes, self.cfg.views, self.cfg.crop)
-
-    def __getitem__(self, descriptor: Descriptor) -> tuple:
+    def __getitem__(self, plan: BatchPlan) -> Batch | Unusable:
         from PIL import Image
 
-        epoch, b, indices, torch_seed, substitutes = descriptor
-        cfg, V, S = self.cfg, self.cfg.views, self.cfg.augment.size
-        indices = np.asarray(indices, dtype=np.int64)
+        V, S = self.cfg.views, self.cfg.augment.size
         decoded: dict[int, Any] = {}
         unusable = Unusable()
-
-        def images(ks: np.ndarray) -> list:
-            for k in ks.tolist():
-                if k not in decoded:
-                    try:
-                        decoded[k] = decode_rgb(self.source.read(k), self.source.describe(k))
-                    except ViewpipeError as exc:
-                        unusable[k] = f"fails to decode ({str(exc).split('cannot decode image (', 1)[-1].rstrip(')')})"
-                        decoded[k] = None
-            return [decoded[k] for k in ks.tolist()]
-
-        # the DALI backend's draw order on one generator: the samples' V windows (view-major), then with
-        # companions each sample's neighbour column (uniform over its k) and the neighbours' V windows
-        rng = np.random.default_rng([cfg.seed, epoch, self.rank, b])
-        groups = [images(indices)]
+        groups = [plan.indices] + ([] if plan.neighbours is None else [plan.neighbours])
+        for k in np.concatenate(groups).tolist():
+            if k not in decoded:
+                try:
+                    decoded[k] = decode_rgb(self.source.read(k), self.source.describe(k))
+                except ViewpipeError as exc:
+                    unusable[k] = f"fails to decode ({str(exc).split('cannot decode image (', 1)[-1].rstrip(')')})"
         if unusable:
             return unusable
-        windows = self._windows(rng, indices, groups[0])
-        neighbours = None
-        if self.companions:
-            table = self.state.neighbours(indices)  # type: ignore[union-attr]
-            chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
-            neighbours = substitutes(chosen.astype(np.int64))
-            if substitutes.check is not None:
-                unusable.update(substitutes.check(neighbours))
-            groups.append(images(neighbours))
-            if unusable:
-                return unusable
-            windows = np.concatenate([windows, self._windows(rng, neighbours, groups[1])], 1)
         # torchvision draws from torch's global generator: seed it per batch, and restore it afterwards so that
         # a loader without workers leaves the caller's random stream as it was
         views = []
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(torch_seed)
-            for v in range(windows.shape[1]):
+            torch.default_generator.manual_seed(plan.seed)
+            for v in range(plan.windows.shape[1]):
                 tf, group = self.transforms[v % V], groups[v // V]
-                crops = [tf(img.resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h)))
-                         for img, (top, left, h, w) in zip(group, windows[:, v].tolist())]
+                crops = [tf(decoded[k].resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h)))
+                         for k, (top, left, h, w) in zip(group.tolist(), plan.windows[:, v].tolist())]
                 views.append(torch.stack(crops))
-        batch: tuple = (views, torch.from_numpy(self.labels[indices]), torch.from_numpy(indices))
-        if neighbours is not None:
-            batch += (torch.from_numpy(neighbours),)
-        if self.return_windows:
-            batch += (torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int32)),)
-        return batch
+        return Batch(views, torch.from_numpy(self.labels[plan.indices]), torch.from_numpy(plan.indices),
+                     None if plan.neighbours is None else torch.from_numpy(plan.neighbours),
+                     torch.from_numpy(plan.windows))
 
 
 def _as_is(batch: tuple) -> tuple:
@@ -182,11 +142,9 @@ def _as_is(batch: tuple) -> tuple:
 
 
 class ReferenceLoader(EpochPosition):
-    """Iterable of batches `(views, labels, indices[, neighbours][, windows])` like `DaliLoader`: V float
-    tensors (B, 3, S, S) on the CPU, int64 labels and sample indices; with `companions` 2V views (views[:V]
-    of each sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's neighbour
-    table, view V + v augmented like view v) and the neighbours' int64 indices; with `return_windows` the
-    (B, V or 2V, 4) int32 crop windows (top, left, h, w).
+    """Iterable of `Batch`es like `DaliLoader`'s, on the CPU by default; with `companions` 2V views
+    (views[:V] of each sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's
+    neighbour table, view V + v augmented like view v) and the neighbours' int64 indices.
 
     Batches are `epoch_batches(n, cfg, epoch, rank, world)`; `rank`/`world` default to torch.distributed's.
     Windows are the DALI backend's for the same seed, epoch, rank, batch and state. A box or neighbour
@@ -199,19 +157,15 @@ class ReferenceLoader(EpochPosition):
 
     def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                  state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
-                 return_windows: bool = False, companions: bool = False, prefetch_factor: int = 2,
-                 device: str | torch.device = "cpu", overlap: bool | None = None) -> None:
+                 companions: bool = False, prefetch_factor: int = 2, device: str | torch.device = "cpu",
+                 overlap: bool | None = None) -> None:
         source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
-        if state is not None and len(state) != len(source):
-            raise ViewpipeError(f"sample state {state.name!r} has {len(state)} rows but the data has {len(source)} samples")
-        if companions and (state is None or not state.has("neighbours")):
-            raise ViewpipeError("companion samples need a SampleState with a neighbour table: "
-                                "SampleState.create(n, neighbours=k)")
+        check_state(state, len(source), companions)
         if prefetch_factor < 1:
             raise ViewpipeError(f"prefetch_factor must be at least 1, got {prefetch_factor}")
         self.source, self.cfg, self.state = source, cfg, state
         self.rank, self.world = dist_rank_world(rank, world)
-        self.return_windows, self.companions = return_windows, companions
+        self.companions = companions
         self.workers = max(0, int(cfg.workers))
         self.prefetch_factor = prefetch_factor
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
@@ -219,9 +173,10 @@ class ReferenceLoader(EpochPosition):
         self.prefetch = self.workers * prefetch_factor + 1 + int(self.overlap)
         self.num_samples = len(source)
         EpochPosition.__init__(self)
-        self.dataset = ReferenceBatches(source, cfg, state, self.rank, return_windows, companions)
-        self.substitutes = Substitutes(self.num_samples, source.describe, getattr(source, "damaged", None))
-        self.sampler = EpochSampler(self.substitutes)
+        self.dataset = ReferenceBatches(source, cfg)
+        sizes = ImageSizes(source)
+        self.substitutes = Substitutes(self.num_samples, source.describe, sample_check(source, sizes))
+        self.sampler = EpochSampler(Planner(cfg, self.rank, state, self.substitutes, sizes, companions))
         self._loader = DataLoader(
             self.dataset, batch_size=None, sampler=self.sampler, collate_fn=_as_is, num_workers=self.workers,
             persistent_workers=self.workers > 0, prefetch_factor=prefetch_factor if self.workers else None,
@@ -237,9 +192,7 @@ class ReferenceLoader(EpochPosition):
         epoch, batches, b = self.epoch, self.batches(), self._next
         if b >= len(batches):
             return
-        # one torch seed per batch from (seed, epoch, rank, batch), as the DALI and FFCV backends derive theirs
-        seeds = np.random.SeedSequence([self.cfg.seed, epoch, self.rank]).generate_state(len(batches), np.uint64)
-        self.sampler.set(epoch, b, batches, seeds)
+        self.sampler.set(epoch, b, batches)
         it = iter(self._loader)  # (persistent workers: the same workers, their queues drained)
         while b < len(batches):
             try:
@@ -248,21 +201,21 @@ class ReferenceLoader(EpochPosition):
                 raise RuntimeError(f"the DataLoader ended at batch {b} of {len(batches)}") from None
             if isinstance(batch, Unusable):  # replace them from now on, and ask for this batch again
                 self.substitutes.add(dict(batch))
-                self.sampler.set(epoch, b, batches, seeds)
+                self.sampler.set(epoch, b, batches)
                 it = iter(self._loader)
                 continue
             expected = self.substitutes(batches[b])
-            if not np.array_equal(batch[2].numpy(), expected):  # a batch out of place: a bug
-                raise RuntimeError(f"batch {b} holds samples {batch[2].tolist()}, expected {expected.tolist()}")
+            if not np.array_equal(batch.indices.numpy(), expected):  # a batch out of place: a bug
+                raise RuntimeError(f"batch {b} holds samples {batch.indices.tolist()}, expected {expected.tolist()}")
             yield b, partial(self._to_device, batch)
             b += 1
 
-    def _to_device(self, batch: tuple) -> tuple:
+    def _to_device(self, batch: Batch) -> Batch:
         """The batch's views on the loader's device, in the configured dtype and memory format."""
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         dtype = getattr(torch, self.cfg.dtype)
-        views = [v.to(self.device, dtype, non_blocking=True).contiguous(memory_format=fmt) for v in batch[0]]
-        return (views, *batch[1:])
+        return batch._replace(views=[v.to(self.device, dtype, non_blocking=True).contiguous(memory_format=fmt)
+                                     for v in batch.views])
 
     def close(self) -> None:
         """Stop the persistent workers (they stop with the loader anyway; this frees them now)."""
@@ -288,9 +241,8 @@ class DecodeDataset(Dataset):
 
 def reference_loader(source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                      state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
-                     return_windows: bool = False, companions: bool = False,
-                     prefetch_factor: int = 2, **kwargs) -> ReferenceLoader:  # noqa: ANN003
+                     companions: bool = False, prefetch_factor: int = 2, **kwargs) -> ReferenceLoader:  # noqa: ANN003
     """The reference loader over a `Source` or a path (`viewpipe.sources.open_source`: an image folder, a
     .npz collection or a converted dataset). See `ReferenceLoader`."""
-    return ReferenceLoader(source, cfg, state, rank=rank, world=world, return_windows=return_windows,
-                           companions=companions, prefetch_factor=prefetch_factor, **kwargs)
+    return ReferenceLoader(source, cfg, state, rank=rank, world=world, companions=companions,
+                           prefetch_factor=prefetch_factor, **kwargs)

@@ -68,7 +68,7 @@ def check_batches(batches: list, labels: "np.ndarray", views: int, size: int) ->
     import torch
 
     seen: list[int] = []
-    for vs, lab, indices in batches:
+    for vs, lab, indices, *_ in batches:
         B = len(indices)
         assert len(vs) == views
         for v in vs:
@@ -84,7 +84,7 @@ def check_resumed(expected: list, rest: list) -> None:
     import torch
 
     assert len(rest) == len(expected)
-    for (va, la, ia, wa), (vb, lb, ib, wb) in zip(expected, rest):
+    for (va, la, ia, _, wa), (vb, lb, ib, _, wb) in zip(expected, rest):
         assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
         assert all(torch.equal(x, y) for x, y in zip(va, vb))
 

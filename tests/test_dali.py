@@ -88,10 +88,10 @@ def test_windows_follow_the_sampler_and_roi_axis_order(dataset: Path) -> None:
     index = DatasetIndex.load(dataset)
     assert (index.heights != index.widths).sum() > 48  # mostly non-square images
     cfg = cfg_(augment=PLAIN, crop=CropConfig(use_box=False))
-    loader = dali_loader(dataset, cfg, device_id=None, return_windows=True)
+    loader = dali_loader(dataset, cfg, device_id=None)
     loader.set_epoch(1)
     diffs, swapped, nonsquare = [], [], 0
-    for b, (views, _, indices, windows) in enumerate(loader):
+    for b, (views, _, indices, _, windows) in enumerate(loader):
         idx = indices.numpy()
         full = np.tile([0.0, 0.0, 1.0, 1.0], (len(idx), 1))
         np.testing.assert_array_equal(windows.numpy(), expected_windows(index, cfg, idx, full, 1, 0, b))
@@ -129,11 +129,11 @@ def test_box_update_reaches_the_running_loader(dataset: Path, state_name: str, p
     cfg = cfg_(augment=PLAIN, crop=CropConfig(alpha=0.6))
     new_box = np.array([0.0, 0.0, 0.25, 0.3], dtype=np.float32)
     with SampleState.create(N, name=state_name) as st:
-        loader = dali_loader(dataset, cfg, st, device_id=None, return_windows=True, prefetch=prefetch,
+        loader = dali_loader(dataset, cfg, st, device_id=None, prefetch=prefetch,
                              overlap=overlap)
         assert loader.prefetch == prefetch + overlap
         update_after, changed = 3, 0
-        for b, (_, _, indices, windows) in enumerate(loader):
+        for b, (_, _, indices, _, windows) in enumerate(loader):
             idx, win = indices.numpy(), windows.numpy()
             old = expected_windows(index, cfg, idx, np.tile([0.0, 0.0, 1.0, 1.0], (len(idx), 1)), 0, 0, b)
             new = expected_windows(index, cfg, idx, np.tile(new_box, (len(idx), 1)), 0, 0, b)
@@ -164,14 +164,14 @@ def test_ranks_partition_each_epoch(dataset: Path) -> None:
                                  rank=rank, world=2)
             loader.set_epoch(epoch)
             assert len(loader) == -(-(N // 2) // 7)
-            seen += [i for _, _, idx in loader for i in idx.tolist()]
+            seen += [i for _, _, idx, *_ in loader for i in idx.tolist()]
         assert sorted(seen) == list(range(N))
     # 96 samples over 5 ranks in batches of 19: rank 0 has 20 samples, the others 19; all get 2 batches
     lengths = []
     for rank in range(5):
         loader = dali_loader(dataset, cfg_(batch_size=19, drop_last=False, augment=PLAIN), device_id=None,
                              rank=rank, world=5)
-        lengths.append([len(idx) for _, _, idx in loader])
+        lengths.append([len(idx) for _, _, idx, *_ in loader])
     assert lengths == [[19, 1]] + [[18, 1]] * 4
 
 
@@ -191,7 +191,7 @@ def test_two_gloo_processes_partition_each_epoch(dataset: Path, tmp_path: Path) 
         seen = {{}}
         for epoch in (0, 1):
             loader.set_epoch(epoch)
-            seen[epoch] = [i for _, _, idx in loader for i in idx.tolist()]
+            seen[epoch] = [i for _, _, idx, *_ in loader for i in idx.tolist()]
         out = [None, None]
         dist.all_gather_object(out, seen)
         if rank == 0:
@@ -213,7 +213,7 @@ def test_two_gloo_processes_partition_each_epoch(dataset: Path, tmp_path: Path) 
 def test_order_is_a_function_of_seed_and_epoch(dataset: Path) -> None:
     def sequence(loader, epoch: int) -> list[int]:
         loader.set_epoch(epoch)
-        return [i for _, _, idx in loader for i in idx.tolist()]
+        return [i for _, _, idx, *_ in loader for i in idx.tolist()]
 
     a = dali_loader(dataset, cfg_(augment=PLAIN), device_id=None)
     b = dali_loader(dataset, cfg_(augment=PLAIN), device_id=None)
@@ -257,10 +257,10 @@ def test_a_source_gives_the_same_batches_as_its_shards(dataset: Path, image_fold
     from viewpipe.sources import open_source
 
     cfg = cfg_(augment=PLAIN)
-    a = list(dali_loader(dataset, cfg, device_id=None, return_windows=True))
-    b = list(dali_loader(open_source(image_folder), cfg, device_id=None, return_windows=True))
+    a = list(dali_loader(dataset, cfg, device_id=None))
+    b = list(dali_loader(open_source(image_folder), cfg, device_id=None))
     assert len(a) == len(b) == 12
-    for (va, la, ia, wa), (vb, lb, ib, wb) in zip(a, b):
+    for (va, la, ia, _, wa), (vb, lb, ib, _, wb) in zip(a, b):
         assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
         assert all(torch.equal(x, y) for x, y in zip(va, vb))
 
@@ -290,10 +290,10 @@ def test_companion_views_come_from_the_neighbour(dataset: Path, state_name: str)
         lo = rng.uniform(0, 0.4, (N, 2))
         st.set_boxes(np.concatenate([lo, lo + 0.5], 1).astype(np.float32))
         st.set_neighbours(table)
-        plain = list(dali_loader(dataset, cfg, st, device_id=None, return_windows=True))
-        loader = dali_loader(dataset, cfg, st, device_id=None, return_windows=True, companions=True)
+        plain = list(dali_loader(dataset, cfg, st, device_id=None))
+        loader = dali_loader(dataset, cfg, st, device_id=None, companions=True)
         columns, diffs = [], []
-        for b, ((views, labels, idx, nb, win), (pviews, _, pidx, pwin)) in enumerate(zip(loader, plain)):
+        for b, ((views, labels, idx, nb, win), (pviews, _, pidx, _, pwin)) in enumerate(zip(loader, plain)):
             assert len(views) == 2 * cfg.views and win.shape == (len(idx), 2 * cfg.views, 4)
             assert torch.equal(idx, pidx) and torch.equal(win[:, : cfg.views], pwin)
             assert all(torch.equal(a, p) for a, p in zip(views[: cfg.views], pviews))
@@ -329,22 +329,22 @@ def test_companion_views_come_from_the_neighbour(dataset: Path, state_name: str)
 
 def test_resume_mid_epoch_replays_the_same_batches(dataset: Path) -> None:
     cfg = cfg_()
-    full = dali_loader(dataset, cfg, device_id=None, return_windows=True)
+    full = dali_loader(dataset, cfg, device_id=None)
     full.set_epoch(2)
     reference = list(full)
     assert full.state_dict()["epoch"] == 3 and full.state_dict()["batch"] == 0  # a completed epoch moves on
-    first = dali_loader(dataset, cfg, device_id=None, return_windows=True)
+    first = dali_loader(dataset, cfg, device_id=None)
     first.set_epoch(2)
     for _ in zip(range(5), first):
         pass
     sd = first.state_dict()
     assert sd["epoch"] == 2 and sd["batch"] == 5
-    resumed = dali_loader(dataset, cfg, device_id=None, return_windows=True)
+    resumed = dali_loader(dataset, cfg, device_id=None)
     resumed.load_state_dict(sd)
     rest = list(resumed)
     check_resumed(reference[5:], rest)
     # the interrupted loader itself continues where it stopped
-    assert [idx.tolist() for _, _, idx, _ in first] == [idx.tolist() for _, _, idx, _ in rest]
+    assert [idx.tolist() for _, _, idx, *_ in first] == [idx.tolist() for _, _, idx, *_ in rest]
 
 
 def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tmp_path: Path,
@@ -369,7 +369,7 @@ def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tm
     assert list(loader.decode_failures) == [bad]
     err = capfd.readouterr().err
     assert err.count("fails to decode") == 1 and f"sample {bad} " in err and str(tar) in err
-    for b, ((va, _, ia), (vb, _, ib)) in enumerate(zip(good, got)):
+    for b, ((va, _, ia, *_), (vb, _, ib, *_)) in enumerate(zip(good, got)):
         expect = ia.clone()
         expect[expect == bad] = (bad + 1) % len(index)
         assert torch.equal(ib, expect)
@@ -380,13 +380,13 @@ def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tm
     sd = loader.state_dict()
     again = dali_loader(damaged, cfg, device_id=None)
     again.load_state_dict(sd | {"epoch": 0, "batch": 1})
-    assert [idx.tolist() for _, _, idx in again] == [idx.tolist() for _, _, idx in got[1:]]
+    assert [idx.tolist() for _, _, idx, *_ in again] == [idx.tolist() for _, _, idx, *_ in got[1:]]
     assert "fails to decode" not in capfd.readouterr().err
 
 
 def test_decode_only_reads_every_sample_of_the_epoch(dataset: Path) -> None:
     """The decode ceiling `viewpipe bench` reports: the same batches, decoded and nothing else."""
     cfg = cfg_(drop_last=False)
-    plain = [idx.tolist() for _, _, idx in dali_loader(dataset, cfg, device_id=None)]
+    plain = [idx.tolist() for _, _, idx, *_ in dali_loader(dataset, cfg, device_id=None)]
     only = list(dali_loader(dataset, cfg, device_id=None, decode_only=True))
-    assert [idx.tolist() for _, _, idx in only] == plain and all(v is None for v, _, _ in only)
+    assert [idx.tolist() for _, _, idx, *_ in only] == plain and all(v is None for v, *_ in only)

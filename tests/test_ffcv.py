@@ -185,10 +185,10 @@ def test_windows_follow_the_sampler_and_views_are_crops_of_the_decoded_image(dat
     cfg = cfg_(augment=PLAIN, crop=CropConfig(alpha=0.6))
     with SampleState.create(96, name=state_name) as st:
         st.set_boxes(random_boxes(96))
-        loader = ffcv_loader(dataset, cfg, st, device="cpu", return_windows=True)
+        loader = ffcv_loader(dataset, cfg, st, device="cpu")
         loader.set_epoch(1)
         pil, other, nonsquare = [], [], 0
-        for b, (views, _, indices, windows) in enumerate(loader):
+        for b, (views, _, indices, _, windows) in enumerate(loader):
             idx = indices.numpy()
             assert windows.dtype == torch.int32
             np.testing.assert_array_equal(windows.numpy(),
@@ -214,7 +214,7 @@ def check_update(loader, st: SampleState, sizes, n: int, cfg: LoaderConfig,  # n
     every batch from 2 + prefetch on uses the new ones (those between may have been planned before)."""
     new_box = np.array([0.05, 0.1, 0.3, 0.35], dtype=np.float32)
     update_after, changed, b = 2, 0, -1
-    for b, (_, _, indices, windows) in enumerate(loader):
+    for b, (_, _, indices, _, windows) in enumerate(loader):
         idx, win = indices.numpy(), windows.numpy()
         old = expected_windows(sizes(idx), cfg, np.tile([0.0, 0.0, 1.0, 1.0], (len(idx), 1)), 0, 0, b)
         new = expected_windows(sizes(idx), cfg, np.tile(new_box, (len(idx), 1)), 0, 0, b)
@@ -237,7 +237,7 @@ def test_box_update_reaches_the_running_loader(dataset: Path, state_name: str, b
     index = DatasetIndex.load(dataset)
     cfg = cfg_(augment=PLAIN, crop=CropConfig(alpha=0.6))
     with SampleState.create(96, name=state_name) as st:
-        loader = ffcv_loader(dataset, cfg, st, device="cpu", return_windows=True, batches_ahead=batches_ahead)
+        loader = ffcv_loader(dataset, cfg, st, device="cpu", batches_ahead=batches_ahead)
         check_update(loader, st, lambda idx: sizes_of(index, idx), 96, cfg)
 
 
@@ -249,13 +249,13 @@ def test_box_update_with_a_large_table_and_exact_pixels_of_raw_samples(big_datas
     sizes = lambda idx: np.array([big_image(k).shape[:2] for k in idx.tolist()])  # noqa: E731
     with SampleState.create(BIG_N, name=state_name) as st:
         assert st.boxes().nbytes > 10**6
-        loader = ffcv_loader(big_dataset, cfg, st, device="cpu", return_windows=True, batches_ahead=2)
+        loader = ffcv_loader(big_dataset, cfg, st, device="cpu", batches_ahead=2)
         check_update(loader, st, sizes, BIG_N, cfg, stop=9)
-        views, labels, indices, windows = next(iter(loader))  # the loader is reusable after a break
+        views, labels, indices, _, windows = next(iter(loader))  # the loader is reusable after a break
         assert torch.equal(labels, indices % 7)
-        fused = ffcv_loader(big_dataset, cfg, st, device="cpu", return_windows=True, fused=True)
+        fused = ffcv_loader(big_dataset, cfg, st, device="cpu", fused=True)
         fused.load_state_dict(loader.state_dict() | {"batch": loader.state_dict()["batch"] - 1})
-        fviews, _, findices, fwindows = next(iter(fused))
+        fviews, _, findices, _, fwindows = next(iter(fused))
         assert torch.equal(indices, findices) and torch.equal(windows, fwindows)
         for n, k in enumerate(indices.tolist()):
             for v in range(cfg.views):
@@ -278,10 +278,10 @@ def test_companion_views_come_from_the_neighbour(dataset: Path, state_name: str)
     with SampleState.create(N, name=state_name, neighbours=k) as st:
         st.set_boxes(random_boxes(N, 1))
         st.set_neighbours(table)
-        plain = list(ffcv_loader(dataset, cfg, st, device="cpu", return_windows=True))
-        loader = ffcv_loader(dataset, cfg, st, device="cpu", return_windows=True, companions=True)
+        plain = list(ffcv_loader(dataset, cfg, st, device="cpu"))
+        loader = ffcv_loader(dataset, cfg, st, device="cpu", companions=True)
         columns, diffs, other, appearances = [], [], [], np.zeros(N, np.int64)
-        for b, ((views, _, idx, nb, win), (pviews, _, pidx, pwin)) in enumerate(zip(loader, plain)):
+        for b, ((views, _, idx, nb, win), (pviews, _, pidx, _, pwin)) in enumerate(zip(loader, plain)):
             assert len(views) == 2 * V and win.shape == (len(idx), 2 * V, 4) and nb.dtype == torch.int64
             assert torch.equal(idx, pidx) and torch.equal(win[:, :V], pwin)
             assert all(torch.equal(a, p) for a, p in zip(views[:V], pviews))
@@ -330,12 +330,12 @@ def test_fused_crops_match_the_unfused_path(dataset: Path, state_name: str) -> N
     cfg = cfg_(views=4, augment=PLAIN, crop=CropConfig(alpha=0.6))
     with SampleState.create(96, name=state_name) as st:
         st.set_boxes(random_boxes(96, 2))
-        unfused = list(ffcv_loader(dataset, cfg, st, device="cpu", return_windows=True))
-        loader = ffcv_loader(dataset, cfg, st, device="cpu", return_windows=True, fused=True)
+        unfused = list(ffcv_loader(dataset, cfg, st, device="cpu"))
+        loader = ffcv_loader(dataset, cfg, st, device="cpu", fused=True)
         fused = list(loader)
     assert loader.decodes.sum() == 96 and loader.decodes.max() == 1  # 4 views, still one decode per image
     up, down = [], []
-    for (va, _, ia, wa), (vb, _, ib, wb) in zip(unfused, fused):
+    for (va, _, ia, _, wa), (vb, _, ib, _, wb) in zip(unfused, fused):
         assert torch.equal(ia, ib) and torch.equal(wa, wb)
         for n, k in enumerate(ib.tolist()):
             img = decoded(k)
@@ -365,13 +365,13 @@ def test_ranks_partition_each_epoch(dataset: Path) -> None:
             assert loader._loader.distributed
             loader.set_epoch(epoch)
             assert len(loader) == -(-(N // 2) // 7)
-            seen += [i for _, _, idx in loader for i in idx.tolist()]
+            seen += [i for _, _, idx, *_ in loader for i in idx.tolist()]
         assert sorted(seen) == list(range(N))
     lengths = []
     for rank in range(5):
         loader = ffcv_loader(dataset, cfg_(batch_size=19, drop_last=False, augment=PLAIN), device="cpu",
                              rank=rank, world=5, decode_only=True)
-        lengths.append([len(idx) for _, _, idx in loader])
+        lengths.append([len(idx) for _, _, idx, *_ in loader])
     assert lengths == [[19, 1]] + [[18, 1]] * 4
 
 
@@ -413,7 +413,7 @@ def test_two_gloo_processes_partition_each_epoch(dataset: Path, tmp_path: Path) 
         seen = {{}}
         for epoch in (0, 1):
             loader.set_epoch(epoch)
-            seen[epoch] = [i for _, _, idx in loader for i in idx.tolist()]
+            seen[epoch] = [i for _, _, idx, *_ in loader for i in idx.tolist()]
         out = [None, None]
         dist.all_gather_object(out, seen)
         if rank == 0:
@@ -441,7 +441,7 @@ def test_two_gloo_processes_partition_each_epoch(dataset: Path, tmp_path: Path) 
 def test_order_is_a_function_of_seed_and_epoch(dataset: Path) -> None:
     def sequence(loader, epoch: int) -> list[int]:  # noqa: ANN001
         loader.set_epoch(epoch)
-        return [i for _, _, idx in loader for i in idx.tolist()]
+        return [i for _, _, idx, *_ in loader for i in idx.tolist()]
 
     a = ffcv_loader(dataset, cfg_(augment=PLAIN), device="cpu", decode_only=True)
     b = ffcv_loader(dataset, cfg_(augment=PLAIN), device="cpu", decode_only=True)
@@ -455,27 +455,27 @@ def test_order_is_a_function_of_seed_and_epoch(dataset: Path) -> None:
     assert sequence(a, 1) == e1
     c = ffcv_loader(dataset, cfg_(shuffle=False, drop_last=False, augment=PLAIN), device="cpu", decode_only=True)
     assert sequence(c, 4) == list(range(96))
-    assert all(v is None for v, _, _ in c)  # decode only: no views
+    assert all(v is None for v, *_ in c)  # decode only: no views
 
 
 def test_resume_mid_epoch_replays_the_same_batches(dataset: Path) -> None:
     cfg = cfg_()
-    full = ffcv_loader(dataset, cfg, device="cpu", return_windows=True)
+    full = ffcv_loader(dataset, cfg, device="cpu")
     full.set_epoch(2)
     reference = list(full)
     assert full.state_dict() == {"epoch": 3, "batch": 0, "decode_failures": {}}  # a completed epoch moves on
-    first = ffcv_loader(dataset, cfg, device="cpu", return_windows=True)
+    first = ffcv_loader(dataset, cfg, device="cpu")
     first.set_epoch(2)
     for _ in zip(range(5), first):
         pass
     sd = first.state_dict()
     assert sd == {"epoch": 2, "batch": 5, "decode_failures": {}}
-    resumed = ffcv_loader(dataset, cfg, device="cpu", return_windows=True)
+    resumed = ffcv_loader(dataset, cfg, device="cpu")
     resumed.load_state_dict(sd)
     rest = list(resumed)
     check_resumed(reference[5:], rest)
     # the interrupted loader itself continues where it stopped
-    assert [idx.tolist() for _, _, idx, _ in first] == [idx.tolist() for _, _, idx, _ in rest]
+    assert [idx.tolist() for _, _, idx, *_ in first] == [idx.tolist() for _, _, idx, *_ in rest]
 
 
 def test_stock_loader_decodes_per_view_and_reports_indices(dataset: Path) -> None:
@@ -486,7 +486,7 @@ def test_stock_loader_decodes_per_view_and_reports_indices(dataset: Path) -> Non
     loader = stock_rrc_loader(dataset, cfg, device="cpu")
     batches = list(loader)
     assert len(batches) == len(loader) == 12
-    for (views, labels, indices), expect in zip(batches, loader.batches(0)):
+    for (views, labels, indices, *_), expect in zip(batches, loader.batches(0)):
         assert [tuple(v.shape) for v in views] == [(8, 3, S, S)] * 2 and views[0].dtype == torch.float32
         assert indices.tolist() == expect.tolist()
         assert torch.equal(labels, torch.from_numpy(index.labels[expect]))

@@ -76,7 +76,7 @@ def test_mined_neighbours_reach_the_trainers_loader(image_folder: Path, tmp_path
         assert trainer.method.before_epoch(1, trainer.data) == {}
         loader = trainer.loader(0)
         loader.set_epoch(0)
-        for views, labels, idx, nb in loader:
+        for views, labels, idx, nb, _ in loader:
             assert len(views) == 4 and all(v.shape == (len(idx), 3, 24, 24) for v in views)
             for i, n in zip(idx.tolist(), nb.tolist()):
                 assert n in table[i]

@@ -31,13 +31,13 @@ def dataset(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def make(backend: str, data: Path, state: SampleState, overlap: bool):  # noqa: ANN201
     cfg = LoaderConfig(views=2, batch_size=16, augment=preset("mocov2", size=24), workers=1, seed=5)
-    return get_backend(backend)(data, cfg, state, return_windows=True, overlap=overlap)
+    return get_backend(backend)(data, cfg, state, overlap=overlap)
 
 
 def same(a: list, b: list) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        (va, la, ia, wa), (vb, lb, ib, wb) = x, y
+        (va, la, ia, _, wa), (vb, lb, ib, _, wb) = x, y
         assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
         assert len(va) == len(vb) and all(torch.equal(p, q) for p, q in zip(va, vb))
 

@@ -61,7 +61,7 @@ def same_batches(a: list, b: list) -> None:
     for x, y in zip(a, b):
         assert len(x) == len(y)
         assert len(x[0]) == len(y[0]) and all(torch.equal(u, v) for u, v in zip(x[0], y[0]))
-        assert all(torch.equal(u, v) for u, v in zip(x[1:], y[1:]))
+        assert all(u is v is None or torch.equal(u, v) for u, v in zip(x[1:], y[1:]))
 
 
 def test_batches_have_views_labels_indices(image_folder: Path) -> None:
@@ -71,7 +71,7 @@ def test_batches_have_views_labels_indices(image_folder: Path) -> None:
     assert isinstance(loader, ReferenceLoader) and len(loader) == len(src) // 8 == 12
     batches = list(loader)
     assert len(batches) == 12
-    for views, labels, idx in batches:
+    for views, labels, idx, *_ in batches:
         assert len(views) == 3
         for v in views:
             assert v.shape == (8, 3, 24, 24) and v.dtype == torch.float32 and torch.isfinite(v).all()
@@ -79,12 +79,11 @@ def test_batches_have_views_labels_indices(image_folder: Path) -> None:
         np.testing.assert_array_equal(labels.numpy(), src.labels[idx.numpy()])
     assert not torch.equal(batches[0][0][0], batches[0][0][1])  # independent crops and augmentations
     # a path is opened as a source; without drop_last every sample once, the last batch smaller
-    loader = reference_loader(str(image_folder), _cfg(batch_size=10, drop_last=False, augment=PLAIN),
-                              return_windows=True)
+    loader = reference_loader(str(image_folder), _cfg(batch_size=10, drop_last=False, augment=PLAIN))
     got = list(loader)
     assert [len(b[2]) for b in got] == [10] * 9 + [6]
     assert sorted(i for b in got for i in b[2].tolist()) == list(range(96))
-    assert got[-1][3].shape == (6, 2, 4) and got[-1][3].dtype == torch.int32
+    assert got[-1].windows.shape == (6, 2, 4) and got[-1].windows.dtype == torch.int32
 
 
 def test_windows_follow_the_box(image_folder: Path, images: list, state_name: str) -> None:
@@ -94,9 +93,9 @@ def test_windows_follow_the_box(image_folder: Path, images: list, state_name: st
     cfg = _cfg(augment=PLAIN, crop=CropConfig(alpha=0.5, scale=(0.05, 0.1)))
     with SampleState.create(len(src), name=state_name) as st:
         st.set_boxes(np.tile(np.array([0.5, 0.5, 0.9, 0.9], np.float32), (len(src), 1)))
-        loader = reference_loader(src, cfg, st, return_windows=True)
+        loader = reference_loader(src, cfg, st)
         loader.set_epoch(4)
-        for b, (views, _, idx, win) in enumerate(loader):
+        for b, (views, _, idx, _, win) in enumerate(loader):
             i = idx.numpy()
             rng = np.random.default_rng([cfg.seed, 4, 0, b])
             np.testing.assert_array_equal(win.numpy(), view_windows(rng, sizes_of(images, i), st.boxes(i),
@@ -133,14 +132,14 @@ def test_windows_equal_the_dali_backends(image_folder: Path, images: list, tmp_p
         st.set_neighbours(table)
         for companions, workers in ((False, 0), (True, 2)):
             cfg = _cfg(augment=PLAIN, crop=CropConfig(alpha=0.6), workers=workers, drop_last=False, batch_size=10)
-            ours = reference_loader(image_folder, cfg, st, return_windows=True, companions=companions)
-            dali = dali_loader(dataset, cfg, st, device_id=None, return_windows=True, companions=companions)
+            ours = reference_loader(image_folder, cfg, st, companions=companions)
+            dali = dali_loader(dataset, cfg, st, device_id=None, companions=companions)
             ours.set_epoch(2), dali.set_epoch(2)
             a, b = list(ours), list(dali)
             assert len(a) == len(b) == 10
             for x, y in zip(a, b):
-                assert len(x) == len(y) == (5 if companions else 4)
-                assert all(torch.equal(u, v) for u, v in zip(x[1:], y[1:]))  # labels, indices, neighbours, windows
+                assert (x.neighbours is None) == (y.neighbours is None) == (not companions)
+                assert all(u is v is None or torch.equal(u, v) for u, v in zip(x[1:], y[1:]))  # labels ... windows
                 assert x[-1].shape[1] == (4 if companions else 2)
                 diffs += [(u - v).abs().mean().item() * 255 for u, v in zip(x[0], y[0])]
     # DALI's linear+antialias resize vs PIL's bilinear: 0.16 grey levels on average (tests/test_dali.py)
@@ -152,17 +151,17 @@ def test_resume_mid_epoch_replays_identical_batches(image_folder: Path) -> None:
     """A loader resumed from `state_dict()` yields the remaining batches pixel for pixel (mocov2 views, with
     or without workers), and a completed epoch moves on to the next."""
     cfg = _cfg(workers=2)
-    full = reference_loader(image_folder, cfg, return_windows=True)
+    full = reference_loader(image_folder, cfg)
     full.set_epoch(2)
     reference = list(full)
     assert full.state_dict() == {"epoch": 3, "batch": 0, "decode_failures": {}}
-    first = reference_loader(image_folder, cfg, return_windows=True)
+    first = reference_loader(image_folder, cfg)
     first.set_epoch(2)
     for _ in zip(range(5), first):
         pass
     sd = first.state_dict()
     assert sd == {"epoch": 2, "batch": 5, "decode_failures": {}}
-    resumed = reference_loader(image_folder, replace(cfg, workers=0), return_windows=True)
+    resumed = reference_loader(image_folder, replace(cfg, workers=0))
     resumed.load_state_dict(sd)
     rest = list(resumed)
     same_batches(reference[5:], rest)
@@ -199,7 +198,7 @@ def test_two_ranks_partition_every_epoch(image_folder: Path) -> None:
             loader = reference_loader(image_folder, cfg, rank=rank, world=2)
             assert (loader.rank, loader.world) == (rank, 2)
             loader.set_epoch(epoch)
-            got = [idx for _, _, idx in loader]
+            got = [idx for _, _, idx, *_ in loader]
             assert [g.tolist() for g in got] == [x.tolist() for x in epoch_batches(96, cfg, epoch, rank, 2)]
             counts.append(len(got))
             seen += [i for idx in got for i in idx.tolist()]
@@ -211,7 +210,7 @@ def test_two_ranks_partition_every_epoch(image_folder: Path) -> None:
 def test_set_epoch_changes_the_order(image_folder: Path) -> None:
     def sequence(loader: ReferenceLoader, epoch: int) -> list[int]:
         loader.set_epoch(epoch)
-        return [i for _, _, idx in loader for i in idx.tolist()]
+        return [i for _, _, idx, *_ in loader for i in idx.tolist()]
 
     cfg = _cfg(augment=PLAIN)
     a, b = reference_loader(image_folder, cfg), reference_loader(image_folder, cfg)
@@ -241,10 +240,10 @@ def test_companion_views_come_from_the_neighbour(image_folder: Path, images: lis
         st.set_boxes(np.concatenate([lo, lo + 0.5], 1).astype(np.float32))
         st.set_neighbours(table)
         cfg = _cfg(workers=1, crop=CropConfig(alpha=0.6))
-        plain = list(reference_loader(image_folder, cfg, st, return_windows=True))
-        loader = reference_loader(image_folder, cfg, st, return_windows=True, companions=True)
+        plain = list(reference_loader(image_folder, cfg, st))
+        loader = reference_loader(image_folder, cfg, st, companions=True)
         columns = []
-        for (views, _, idx, nb, win), (pviews, _, pidx, pwin) in zip(loader, plain):  # mocov2 views
+        for (views, _, idx, nb, win), (pviews, _, pidx, _, pwin) in zip(loader, plain):  # mocov2 views
             assert len(views) == 2 * V and win.shape == (len(idx), 2 * V, 4) and nb.dtype == torch.int64
             assert torch.equal(idx, pidx) and torch.equal(win[:, :V], pwin)
             assert all(torch.equal(a, p) for a, p in zip(views[:V], pviews))
@@ -252,7 +251,7 @@ def test_companion_views_come_from_the_neighbour(image_folder: Path, images: lis
         counts = np.bincount(columns, minlength=k)  # uniform: chi-square, 2 degrees of freedom, p = 0.001
         assert ((counts - len(columns) / k) ** 2 / (len(columns) / k)).sum() < 13.8
         # pixels: without photometric augmentation the neighbour views are PIL crops of the neighbour's image
-        loader = reference_loader(image_folder, replace(cfg, augment=PLAIN), st, return_windows=True, companions=True)
+        loader = reference_loader(image_folder, replace(cfg, augment=PLAIN), st, companions=True)
         for views, _, idx, nb, win in loader:
             for row, m in enumerate(nb.tolist()):
                 for v in range(V):
@@ -276,7 +275,7 @@ def test_box_update_reaches_the_running_loader(image_folder: Path, images: list,
     new_box = np.array([0.0, 0.0, 0.25, 0.3], dtype=np.float32)
     with SampleState.create(N, name=state_name, neighbours=2) as st:
         st.set_neighbours(np.stack([(np.arange(N) + 1) % N] * 2, 1).astype(np.int32))
-        loader = reference_loader(image_folder, cfg, st, return_windows=True, companions=True,
+        loader = reference_loader(image_folder, cfg, st, companions=True,
                                   prefetch_factor=prefetch_factor)
         assert loader.prefetch == workers * prefetch_factor + 1
         update_after, late = 3, []

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from viewpipe.augment import preset
 from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import BACKENDS, LoaderConfig, get_backend
+from viewpipe.pipelines import BACKENDS, Batch, LoaderConfig, get_backend
 from viewpipe.pipelines.reference import DecodeDataset
 from viewpipe.formats import BETON, INDEX, DatasetIndex
 from viewpipe.sources import Source, open_source
@@ -364,7 +364,7 @@ def time_steps(trainer: Any, batches: Iterable, steps: int, name: str) -> BenchR
     for _ in tqdm(range(steps), desc=name, unit="step", leave=False, disable=None):
         batch = next(it)
         trainer.train_step(batch, trainer.cfg.optim.lr, 0.0)
-        images += len(batch[2])
+        images += len(batch.indices)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return BenchRow(name, images, time.perf_counter() - t0, trainer.cfg.data.views)
@@ -398,7 +398,7 @@ def train_main(args: argparse.Namespace, data: Path, source: Source, backends: l
             B, S, dev = args.batch_size, args.size, t.device
             g = torch.Generator(device=dev).manual_seed(0)
             views = [torch.randn(B, 3, S, S, device=dev, generator=g) for _ in range(args.views)]
-            fixed = (views, torch.zeros(B, dtype=torch.long), torch.arange(B))
+            fixed = Batch(views, torch.zeros(B, dtype=torch.long), torch.arange(B))
             rows.append(time_steps(t, itertools.repeat(fixed), args.batches,
                                    f"synthetic views on the {dev.type}, {args.method} {backbone}"))
         finally:

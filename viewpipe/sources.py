@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import UnreadableFileError, ViewpipeError
-from .formats import INDEX, DatasetIndex, shard_paths
+from .formats import INDEX, DatasetIndex, header_size, shard_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -60,10 +60,11 @@ class FolderSource:
         labels: list[int] = []
         self.unlistable: list[str] = []
         self.empty_classes: list[str] = []
+        self.repeated_folders: list[str] = []  # links to a folder already listed in the same class (loops), not followed
         for label, name in enumerate(self.classes):
             before = len(paths)
-            walk = os.walk(root / name, followlinks=True, onerror=lambda e: self.unlistable.append(e.filename))
-            for dirpath, _, files in sorted(walk):  # ImageFolder's order
+            walk = _walk_once(str(root / name), self.unlistable, self.repeated_folders)
+            for dirpath, files in sorted(walk):  # ImageFolder's order
                 for f in sorted(files):
                     if extensions is None or f.lower().endswith(extensions):
                         paths.append(os.path.join(dirpath, f))
@@ -89,6 +90,70 @@ class FolderSource:
 
     def describe(self, index: int) -> str:
         return self.paths[index]
+
+
+def _walk_once(top: str, unlistable: list[str], repeated: list[str]) -> list[tuple[str, list[str]]]:
+    """(folder, names of its non-folder entries) for `top` and every folder under it, as `os.walk(top,
+    followlinks=True)` lists them, except that each real folder ((st_dev, st_ino)) is listed once: a link to a
+    folder already listed (a loop such as `cls/self -> .`, or a second link to one folder) is put in `repeated`
+    and not followed. Folders reached without links come first, so they keep their own paths; then links, in
+    sorted order. Folders that cannot be listed go to `unlistable`."""
+    out: list[tuple[str, list[str]]] = []
+    seen: set[tuple[int, int]] = set()
+    links: list[str] = []
+
+    def identity(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            unlistable.append(exc.filename or path)
+            return None
+        return st.st_dev, st.st_ino
+
+    def walk(start: str) -> None:
+        stack = [start]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                unlistable.append(exc.filename or folder)
+                continue
+            files = []
+            for e in entries:
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    files.append(e.name)
+                elif e.is_symlink():
+                    links.append(e.path)  # followed after every folder reached without links
+                elif (key := identity(e.path)) is not None and key not in seen:  # a bind mount may repeat one
+                    seen.add(key)
+                    stack.append(e.path)
+                elif key is not None:
+                    repeated.append(e.path)
+            out.append((folder, files))
+
+    key = identity(top)
+    if key is None:
+        return out
+    seen.add(key)
+    walk(top)
+    while links:
+        links.sort()
+        link = links.pop(0)
+        key = identity(link)
+        if key is None:
+            continue
+        if key in seen:
+            repeated.append(link)
+            continue
+        seen.add(key)
+        walk(link)
+    return out
 
 
 def _npz_member(path: Path, zf: zipfile.ZipFile, member: str) -> np.ndarray:
@@ -208,3 +273,32 @@ def open_source(path: str | os.PathLike[str], split: str = "train") -> Source:
     if (path / INDEX).is_file():
         return ShardSource(path)
     return FolderSource(path)
+
+
+class ImageSizes:
+    """(height, width) after EXIF orientation of a source's samples, for planning crops before decoding: a
+    converted dataset's from its index, other sources' from the image headers, parsed the first time a
+    sample is checked (`check`, which names the samples whose header cannot be read)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        shards = isinstance(source, ShardSource)
+        self._sizes = source.sizes if shards else np.full((len(source), 2), -1, dtype=np.int64)
+
+    def check(self, indices: np.ndarray) -> dict[int, str]:
+        """Parse the headers not parsed yet; the samples among `indices` that have none readable (index → why)."""
+        failed: dict[int, str] = {}
+        for k in np.asarray(indices).tolist():
+            if self._sizes[k, 0] < 0:
+                try:
+                    self._sizes[k] = header_size(self.source.read(k), self.source.describe(k))
+                except ViewpipeError as exc:
+                    failed[k] = f"fails to decode ({str(exc).split(': ', 1)[-1]})"
+        return failed
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices), 2) int64 sizes of checked samples."""
+        out = self._sizes[np.asarray(indices)]
+        if (out < 0).any():
+            raise RuntimeError("ImageSizes: sizes asked for before the samples were checked")
+        return out
