@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -17,9 +17,49 @@ from viewpipe.crop import CropConfig, view_windows
 from viewpipe.errors import ViewpipeError
 
 
+@dataclass(frozen=True)
+class ViewGroup:
+    """Views of one kind (multi-crop): `count` crops per image resized to `size`, their area drawn from
+    `scale`; `use_box`: centred by the ContrastiveCrop boxes (when the loader uses boxes at all)."""
+
+    count: int = 2
+    size: int = 224
+    scale: tuple[float, float] = (0.2, 1.0)
+    use_box: bool = True
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or self.size < 1:
+            raise ViewpipeError(f"a view group needs count >= 1 and size >= 1, got {self.count} x {self.size}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ViewpipeError(f"a view group's scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+
+
+def parse_views(spec: str, scale: tuple[float, float] = (0.2, 1.0)) -> tuple[ViewGroup, ...]:
+    """View groups from `COUNTxSIZE[@MIN-MAX][:nobox]`, comma-separated, e.g. "2x224,6x96@0.05-0.2": two
+    224 px views at the crop scale `scale`, six 96 px views at (0.05, 0.2). A group without a range takes
+    `scale` if it is the first, (0.05, 0.2) otherwise (the local crops of SwAV/DINO-style recipes);
+    `:nobox` keeps a group off the ContrastiveCrop boxes."""
+    groups = []
+    for i, part in enumerate(p.strip() for p in spec.split(",")):
+        try:
+            part, _, flag = part.partition(":")
+            if flag not in ("", "box", "nobox"):
+                raise ValueError(flag)
+            shape, _, rng = part.partition("@")
+            count, size = (int(x) for x in shape.lower().split("x"))
+            lo, hi = (float(x) for x in rng.split("-")) if rng else (scale if i == 0 else (0.05, 0.2))
+        except ValueError:
+            raise ViewpipeError(f"cannot read view group {part!r} of {spec!r}: expected COUNTxSIZE[@MIN-MAX][:nobox], "
+                                "e.g. 2x224,6x96@0.05-0.2") from None
+        groups.append(ViewGroup(count, size, (lo, hi), flag != "nobox"))
+    return tuple(groups)
+
+
 @dataclass
 class LoaderConfig:
-    """What every backend is asked for: views per image, batch, crop sampling and augmentation."""
+    """What every backend is asked for: views per image, batch, crop sampling and augmentation. `groups`
+    (multi-crop): the views in groups of their own count, size, scale and box use, in order; without it,
+    `views` views of `augment.size` at `crop.scale`. With groups, `views` is their total count."""
 
     views: int = 2
     batch_size: int = 256
@@ -32,18 +72,62 @@ class LoaderConfig:
     augment_impl: str = "auto"  # "fused" (Triton kernels), "torch" (the reference ops), "auto": fused on CUDA
     dtype: str = "float32"  # the views' dtype: "float32" or "bfloat16"
     channels_last: bool = False  # the views' memory format
+    groups: tuple[ViewGroup, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.groups:
+            self.views = sum(g.count for g in self.groups)
+
+    def view_groups(self) -> tuple[ViewGroup, ...]:
+        """The views' groups (one group of `views` views of `augment.size` at `crop.scale` without `groups`)."""
+        return self.groups or (ViewGroup(self.views, self.augment.size, self.crop.scale, True),)
+
+    def group_of_views(self) -> list[int]:
+        """For each view, the index of its group."""
+        return [g for g, group in enumerate(self.view_groups()) for _ in range(group.count)]
+
+    def view_sizes(self) -> list[int]:
+        """For each view, its output side."""
+        groups = self.view_groups()
+        return [groups[g].size for g in self.group_of_views()]
+
+    def group_augment(self, g: int) -> AugmentConfig:
+        """The augmentation of group g's views: `augment` at the group's output size."""
+        return replace(self.augment, size=self.view_groups()[g].size)
 
 
-def make_augmenter(cfg: LoaderConfig) -> Any:
-    """The `viewpipe.augment.Augmenter` a backend finishes its views with, as `cfg` asks."""
-    import torch
+class ViewFinisher:
+    """Finishes every view of a batch with the augmenter of its group (`viewpipe.augment.Augmenter`, as `cfg`
+    asks: implementation, dtype, memory format), view v drawing view v's parameters from the batch's
+    generator; views V + v (companions) like view v."""
 
-    from viewpipe.augment import Augmenter
+    def __init__(self, cfg: LoaderConfig) -> None:
+        import torch
 
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ViewpipeError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    return Augmenter(cfg.augment, channels_last=cfg.channels_last, impl=cfg.augment_impl,
-                     out_dtype=getattr(torch, cfg.dtype))
+        from viewpipe.augment import Augmenter
+
+        if cfg.dtype not in ("float32", "bfloat16"):
+            raise ViewpipeError(f"dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+        self.cfg, self.group = cfg, cfg.group_of_views()
+        self.augmenters = [Augmenter(cfg.group_augment(g), channels_last=cfg.channels_last, impl=cfg.augment_impl,
+                                     out_dtype=getattr(torch, cfg.dtype)) for g in range(len(cfg.view_groups()))]
+
+    def finish(self, x: Any, v: int, generator: Any, layout: str = "chw") -> Any:
+        """View v (of 2V with companions) finished: `Augmenter.finish` of its group."""
+        V = self.cfg.views
+        return self.augmenters[self.group[v % V]].finish(x, v % V, generator, layout=layout)
+
+    def crop_and_finish(self, images: Any, windows: Any, generator: Any, layout: str = "auto") -> list:
+        """V views cut from `images` at `windows` (B, V, 4) and finished, group by group (`Augmenter.forward`)."""
+        import torch
+
+        out, start = [], 0
+        for group, aug in zip(self.cfg.view_groups(), self.augmenters):
+            win = torch.as_tensor(windows)[:, start : start + group.count]
+            views = aug(images, win, generator, layout=layout, first_view=start)
+            out += views
+            start += group.count
+        return out
 
 
 def dist_rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
@@ -195,8 +279,12 @@ class Planner:
         return BatchPlan(b, indices, neighbours, np.ascontiguousarray(windows, dtype=np.int32), self.seed(epoch, b))
 
     def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
-        boxes = self.state.boxes(indices) if self.state is not None and self.cfg.crop.use_box else None
-        return view_windows(rng, self.sizes(indices), boxes, self.cfg.views, self.cfg.crop)
+        """(B, V, 4): each group's windows in turn (its count, scale and box use), one draw per group."""
+        crop, sizes = self.cfg.crop, self.sizes(indices)
+        boxes = self.state.boxes(indices) if self.state is not None and crop.use_box else None
+        return np.concatenate([view_windows(rng, sizes, boxes if g.use_box else None, g.count,
+                                            replace(crop, scale=g.scale, use_box=crop.use_box and g.use_box))
+                               for g in self.cfg.view_groups()], 1)
 
 
 def sample_check(source: Any, sizes: Any) -> Callable[[np.ndarray], dict[int, str]]:

@@ -128,8 +128,10 @@ class StockDaliLoader:
             else:
                 images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
                                            hw_decoder_load=self.hw_decoder_load)
-            views = [_view(fn, types, images, aug.views[v % len(aug.views)], aug.size, cfg.crop.scale,
-                           cfg.crop.ratio, aug.kernel_size, mean, std) for v in range(cfg.views)]
+            groups, group = cfg.view_groups(), cfg.group_of_views()  # (multi-crop: each view its group's size)
+            views = [_view(fn, types, images, aug.views[v % len(aug.views)], groups[group[v]].size,
+                           groups[group[v]].scale, cfg.crop.ratio, cfg.group_augment(group[v]).kernel_size, mean, std)
+                     for v in range(cfg.views)]
             return (*views, meta)
 
         pipe = stock()

@@ -34,7 +34,7 @@ import torch
 
 from viewpipe.errors import import_optional
 from viewpipe.pipelines import (Batch, BatchPlan, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
-                                dist_rank_world, make_augmenter, resolve_overlap, sample_check)
+                                ViewFinisher, dist_rank_world, resolve_overlap, sample_check)
 from viewpipe.sources import ImageSizes, ShardSource, Source
 from viewpipe.state import SampleState
 
@@ -96,7 +96,7 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
     dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
     from nvidia.dali import fn, types
 
-    V, S = cfg.views, cfg.augment.size
+    V, sizes = cfg.views, cfg.view_sizes()
     n_views = 2 * V if source.companions else V
     dtypes = [types.UINT8, types.INT64, types.INT64]
     if not decode_only:
@@ -121,7 +121,7 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
             companions = decode(companion_jpegs)
         else:
             (windows, *rois), companion_indices = rest, None
-        views = [fn.resize(images if v < V else companions, size=[S, S], roi_start=rois[2 * v],
+        views = [fn.resize(images if v < V else companions, size=[sizes[v % V]] * 2, roi_start=rois[2 * v],
                            roi_end=rois[2 * v + 1], roi_relative=False, antialias=True,
                            interp_type=types.INTERP_LINEAR) for v in range(n_views)]
         return (*views, labels, indices, windows) + ((companion_indices,) if source.companions else ())
@@ -216,7 +216,7 @@ class DaliLoader(EpochPosition):
                                        sample_check(self.reader.source, self.reader.sizes))
         self._source = _Callback(self.reader, Planner(cfg, self.rank, state, self.substitutes, self.reader.sizes,
                                                       companions))
-        self._augmenter = make_augmenter(cfg)
+        self._finisher = ViewFinisher(cfg)
         self._pipe = None
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
 
@@ -284,7 +284,7 @@ class DaliLoader(EpochPosition):
     def _batch(self, out: tuple, seed: int) -> Batch:
         """A batch from DALI's outputs: the views copied to torch and augmented (photometric draws from a torch
         Generator seeded with `seed`), labels, indices, neighbours, windows."""
-        V, n_views = self.cfg.views, 2 * self.cfg.views if self._source.companions else self.cfg.views
+        n_views = 2 * self.cfg.views if self._source.companions else self.cfg.views
         labels = torch.from_numpy(np.array(out[1 if self.decode_only else n_views].as_tensor()).reshape(-1))
         indices = torch.from_numpy(np.array(out[2 if self.decode_only else n_views + 1].as_tensor()).reshape(-1))
         if self.decode_only:
@@ -292,7 +292,7 @@ class DaliLoader(EpochPosition):
         gen = torch.Generator().manual_seed(seed)
         views = [_to_torch(out[v], self.device) for v in range(n_views)]  # uint8 (B, S, S, 3)
         if self.photometric:
-            views = [self._augmenter.finish(x, v % V, gen, layout="hwc") for v, x in enumerate(views)]
+            views = [self._finisher.finish(x, v, gen, layout="hwc") for v, x in enumerate(views)]
         neighbours = (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1))
                       if self._source.companions else None)
         return Batch(views, labels, indices, neighbours, torch.from_numpy(np.array(out[n_views + 2].as_tensor())))

@@ -53,7 +53,7 @@ from numba import prange
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import BETON
 from viewpipe.pipelines import (Batch, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
-                                dist_rank_world, epoch_batches, make_augmenter, resolve_overlap)
+                                ViewFinisher, dist_rank_world, epoch_batches, resolve_overlap)
 from viewpipe.state import SampleState
 
 _GOT = 5  # per decoded image: sample index, height, width, decodes, libjpeg-turbo status
@@ -362,22 +362,25 @@ class FfcvLoader(EpochPosition):
         self.decodes = np.zeros(self.num_samples, np.int64)
         self.substitutes = Substitutes(self.num_samples, lambda k: f"{beton} (sample {k})")
         self._planner = Planner(cfg, self.rank, state, self.substitutes, lambda k: self._sizes[k], companions)
-        self._augmenter = make_augmenter(cfg)
+        self._finisher = ViewFinisher(cfg)
         self._epoch = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-        V, S = cfg.views, cfg.augment.size
+        V, groups = cfg.views, cfg.view_groups()
+        if self.fused and len({g.size for g in groups}) > 1:
+            raise ViewpipeError("fused=True cuts every view to one size on FFCV's threads; multi-crop view groups of "
+                                "several sizes need the default path (fused=False)")
         self._n_images = 2 if companions else 1
         if stock:
-            rrc = [RandomResizedCropRGBImageDecoder((S, S), scale=cfg.crop.scale, ratio=cfg.crop.ratio)
-                   for _ in range(V)]
+            rrc = [RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=groups[g].scale, ratio=cfg.crop.ratio)
+                   for g in cfg.group_of_views()]
             pipelines = {"image": PipelineSpec("image", decoder=rrc[0]),
                          "label": PipelineSpec("label", decoder=ns.IntDecoder())}
             pipelines |= {f"image_{v}": PipelineSpec("image", decoder=rrc[v]) for v in range(1, V)}
             pipelines["index"] = PipelineSpec("label", decoder=ns.IndexDecoder())
             self._decoder = None
         else:
-            self._decoder = ns.ViewDecoder(self._n_images, 0 if decode_only else V, self.fused, S)
+            self._decoder = ns.ViewDecoder(self._n_images, 0 if decode_only else V, self.fused, groups[0].size)
             pipelines = {"image": PipelineSpec("image", decoder=self._decoder),
                          "label": PipelineSpec("label", decoder=ns.IntDecoder())}
         self._order = ns.EpochOrder(self)
@@ -434,19 +437,18 @@ class FfcvLoader(EpochPosition):
         V = self.cfg.views
         x = self._to_device(images)
         if self.fused:  # (B, n_views, S, S, 3), cut and resized on FFCV's threads
-            return [self._augmenter.finish(x[:, v], v % V, gen, layout="hwc") for v in range(V * self._n_images)]
+            return [self._finisher.finish(x[:, v], v, gen, layout="hwc") for v in range(V * self._n_images)]
         Hp, Wp = self.max_size  # (B, n_images, Hmax, Wmax, 3)
         views = []
         for i in range(self._n_images):  # cut to the batch's largest image (+ the repeated row/column)
             h, w = min(Hp, int(got[:, i, 1].max()) + 1), min(Wp, int(got[:, i, 2].max()) + 1)
-            views += self._augmenter(x[:, i, :h, :w], torch.from_numpy(windows[:, i * V : (i + 1) * V]), gen,
-                                     layout="hwc")
+            views += self._finisher.crop_and_finish(x[:, i, :h, :w], windows[:, i * V : (i + 1) * V], gen, "hwc")
         return views
 
     def _stock_views(self, result: tuple, gen: torch.Generator) -> list:
         V = self.cfg.views
         images = [result[0]] + list(result[2 : 2 + V - 1])
-        return [self._augmenter.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
+        return [self._finisher.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
 
     def _record(self, got: np.ndarray) -> None:
         """Count decodes per sample."""

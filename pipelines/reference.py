@@ -100,8 +100,9 @@ class ReferenceBatches(Dataset):
     def __init__(self, source: Source, cfg: LoaderConfig) -> None:
         self.source, self.cfg = source, cfg
         self.labels = np.asarray(source.labels, dtype=np.int64)
-        views = cfg.augment.views
-        self.transforms = [torchvision_view_transform(views[v % len(views)], cfg.augment) for v in range(cfg.views)]
+        views, self.group, self.sizes = cfg.augment.views, cfg.group_of_views(), cfg.view_sizes()
+        self.transforms = [torchvision_view_transform(views[v % len(views)], cfg.group_augment(self.group[v]))
+                           for v in range(cfg.views)]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -109,7 +110,7 @@ class ReferenceBatches(Dataset):
     def __getitem__(self, plan: BatchPlan) -> Batch | Unusable:
         from PIL import Image
 
-        V, S = self.cfg.views, self.cfg.augment.size
+        V = self.cfg.views
         decoded: dict[int, Any] = {}
         unusable = Unusable()
         groups = [plan.indices] + ([] if plan.neighbours is None else [plan.neighbours])
@@ -127,7 +128,7 @@ class ReferenceBatches(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(plan.seed)
             for v in range(plan.windows.shape[1]):
-                tf, group = self.transforms[v % V], groups[v // V]
+                tf, group, S = self.transforms[v % V], groups[v // V], self.sizes[v % V]
                 crops = [tf(decoded[k].resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h)))
                          for k, (top, left, h, w) in zip(group.tolist(), plan.windows[:, v].tolist())]
                 views.append(torch.stack(crops))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from viewpipe.augment import preset
 from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import BACKENDS, Batch, LoaderConfig, get_backend
+from viewpipe.pipelines import BACKENDS, Batch, LoaderConfig, ViewGroup, get_backend, parse_views
 from viewpipe.pipelines.reference import DecodeDataset
 from viewpipe.formats import BETON, INDEX, DatasetIndex
 from viewpipe.sources import Source, open_source
@@ -153,24 +153,24 @@ def augmenter_rows(cfg: LoaderConfig, batches: int, notes: list[str]) -> list[Be
     """The augmenter alone (`Augmenter.finish` of every view) on device-resident uint8 views (B, S, S, 3),
     per implementation: torch, and the fused kernels where there is a GPU. What the loaders' photometric
     step costs without any loading."""
-    from viewpipe.augment import Augmenter
+    from viewpipe.pipelines import ViewFinisher
 
     gpu = torch.cuda.is_available()
     dev = torch.device("cuda" if gpu else "cpu")
-    B, S, V = cfg.batch_size, cfg.augment.size, cfg.views
-    x = torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8, device=dev,
-                      generator=torch.Generator(device=dev).manual_seed(0))
+    B, V = cfg.batch_size, cfg.views
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = [torch.randint(0, 256, (B, S, S, 3), dtype=torch.uint8, device=dev, generator=g) for S in cfg.view_sizes()]
     rows = []
     for impl in ("torch", "fused"):
         if impl == "fused" and not gpu:
             notes.append("augmenter alone (fused): omitted (its Triton kernels need a GPU)")
             continue
-        aug = Augmenter(cfg.augment, impl=impl).to(dev)
+        finisher = ViewFinisher(replace(cfg, augment_impl=impl))
 
-        def steps(aug: Augmenter = aug) -> Iterable[None]:
+        def steps(finisher: ViewFinisher = finisher) -> Iterable[None]:
             for i in itertools.count():
                 for v in range(V):
-                    aug.finish(x, view=v, generator=torch.Generator().manual_seed(i), layout="hwc")
+                    finisher.finish(x[v], v, torch.Generator().manual_seed(i), layout="hwc")
                 yield None
 
         rows.append(time_batches(steps(), batches, V, f"augmenter alone ({impl}, {dev.type}), {V} views",
@@ -250,7 +250,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="train", help="split of a .npz collection (default: train)")
     p.add_argument("--backend", action="append", choices=sorted(BACKENDS),
                    help="backend(s) to measure (repeatable; default: all installed)")
-    p.add_argument("--views", type=int, default=2)
+    p.add_argument("--views", default="2", help="views per image: a count (each --size px), or multi-crop view groups "
+                   "COUNTxSIZE[@MIN-MAX][:nobox],... e.g. 2x224,6x96@0.05-0.2 (default: 2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=20, help="timed batches per row, after one warm-up batch")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -280,13 +281,21 @@ def main(args: argparse.Namespace) -> int:
     hw = args.hw_decoder_load
     if hw is not None and not 0.0 <= hw <= 1.0:
         raise ViewpipeError(f"--hw-decoder-load must be in [0, 1], got {hw}")
+    if args.views.isdigit():
+        groups = (ViewGroup(int(args.views), args.size, CropConfig().scale),)
+    else:
+        groups = parse_views(args.views, CropConfig().scale)
     if args.train:
+        if len(groups) > 1:
+            raise ViewpipeError("--train measures the methods' two-view steps; give --views as a count")
+        args.views = groups[0].count
         return train_main(args, data, open_source(data, args.split), backends)  # (the trainer reads a Source)
     source = bench_source(data, args.split, backends)  # (checks the data first)
     n = len(source) if source is not None else len(DatasetIndex.load(data))
     cfg = LoaderConfig(
-        views=args.views, batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
-        augment=preset(args.preset, size=args.size), workers=args.workers,
+        views=groups[0].count if len(groups) == 1 else 2, groups=groups if len(groups) > 1 else (),
+        batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
+        augment=preset(args.preset, size=groups[0].size), workers=args.workers,
     )
     check(n, cfg, args.batches)
     needed = {CONVERTED[b] for b in backends if b in CONVERTED}
@@ -304,7 +313,8 @@ def main(args: argparse.Namespace) -> int:
             "notes": notes}
         print(json.dumps(out, indent=2))
         return 0
-    print(f"viewpipe bench: {where} ({n} images), {cfg.views} views of {args.size}px, "
+    shape = ", ".join(f"{g.count} × {g.size}px" for g in cfg.view_groups())
+    print(f"viewpipe bench: {where} ({n} images), views {shape}, "
           f"batch {cfg.batch_size} × {args.batches}, {cfg.workers} workers")
     if converted is not None and converted != data:
         print(f"converted copy for dali/ffcv: {converted}")

@@ -317,10 +317,12 @@ class Augmenter(nn.Module):
         generator: torch.Generator | None = None,
         layout: str = "auto",
         sizes: torch.Tensor | np.ndarray | None = None,
+        first_view: int = 0,
     ) -> list[torch.Tensor]:
         """images: uint8 (N,H,W,3) / (N,3,H,W) or a list of images; windows: (N, V, 4) (top, left, h, w),
         or None for one view of the whole image; `sizes` (N, 2): each image's own (height, width) when the
-        batch is padded (default: the whole tensor). Returns V tensors (N, 3, size, size)."""
+        batch is padded (default: the whole tensor). Returns V tensors (N, 3, size, size), view v augmented
+        as view `first_view + v` (a group of views inside a multi-crop set)."""
         if not isinstance(images, torch.Tensor):
             images, layout = to_nchw(images, layout), "chw"
         N, H, W = images.shape[0], *_spatial(images, layout)
@@ -342,7 +344,7 @@ class Augmenter(nn.Module):
                     x[n, :, h:, :w] = x[n, :, h - 1 : h, :w]
                     x[n, :, :, w:] = x[n, :, :, w - 1 : w]
             views = crop_resize(x, windows, S).div_(255.0).clamp_(0, 1)
-        return [self.finish(views[v * N : (v + 1) * N], v, generator) for v in range(V)]
+        return [self.finish(views[v * N : (v + 1) * N], first_view + v, generator) for v in range(V)]
 
     def finish(self, x: torch.Tensor, view: int, generator: torch.Generator | None = None,
                layout: str = "chw") -> torch.Tensor:
