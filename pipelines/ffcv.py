@@ -38,25 +38,21 @@ be preparing, and the one it starts as soon as the consumer frees a place). The 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from functools import cache, partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from numba import prange
 
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import BETON
 from viewpipe.pipelines import (Batch, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
-                                ViewFinisher, dist_rank_world, epoch_batches, resolve_overlap)
+                                ViewFinisher, dist_rank_world, resolve_overlap)
 from viewpipe.state import SampleState
 
-_GOT = 5  # per decoded image: sample index, height, width, decodes, libjpeg-turbo status
 
 
 def _import_ffcv() -> None:
@@ -77,56 +73,6 @@ def _import_ffcv() -> None:
                             f"({exc}); install setuptools>=68 (pip install 'viewpipe[ffcv]') and leave "
                             "SETUPTOOLS_USE_DISTUTILS unset") from None
     import_optional("ffcv.loader", "ffcv", "FFCV")
-
-
-def _decode_batch(imdecode, resize, memmove, batch_indices, want, metadata, storage_state, windows, images, temp, got,
-                  n_images, V, fused):  # noqa: ANN001, ANN202
-    """The compiled decoder's body (numba, `prange` over the batch on FFCV's threads): each sample (and its
-    companion, `want`) read from the mapped .beton and decoded once by libjpeg-turbo (`imdecode`; raw samples
-    are copied). Unfused: the image stays in its padded (Hmax, Wmax, 3) slot of `images`, its last row and
-    column repeated once. Fused: every view's window is cut and resized to S×S from it (libffcv's `resize`,
-    OpenCV INTER_AREA) into `images` (B, n_views, S, S, 3). `got` records per image: index, height, width,
-    decodes and libjpeg-turbo's status. The C functions (libffcv's, libc's memmove) come in as arguments, so
-    the compiled code holds no address of this process and numba can cache it on disk. (Rows move with
-    memmove: an overlapping slice copy inside `prange` came out corrupted with numba 0.68.)"""
-    mm, ptrs, sizes = storage_state  # FFCV's OS-cache reader state: the mapped file and its allocations
-    Hp, Wp = images.shape[2], images.shape[3]
-    for n in prange(len(batch_indices)):
-        for i in range(n_images):
-            k = np.int64(batch_indices[n]) if i == 0 else want[n, 0]
-            field = metadata[k]
-            H, W = np.int64(field["height"]), np.int64(field["width"])
-            ptr = field["data_ptr"]
-            data = mm[ptr : ptr + sizes[np.searchsorted(ptrs, ptr)]]
-            got[n, i, 0], got[n, i, 1], got[n, i, 2], got[n, i, 3], got[n, i, 4] = k, H, W, 0, 0
-            npix = H * W * 3
-            if fused:
-                if field["mode"] == 0:  # jpg
-                    got[n, i, 4] = imdecode(data.ctypes.data, data.size, H, W, temp[n].ctypes.data, H, W, 0, 0, 1, 1,
-                                            False, False)
-                else:  # raw pixels
-                    temp[n, :npix] = data[:npix]
-                got[n, i, 3] += 1
-                for v in range(i * V, (i + 1) * V):
-                    top, left, h, w = windows[n, v, 0], windows[n, v, 1], windows[n, v, 2], windows[n, v, 3]
-                    out = images[n, v]
-                    resize(0, temp[n].ctypes.data, H, W, top, top + h, left, left + w, out.ctypes.data,
-                           out.shape[0], out.shape[1])
-            else:
-                dst = images[n, i]
-                if field["mode"] == 0:
-                    flat = dst.reshape(-1)
-                    got[n, i, 4] = imdecode(data.ctypes.data, data.size, H, W, flat.ctypes.data, H, W, 0, 0, 1, 1,
-                                            False, False)
-                    for row in range(H - 1, 0, -1):  # tight rows -> the slot's pitch, last row first
-                        memmove(flat.ctypes.data + row * Wp * 3, flat.ctypes.data + row * W * 3, W * 3)
-                else:
-                    dst[:H, :W] = data[:npix].reshape(H, W, 3)
-                got[n, i, 3] += 1
-                if H < Hp:  # repeat the last row and column once: roi_align's bilinear reach past the edge
-                    dst[H, :W] = dst[H - 1, :W]
-                if W < Wp:
-                    dst[: min(H + 1, Hp), W] = dst[: min(H + 1, Hp), W - 1]
 
 
 def _quiet_stale_dispatcher_finalizers() -> None:
@@ -150,149 +96,14 @@ def _quiet_stale_dispatcher_finalizers() -> None:
 
 
 @cache
-def _ffcv() -> SimpleNamespace:
-    """The FFCV classes of this backend and the compiled decoder, built once per process on first use (ffcv
-    is imported lazily, so `viewpipe.pipelines.ffcv` imports without it)."""
+def _ffcv():  # noqa: ANN202  (the module viewpipe.pipelines.ffcv_ops)
+    """This backend's FFCV classes and compiled decoder (`viewpipe.pipelines.ffcv_ops`), imported once per
+    process on first use: ffcv is imported lazily, so `viewpipe.pipelines.ffcv` imports without it."""
     _import_ffcv()
     _quiet_stale_dispatcher_finalizers()
-    from dataclasses import replace
+    from viewpipe.pipelines import ffcv_ops
 
-    import numba
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.libffcv import ctypes_imdecode, ctypes_resize
-    from ffcv.loader.epoch_iterator import EpochIterator, select_buffer
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.operation import Operation
-    from ffcv.pipeline.state import State
-    from ffcv.traversal_order.base import TraversalOrder
-    from numba import types
-    from numba.core.types.function_type import CompileResultWAP
-
-    try:  # cached on disk (beside this file, or numba's user cache): ~10 s of compiling once per machine
-        decode_batch = numba.njit(parallel=True, nogil=True, cache=True)(_decode_batch)
-    except RuntimeError:  # no writable cache location
-        decode_batch = numba.njit(parallel=True, nogil=True)(_decode_batch)
-    compiled: dict = {}
-
-    def decode_fn(metadata: np.ndarray) -> CompileResultWAP:
-        """`decode_batch` compiled for the buffers FFCV passes, as a first-class function: FFCV compiles each
-        loader's decoder anew, and a call through an address keeps that compile small (calling the dispatcher
-        would link, and re-optimise, all of `decode_batch` into every loader's code: ~1 s more each)."""
-        def arr(dtype, ndim: int, readonly: bool = False):  # noqa: ANN001, ANN202
-            return types.Array(dtype, ndim, "C", readonly=readonly)
-
-        state = types.Tuple((arr(types.uint8, 1, True), arr(types.uint64, 1), arr(types.uint64, 1)))
-        sig = types.void(numba.typeof(ctypes_imdecode), numba.typeof(ctypes_resize), numba.typeof(ctypes.memmove),
-                         arr(types.int64, 1), arr(types.int64, 2), numba.typeof(metadata), state, arr(types.int32, 3),
-                         arr(types.uint8, 5), arr(types.uint8, 2), arr(types.int64, 3), types.int64, types.int64,
-                         types.boolean)
-        if sig not in compiled:
-            decode_batch.compile(sig.args)
-            compiled[sig] = CompileResultWAP(decode_batch.overloads[sig.args])
-        return compiled[sig]
-
-    class ViewDecoder(Operation):
-        """Decodes each image (and its companion) once; see `_decode_batch`. Its FFCV buffers per sample:
-        images, temp (the fused decode), want (the companion's index, written in Python), got (what was
-        decoded), windows (written in Python)."""
-
-        def __init__(self, n_images: int, views: int, fused: bool, size: int) -> None:
-            super().__init__()
-            self.n_images, self.V, self.fused, self.size = n_images, views, fused, size
-
-        def declare_state_and_memory(self, previous_state: State):  # noqa: ANN201
-            H, W = int(self.metadata["height"].max()), int(self.metadata["width"].max())
-            nv, S = self.n_images * self.V, self.size
-            shape = (nv, S, S, 3) if self.fused else (self.n_images, H, W, 3)
-            u1, i8 = np.dtype("u1"), np.dtype("<i8")
-            return (replace(previous_state, jit_mode=True, shape=shape, dtype=u1), (
-                AllocationQuery(shape, u1),
-                AllocationQuery((H * W * 3 if self.fused else 1,), u1),
-                AllocationQuery((1,), i8),
-                AllocationQuery((self.n_images, _GOT), i8),
-                AllocationQuery((nv, 4), np.dtype("<i4")),
-            ))
-
-        def generate_code(self):  # noqa: ANN201
-            n_images, V, fused = self.n_images, self.V, self.fused
-            decode_batch, imdecode, resize = decode_fn(self.metadata), ctypes_imdecode, ctypes_resize
-            memmove = ctypes.memmove
-
-            def decode(batch_indices, storage, metadata, storage_state):  # noqa: ANN001, ANN202
-                images, temp, want, got, windows = storage
-                decode_batch(imdecode, resize, memmove, batch_indices, want, metadata, storage_state, windows,
-                             images, temp, got, n_images, V, fused)
-                return images[: len(batch_indices)]
-
-            return decode
-
-    class IndexDecoder(IntDecoder):
-        """Over any scalar field: emits the batch's sample indices (for the stock loader)."""
-
-        def generate_code(self):  # noqa: ANN201
-            def decoder(indices, destination, metadata, storage_state):  # noqa: ANN001, ANN202
-                for ix in range(len(indices)):
-                    destination[ix, 0] = indices[ix]
-                return destination[: len(indices)]
-
-            return decoder
-
-    class EpochOrder(TraversalOrder):
-        """`epoch_batches` as an FFCV traversal order. FFCV's own orders shard with torch's
-        DistributedSampler, which repeats samples to even out ranks and permutes with torch's generator;
-        this one shards like every viewpipe backend when FFCV's `distributed` flag is set. ffcv 1.0.2 calls
-        the TraversalOrder instance it is given with the loader, hence `__call__`."""
-
-        def __init__(self, owner: FfcvLoader) -> None:  # noqa: F821
-            self.owner = owner
-
-        def __call__(self, loader) -> EpochOrder:  # noqa: ANN001
-            TraversalOrder.__init__(self, loader)
-            return self
-
-        def batches(self, epoch: int) -> list[np.ndarray]:
-            o = self.owner
-            rank, world = (o.rank, o.world) if self.distributed else (0, 1)
-            return epoch_batches(o.num_samples, o.cfg, epoch, rank, world)
-
-        def sample_order(self, epoch: int) -> np.ndarray:
-            b = self.batches(epoch)
-            return np.concatenate(b) if b else np.zeros(0, np.int64)
-
-    class Epoch(EpochIterator):
-        """FFCV's epoch thread over exactly `batches` (FFCV would chunk a flat order into full batches);
-        `prepare(b, indices, storage)` fills the decoder's buffers in Python right before batch b is decoded.
-        Each result is FFCV's outputs plus the decoder's buffers for that batch."""
-
-        def __init__(self, loader, batches: list[np.ndarray], node: int | None, prepare) -> None:  # noqa: ANN001
-            self.exact, self.node, self.prepare, self.error = batches, node, prepare, None
-            B = loader.batch_size
-            super().__init__(loader, np.zeros((len(batches) - 1) * B + 1 if batches else 0, np.int64))
-
-        def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):  # noqa: ANN001, ANN201
-            if self.terminate_event.is_set():
-                raise StopIteration  # FFCV's thread ends the epoch
-            try:
-                indices = np.ascontiguousarray(self.exact[b_ix], dtype=np.int64)
-                storage = None
-                if self.node is not None:
-                    storage = select_buffer(self.memory_allocations["operation"][self.node], batch_slot, len(indices))
-                    self.prepare(b_ix, indices, storage)
-                return (*super().run_pipeline(b_ix, indices, batch_slot, cuda_event), storage)
-            except Exception as exc:  # reported by the consumer instead of killing the thread silently
-                self.error = exc
-                raise StopIteration from exc
-
-        def stop(self) -> None:
-            """End the thread: it stops before its next batch; drain the queue so that it never blocks."""
-            self.close()
-            while self.is_alive():
-                while not self.output_queue.empty():
-                    self.output_queue.get_nowait()
-                self.join(0.02)
-
-    return SimpleNamespace(ViewDecoder=ViewDecoder, IndexDecoder=IndexDecoder, EpochOrder=EpochOrder, Epoch=Epoch,
-                           IntDecoder=IntDecoder)
+    return ffcv_ops
 
 
 def _beton(path: str | os.PathLike[str]) -> Path:
@@ -330,7 +141,7 @@ class FfcvLoader(EpochPosition):
                  decode_only: bool = False, stock: bool = False, overlap: bool | None = None) -> None:
         _import_ffcv()
         beton = _beton(data)
-        ns = _ffcv()
+        ops = _ffcv()
         import numba
         from ffcv.fields import RGBImageField
         from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
@@ -375,15 +186,15 @@ class FfcvLoader(EpochPosition):
             rrc = [RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=groups[g].scale, ratio=cfg.crop.ratio)
                    for g in cfg.group_of_views()]
             pipelines = {"image": PipelineSpec("image", decoder=rrc[0]),
-                         "label": PipelineSpec("label", decoder=ns.IntDecoder())}
+                         "label": PipelineSpec("label", decoder=ops.IntDecoder())}
             pipelines |= {f"image_{v}": PipelineSpec("image", decoder=rrc[v]) for v in range(1, V)}
-            pipelines["index"] = PipelineSpec("label", decoder=ns.IndexDecoder())
+            pipelines["index"] = PipelineSpec("label", decoder=ops.IndexDecoder())
             self._decoder = None
         else:
-            self._decoder = ns.ViewDecoder(self._n_images, 0 if decode_only else V, self.fused, groups[0].size)
+            self._decoder = ops.ViewDecoder(self._n_images, 0 if decode_only else V, self.fused, groups[0].size)
             pipelines = {"image": PipelineSpec("image", decoder=self._decoder),
-                         "label": PipelineSpec("label", decoder=ns.IntDecoder())}
-        self._order = ns.EpochOrder(self)
+                         "label": PipelineSpec("label", decoder=ops.IntDecoder())}
+        self._order = ops.EpochOrder(self)
         threads = torch.get_num_threads()  # FFCV sets torch's threads to its own count: keep the caller's
         try:
             self._loader = Loader(str(beton), batch_size=cfg.batch_size, num_workers=self.num_threads,
@@ -431,7 +242,7 @@ class FfcvLoader(EpochPosition):
         torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
         return out
 
-    def _views(self, images: np.ndarray, got: np.ndarray, windows: np.ndarray, gen: torch.Generator) -> list:
+    def _views(self, images: np.ndarray, decoded: np.ndarray, windows: np.ndarray, gen: torch.Generator) -> list:
         """The batch's views from FFCV's decoded slot: uploaded, cut and resized (`Augmenter.forward`: Triton
         reading the uint8 slot on a GPU, roi_align on the CPU), then finished; view V + v like view v."""
         V = self.cfg.views
@@ -441,7 +252,7 @@ class FfcvLoader(EpochPosition):
         Hp, Wp = self.max_size  # (B, n_images, Hmax, Wmax, 3)
         views = []
         for i in range(self._n_images):  # cut to the batch's largest image (+ the repeated row/column)
-            h, w = min(Hp, int(got[:, i, 1].max()) + 1), min(Wp, int(got[:, i, 2].max()) + 1)
+            h, w = min(Hp, int(decoded[:, i, 1].max()) + 1), min(Wp, int(decoded[:, i, 2].max()) + 1)
             views += self._finisher.crop_and_finish(x[:, i, :h, :w], windows[:, i * V : (i + 1) * V], gen, "hwc")
         return views
 
@@ -450,16 +261,16 @@ class FfcvLoader(EpochPosition):
         images = [result[0]] + list(result[2 : 2 + V - 1])
         return [self._finisher.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
 
-    def _record(self, got: np.ndarray) -> None:
+    def _record(self, decoded: np.ndarray) -> None:
         """Count decodes per sample."""
         for i in range(self._n_images):
-            np.add.at(self.decodes, got[:, i, 0], got[:, i, 3])
+            np.add.at(self.decodes, decoded[:, i, 0], decoded[:, i, 3])
 
-    def _failures(self, got: np.ndarray) -> dict[int, str]:
+    def _failures(self, decoded: np.ndarray) -> dict[int, str]:
         """The samples of a decoded batch libjpeg-turbo reported an error or warning for (damaged data: their
         pixels may be incomplete), index → why."""
         return {int(k): f"fails to decode (libjpeg-turbo status {int(status)}: damaged data)"
-                for i in range(self._n_images) for k, status in got[np.flatnonzero(got[:, i, 4]), i][:, [0, 4]]}
+                for i in range(self._n_images) for k, status in decoded[np.flatnonzero(decoded[:, i, 4]), i][:, [0, 4]]}
 
     def __iter__(self) -> Iterator[tuple]:
         return self.hand_out(self.epoch, len(self.batches()), self._pending())
@@ -467,14 +278,14 @@ class FfcvLoader(EpochPosition):
     def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
         """(b, the function that makes batch b from FFCV's result) for the rest of the epoch. Each function
         runs before FFCV's next result is taken, while FFCV's thread keeps the slot it reads."""
-        ns = _ffcv()
+        ops = _ffcv()
         epoch, b = self.epoch, self._next
         batches = [self.substitutes(x) for x in self.batches(epoch)]
         self._stop()
         mine = None
         try:
             if b < len(batches):
-                self._epoch = mine = ns.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
+                self._epoch = mine = ops.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
             while b < len(batches):
                 try:
                     result = next(mine)
@@ -486,7 +297,7 @@ class FfcvLoader(EpochPosition):
                     self._stop()
                     self.substitutes.add(failed)
                     batches = [self.substitutes(x) for x in self.batches(epoch)]
-                    self._epoch = mine = ns.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
+                    self._epoch = mine = ops.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
                     continue
                 yield b, partial(self._batch, result, batches[b], self._planner.seed(epoch, b))
                 b += 1
@@ -501,15 +312,15 @@ class FfcvLoader(EpochPosition):
         if self.stock:
             indices = torch.from_numpy(np.asarray(result[-2]).reshape(-1).astype(np.int64))
             return Batch(self._stock_views(result, gen), labels, indices)
-        images, _, _, got, windows = result[-1]
-        indices = torch.from_numpy(got[:, 0, 0].copy())
+        images, _, _, decoded, windows = result[-1]
+        indices = torch.from_numpy(decoded[:, 0, 0].copy())
         if not np.array_equal(indices.numpy(), expected):  # the decoder saw other samples: a bug
             raise RuntimeError(f"FFCV decoded samples {indices.tolist()}, expected {expected.tolist()}")
-        self._record(got)
+        self._record(decoded)
         if self.decode_only:
             return Batch(None, labels, indices)
-        neighbours = torch.from_numpy(got[:, 1, 0].copy()) if self.companions else None
-        return Batch(self._views(images, got, windows, gen), labels, indices, neighbours,
+        neighbours = torch.from_numpy(decoded[:, 1, 0].copy()) if self.companions else None
+        return Batch(self._views(images, decoded, windows, gen), labels, indices, neighbours,
                      torch.from_numpy(windows.copy()))
 
     def close(self) -> None:
