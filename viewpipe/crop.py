@@ -1,4 +1,6 @@
-"""ContrastiveCrop window sampler (CVPR 2022), exactly as the authors' fixed code (SPEC.md §1).
+"""ContrastiveCrop window sampler (Peng et al., "Crafting Better Contrastive Views for Siamese Networks",
+CVPR 2022, arXiv:2202.03278), exactly as the authors' code after the fix of their issue #16 (both corner
+bounds clamped into the image on both sides).
 
 Per view: up to `tries` RandomResizedCrop (scale, ratio) proposals; the first that fits gives the size;
 its top-left corner is the box edge minus half the crop, both bounds clamped into the image, plus
