@@ -36,5 +36,5 @@ test: setup
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info
 	$(VENV)/bin/viewpipe state clean 2>/dev/null || true
+	rm -rf $(VENV) build *.egg-info

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from viewpipe.errors import ViewpipeError, import_optional
-from viewpipe.formats import BETON
+from viewpipe.formats import BETON, INDEX
 from viewpipe.pipelines import (Batch, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
                                 ViewFinisher, dist_rank_world, resolve_overlap)
 from viewpipe.state import SampleState
@@ -110,8 +110,11 @@ def _beton(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     beton = p if p.suffix == ".beton" else p / BETON
     if not beton.is_file():
-        raise ViewpipeError(f"{p}: no FFCV dataset ({beton.name} is missing); convert it first: "
-                            f"viewpipe convert SRC {p} --format ffcv")
+        if (p / INDEX).is_file():  # a dataset converted without the FFCV format
+            raise ViewpipeError(f"{p}: converted without the FFCV format ({beton.name} is missing); convert its "
+                                "source again into a new folder with --format ffcv (or both) and pass that folder")
+        raise ViewpipeError(f"{p}: not an FFCV dataset; convert it first (viewpipe convert {p} DST --format ffcv) "
+                            "and pass DST")
     return beton
 
 

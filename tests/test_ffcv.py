@@ -517,7 +517,7 @@ def test_stale_ffcv_dispatchers_are_collected_quietly(dataset: Path) -> None:
 
 
 def test_clear_errors(dataset: Path, tmp_path: Path, state_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ViewpipeError, match=r"no FFCV dataset \(data.beton is missing\).*viewpipe convert"):
+    with pytest.raises(ViewpipeError, match=r"not an FFCV dataset; convert it first \(viewpipe convert .* DST "):
         ffcv_loader(tmp_path, cfg_(), device="cpu")
     with SampleState.create(95, name=state_name) as st:
         with pytest.raises(ViewpipeError, match="95 rows but .* has 96 samples"):
