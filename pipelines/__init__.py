@@ -435,6 +435,7 @@ BACKENDS: dict[str, str] = {
     "torch": "viewpipe.pipelines.reference:reference_loader",
     "dali": "viewpipe.pipelines.dali:dali_loader",
     "ffcv": "viewpipe.pipelines.ffcv:ffcv_loader",
+    "memory": "viewpipe.pipelines.memory:memory_loader",
 }
 
 
