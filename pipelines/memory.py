@@ -98,7 +98,7 @@ class MemoryLoader(EpochPosition):
             raise ViewpipeError(f"the decoded dataset takes {images.nbytes / 2**30:.1f} GiB, more than the "
                                 f"{self.device} can hold; use the dali or ffcv backend")
         self.images = torch.from_numpy(images).to(self.device)
-        self.labels = torch.as_tensor(np.asarray(source.labels, dtype=np.int64))
+        self.labels = torch.from_numpy(np.array(source.labels, dtype=np.int64))
         self.substitutes = Substitutes(self.num_samples, source.describe)
         if failed:
             self.substitutes.add(failed)

@@ -269,7 +269,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-images", type=int, default=0, help="use the first N test images (default: all)")
     p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN scores (and after the last)")
     p.add_argument("--rows", default="", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
-    p.add_argument("--backend", default="", choices=["", "torch", "dali", "ffcv"], help="default: the configs' (dali)")
+    p.add_argument("--backend", default="", choices=["", "torch", "dali", "ffcv", "memory"],
+                   help="default: the configs' (dali); memory keeps the decoded dataset on the device")
     p.add_argument("--backbone", default="", help="default: the configs' (resnet18_cifar)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=0, help="loader workers (default: all cores)")

@@ -37,7 +37,7 @@ class DataConfig:
     split: str = "train"
     test_path: str = ""  # the kNN monitor's test set (empty: the monitor is off)
     test_split: str = "test"
-    backend: str = choice("torch", "dali", "ffcv")
+    backend: str = choice("torch", "dali", "ffcv", "memory")
     size: int = bounded(32, 1)  # view side
     preset: str = "mocov2_small"  # augmentation preset (viewpipe.augment.PRESETS)
     views: int = bounded(2, 1)  # per sample; each method needs at least 2 (METHOD_VIEWS)
