@@ -14,6 +14,7 @@ import numpy as np
 
 from viewpipe.augment import AugmentConfig, preset
 from viewpipe.crop import CropConfig, view_windows
+from viewpipe.dist import rank_world as dist_rank_world  # noqa: F401 (the backends' import)
 from viewpipe.errors import ViewpipeError
 
 
@@ -128,18 +129,6 @@ class ViewFinisher:
             out += views
             start += group.count
         return out
-
-
-def dist_rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
-    """(rank, world): the arguments where given, else torch.distributed's when it is initialised, else (0, 1)."""
-    import torch.distributed as dist
-
-    on = dist.is_available() and dist.is_initialized()
-    rank = rank if rank is not None else (dist.get_rank() if on else 0)
-    world = world if world is not None else (dist.get_world_size() if on else 1)
-    if not 0 <= rank < world:
-        raise ViewpipeError(f"rank {rank} is outside world size {world}")
-    return rank, world
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0, world: int = 1,

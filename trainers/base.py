@@ -1,31 +1,17 @@
-"""What every method shares: the `Method` interface the engine drives, momentum (EMA) updates and the
-distributed helpers (all-gather without gradient, shuffle-BN)."""
+"""What every method shares: the `Method` interface the engine drives, momentum (EMA) updates, MoCo's
+shuffle-BN and the broadcast of BatchNorm statistics (collectives from `viewpipe.dist`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from viewpipe.dist import broadcast, gather_ranks, rank_world, several
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
 from viewpipe.trainers.models import Backbone
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' `x` concatenated in rank order (no gradient); `x` itself on a single process."""
-    if not distributed():
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -33,13 +19,13 @@ def broadcast_bn_stats(module: nn.Module) -> None:
     """Give every rank rank 0's BatchNorm running statistics. The engine's DDP does not broadcast buffers each
     step (the queues are kept identical by construction), so each rank's running statistics drift apart; the
     eval-mode passes over the whole dataset (boxes, neighbours, kNN) must all see one network."""
-    if not distributed():
+    if not several():
         return
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
                 if buf is not None:
-                    dist.broadcast(buf, src=0)
+                    broadcast(buf, src=0)
 
 
 @torch.no_grad()
@@ -101,13 +87,12 @@ class Method(nn.Module):
 def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """MoCo's shuffle-BN: the key encoder sees the global batch shuffled across ranks, so BN statistics are not
     computed from the same images as the queries' (which would leak a shortcut). A no-op on one process."""
-    if not distributed():
+    if not several():
         return encoder(x)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    all_x = gather(x)
-    perm = torch.randperm(all_x.shape[0], device=x.device)
-    dist.broadcast(perm, src=0)
+    rank, world = rank_world()
+    all_x = gather_ranks(x)
+    perm = broadcast(torch.randperm(all_x.shape[0], device=x.device), src=0)
     unshuffle = torch.argsort(perm)
     local = perm.view(world, -1)[rank]
-    out = gather(encoder(all_x[local]))
+    out = gather_ranks(encoder(all_x[local]))
     return out[unshuffle].view(world, -1, *out.shape[1:])[rank]

@@ -13,6 +13,7 @@ import torch
 
 from viewpipe.augment import AugmentConfig
 from viewpipe.boxes import boxes_from_features
+from viewpipe.dist import barrier
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
 from viewpipe.trainers.config import TrainConfig
@@ -54,8 +55,7 @@ class BoxUpdater:
         boxes = self.boxes(backbone, device)
         if writer:
             state.set_boxes(boxes, epoch=epoch)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every node's segment holds the new boxes before training goes on
+        barrier()  # every node's segment holds the new boxes before training goes on
         self.updates += 1
         record: dict[str, Any] = {"box_update": self.updates, "box_seconds": time.perf_counter() - t0,
                                   "box_area": float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))}

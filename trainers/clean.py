@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import dist_rank_world
+from viewpipe.dist import gather_rows, is_on, rank_world
 from viewpipe.sources import Source, open_source
 
 _WORKER_ERROR = re.compile(r"^viewpipe\.[\w.]*Error: (.*)$")
@@ -131,45 +131,9 @@ def clean_loader(
     rank/world default to torch.distributed's (else 0 of 1); a decode failure is the one-line error naming
     the file that `decode_rgb` gives, also from a worker."""
     source = as_source(data, split)
-    rank, world = dist_rank_world(rank, world)
+    rank, world = rank_world(rank, world)
     return CleanLoader(source, size, batch_size, default_workers() if workers is None else workers, rank, world,
                        tuple(mean), tuple(std), resize)
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def gather_rows(local: torch.Tensor | None, n: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
-    """The full (n, ...) result in dataset order from every rank's strided share (rows `r::world` of rank r):
-    shares differ by one row at most, so each is padded to ceil(n / world) for `all_gather`. `local` is None on
-    a rank whose share is empty; the row shape and dtype come from the ranks that have one."""
-    import torch.distributed as dist
-
-    meta = None if local is None else (tuple(local.shape[1:]), str(local.dtype).removeprefix("torch."))
-    metas: list[Any] = [None] * world
-    dist.all_gather_object(metas, meta)
-    known = [m for m in metas if m is not None]
-    if not known:
-        raise ViewpipeError("dataset_outputs: the dataset is empty on every rank")
-    if any(m != known[0] for m in known):
-        raise ViewpipeError(f"dataset_outputs: ranks returned different row shapes or dtypes: {known}")
-    shape, dtype = known[0][0], getattr(torch, known[0][1])
-    if dist.get_backend() != "nccl":
-        device = torch.device("cpu")  # gloo / mpi gather host tensors
-    wire = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool all_gather
-    per = -(-n // world)
-    padded = torch.zeros((per, *shape), dtype=wire, device=device)
-    if local is not None and len(local):
-        padded[: len(local)] = local.to(device=device, dtype=wire)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    out = torch.empty((n, *shape), dtype=wire, device=device)
-    for r, part in enumerate(parts):
-        out[r::world] = part[: len(range(r, n, world))]
-    return out.to(dtype)
 
 
 class eval_mode:
@@ -210,8 +174,8 @@ def dataset_outputs(
 
     device = torch.device(device)
     source = as_source(data, split)
-    rank, world = dist_rank_world(rank, world)
-    if world > 1 and not _distributed():
+    rank, world = rank_world(rank, world)
+    if world > 1 and not is_on():
         raise ViewpipeError(f"dataset_outputs: world size {world} without torch.distributed initialised; "
                             "call it from every rank after init_process_group (or use clean_loader for one share)")
     loader = clean_loader(source, size, batch_size, workers, rank, world, mean, std, resize=resize)
@@ -229,8 +193,6 @@ def dataset_outputs(
     local = torch.cat(outs) if outs else None
     if seen and not torch.equal(torch.cat(seen), torch.from_numpy(loader.indices)):
         raise ViewpipeError("dataset_outputs: the loader returned samples out of order")  # a broken invariant
-    if world == 1:
-        if local is None:
-            raise ViewpipeError(f"dataset_outputs: the dataset is empty ({len(source)} samples)")
-        return local
-    return gather_rows(local, len(source), rank, world, device).to(device)
+    if world == 1 and local is None:
+        raise ViewpipeError(f"dataset_outputs: the dataset is empty ({len(source)} samples)")
+    return gather_rows(local, len(source), device, rank, world)

@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import dist_rank_world
+from viewpipe.dist import barrier, gather_rows, rank_world
 from viewpipe.trainers.base import DataContext, Method, momentum_update, shuffle_bn_forward
-from viewpipe.trainers.clean import dataset_outputs, eval_mode, gather_rows
+from viewpipe.trainers.clean import dataset_outputs, eval_mode
 from viewpipe.trainers.models import Backbone, mlp
 from viewpipe.trainers.mocov2 import enqueue, infonce
 
@@ -71,10 +71,9 @@ def mine_neighbours(backbone: Backbone, data: DataContext, k: int, resize: int =
         feats = dataset_outputs(lambda x: F.normalize(backbone.pooled(x).float(), dim=1), data.source, data.size,
                                 batch_size=data.batch_size, device=data.device, workers=data.workers,
                                 mean=data.mean, std=data.std, resize=resize, desc="neighbour features")
-    rank, world = dist_rank_world()
+    rank, world = rank_world()
     n = len(feats)
-    local = cosine_knn(feats, k, torch.arange(rank, n, world))
-    table = local if world == 1 else gather_rows(local if len(local) else None, n, rank, world, data.device)
+    table = gather_rows(cosine_knn(feats, k, torch.arange(rank, n, world)), n, data.device)
     return table.cpu().numpy().astype(np.int32)
 
 
@@ -165,8 +164,7 @@ class CsMl(Method):
         table = mine_neighbours(self.key.backbone, data, self.k, self.mine_resize)
         if data.writer:
             data.state.set_neighbours(table)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every node's table is the new one before any loader reads it
+        barrier()  # every node's table is the new one before any loader reads it
         labels = np.asarray(data.source.labels)
         return {"nn_label_agreement": float(np.mean(labels[table] == labels[:, None]))}
 

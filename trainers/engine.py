@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import random
 import time
 import warnings
@@ -20,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from viewpipe.augment import preset
 from viewpipe.crop import CropConfig
+from viewpipe.dist import all_reduce_min, barrier, gather_objects, gather_ranks, setup
 from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import Batch, LoaderConfig, get_backend
 from viewpipe.sources import open_source
@@ -103,23 +102,6 @@ def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int, steps_per_epoch: int
     return final + (o.lr - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - o.warmup_epochs) / span)))
 
 
-# ---------------------------------------------------------------------------------------------- run context
-def setup_distributed(device: str) -> tuple[torch.device, int, int, int]:
-    """(device, rank, world, local rank). Under torchrun (WORLD_SIZE > 1) the process group is initialised
-    here: NCCL on the GPU, gloo on the CPU."""
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ViewpipeError("device=cuda but torch sees no GPU; use device=auto or cpu")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if want_cuda:
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local), rank, world, local
-    return torch.device("cpu"), rank, world, local
-
-
 # what a resume reads from a checkpoint (a file without them is not one of viewpipe pretrain's)
 REQUIRED = ("config", "epoch", "step", "loader", "model", "optimizer", "sample_state", "box_updates", "history",
             "rng")
@@ -140,7 +122,7 @@ class Trainer:
         self.cfg = validate(cfg)
         if not cfg.data.path:
             raise ViewpipeError("data.path is empty: give the training data (data.path=... or a config file)")
-        self.device, self.rank, self.world, self.local_rank = setup_distributed(cfg.device)
+        self.device, self.rank, self.world, self.local_rank = setup(cfg.device)
         self.main = self.rank == 0
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "last.pt"
@@ -215,8 +197,7 @@ class Trainer:
         state = SampleState.create(self.n, neighbours=k) if self.local_rank == 0 else None
         if self.world == 1:
             return state
-        names = [None] * self.world
-        dist.all_gather_object(names, state.name if state is not None else None)  # (after the creation)
+        names = gather_objects(state.name if state is not None else None)  # (after the creation)
         return state if state is not None else SampleState.attach(names[self.rank - self.local_rank])
 
     def loader(self, epoch: int) -> Any:
@@ -241,11 +222,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, loader_state: dict) -> dict:
-        rng = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
+        rng = gather_objects(rng_state())
         return {
             "config": to_dict(self.cfg), "epoch": self.epoch, "step": self.step, "loader": loader_state,
             "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -276,8 +253,7 @@ class Trainer:
                 mine: tuple = ("ok", str(used), ckpt["step"])
             except ViewpipeError as exc:
                 mine = ("error", str(exc), None)
-            seen = [None] * self.world
-            dist.all_gather_object(seen, mine)
+            seen = gather_objects(mine)
             if mine[0] == "error":
                 raise ViewpipeError(mine[1])
             failed = [f"rank {r}: {s[1]}" for r, s in enumerate(seen) if s[0] == "error"]
@@ -315,8 +291,7 @@ class Trainer:
         self._resume_loader = ckpt["loader"]
         rng = ckpt["rng"]
         set_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
-        if self.world > 1:
-            dist.barrier()  # the sample state is restored before any rank's loader reads it
+        barrier()  # the sample state is restored before any rank's loader reads it
 
     # ------------------------------------------------------------------ non-finite losses
     def _note_loss(self, loss: torch.Tensor) -> None:
@@ -350,12 +325,7 @@ class Trainer:
             return
         row = torch.stack([self._first_bad.double(), self._bad_loss.double(),
                            self._weights_bad().double() if weights else self._bad_loss.new_zeros(()).double()])
-        if self.world > 1:
-            rows = [torch.empty_like(row) for _ in range(self.world)]
-            dist.all_gather(rows, row)
-            table = torch.stack(rows).cpu()
-        else:
-            table = row[None].cpu()
+        table = gather_ranks(row[None]).cpu()
         r = int(table[:, 0].argmin())
         step = int(table[r, 0])
         rank = f" on rank {r}" if self.world > 1 else ""
@@ -502,8 +472,7 @@ class Trainer:
         if self.cfg.optim.skip_nonfinite:
             # skipping needs the answer on the host before the update: one sync per step in this mode only
             finite = torch.isfinite(loss.detach()).all().to(torch.int32)
-            if self.world > 1:  # the gradients were averaged over the ranks: one rank's NaN is every rank's
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            all_reduce_min(finite)  # the gradients were averaged over the ranks: one rank's NaN is every rank's
             if not bool(finite):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._skipped_last = True

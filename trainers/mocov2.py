@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from viewpipe.trainers.base import Method, gather, momentum_update, shuffle_bn_forward
+from viewpipe.dist import gather_ranks
+from viewpipe.trainers.base import Method, momentum_update, shuffle_bn_forward
 from viewpipe.trainers.models import Backbone, mlp
 
 
@@ -36,7 +37,7 @@ def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -
 def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     """Write all ranks' keys (B, ..., dim) into a FIFO `queue` (..., dim, K) at `ptr`, wrapping around, and
     advance `ptr`. The same on every rank, so ranks keep identical queues and a checkpoint holds all of it."""
-    keys = gather(keys)
+    keys = gather_ranks(keys)
     K = queue.shape[-1]
     idx = (ptr + torch.arange(len(keys), device=keys.device)) % K
     queue[..., idx] = keys.movedim(0, -1).to(queue.dtype)

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from viewpipe.errors import ViewpipeError
-from viewpipe.trainers.base import Method, distributed, gather, momentum_update
+from viewpipe.dist import gather_ranks, rank_world
+from viewpipe.trainers.base import Method, momentum_update
 from viewpipe.trainers.models import Backbone, ViT, mlp
 from viewpipe.trainers.mocov2 import enqueue
 
@@ -72,10 +73,10 @@ def soft_neighbour_loss(p: torch.Tensor, key: torch.Tensor, nn_: torch.Tensor, w
     neighbours. Returns mean(−Σ target · log_softmax(logits)) · 2τ, or with `log_of_sum` the paper's
     −log Σ target · softmax(logits), also × 2τ."""
     B, K = w.shape
-    cand = gather(torch.cat([key[:, None], nn_], 1).detach())  # (G·B, K+1, d), rank-major
+    cand = gather_ranks(torch.cat([key[:, None], nn_], 1).detach())  # (G·B, K+1, d), rank-major
     logits = F.normalize(p.float(), dim=1) @ F.normalize(cand.flatten(0, 1).float(), dim=1).T / tau
     logp = logits.log_softmax(dim=1)
-    rank = torch.distributed.get_rank() if distributed() else 0
+    rank = rank_world()[0]
     own = logp.view(B, -1, K + 1)[torch.arange(B), rank * B + torch.arange(B)]  # (B, K+1): key, then neighbours
     target = torch.cat([torch.ones_like(w[:, :1]), w], 1).float()
     if log_of_sum:

@@ -1,0 +1,140 @@
+"""torch.distributed in one place: the process group's set-up, this process's rank, world size and local rank,
+and the collectives the rest of viewpipe uses (barrier, broadcast, gathers in rank order and in dataset
+order). Every function is also right on a single process, where the collectives are no-ops or return the
+local value, so callers never ask "is torch.distributed on?" themselves.
+
+Whole-dataset passes (ContrastiveCrop's boxes, CsMl's neighbours, the kNN monitor) split the dataset into
+strided shares: rank r of `world` takes samples r, r + world, r + 2·world, …; `gather_rows` puts every rank's
+rows back into dataset order on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from viewpipe.errors import ViewpipeError
+
+
+def is_on() -> bool:
+    """Whether torch.distributed is initialised in this process (even with a world of one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """(rank, world): the arguments where given, else torch.distributed's when it is initialised, else (0, 1)."""
+    on = is_on()
+    rank = rank if rank is not None else (dist.get_rank() if on else 0)
+    world = world if world is not None else (dist.get_world_size() if on else 1)
+    if not 0 <= rank < world:
+        raise ViewpipeError(f"rank {rank} is outside world size {world}")
+    return rank, world
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; 0 on a single process)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def several() -> bool:
+    """Whether more than one process takes part (torch.distributed on, world size > 1)."""
+    return is_on() and dist.get_world_size() > 1
+
+
+def setup(device: str) -> tuple[torch.device, int, int, int]:
+    """(device, rank, world, local rank) of this process for `device` ("auto", "cuda" or "cpu"). Under torchrun
+    (WORLD_SIZE > 1) the process group is initialised here: NCCL on the GPU, gloo on the CPU; each process
+    uses the GPU of its local rank."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ViewpipeError("device=cuda but torch sees no GPU; use device=auto or cpu")
+    local = local_rank()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_on():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    rank, world = rank_world()
+    if want_cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world, local
+    return torch.device("cpu"), rank, world, local
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for on a single process)."""
+    if is_on():
+        dist.barrier()
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """`tensor` overwritten in place with rank `src`'s (unchanged on a single process); returns it."""
+    if is_on():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` replaced in place by its element-wise minimum over the ranks; returns it."""
+    if several():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (`[obj]` on a single process)."""
+    if not is_on():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def gather_ranks(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' `x` (the same shape on every rank) concatenated along dim 0 in rank order, without
+    gradient; `x` itself on a single process."""
+    if not several():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def gather_rows(local: torch.Tensor | None, n: int, device: torch.device | str, rank: int | None = None,
+                world: int | None = None) -> torch.Tensor:
+    """The full (n, ...) result in dataset order from every rank's strided share (rows r::world of rank r),
+    on every rank, on `device`. Shares differ by one row at most, so each is padded to ceil(n / world) for
+    `all_gather`. `local` is None (or empty) on a rank whose share is empty; the row shape and dtype come from
+    the ranks that have one. On a single process (or `world` 1) it is `local` itself. rank/world default to
+    torch.distributed's; `world` > 1 needs it initialised, every rank calling."""
+    rank, world = rank_world(rank, world)
+    if world == 1:
+        if local is None:
+            raise ViewpipeError(f"gather_rows: no rows for the {n} samples")
+        return local.to(device)
+    if not is_on():
+        raise ViewpipeError(f"gather_rows: world size {world} without torch.distributed initialised; call it "
+                            "from every rank after init_process_group")
+    if local is not None and not len(local):
+        local = None
+    meta = None if local is None else (tuple(local.shape[1:]), str(local.dtype).removeprefix("torch."))
+    known = [m for m in gather_objects(meta) if m is not None]
+    if not known:
+        raise ViewpipeError("gather_rows: the dataset is empty on every rank")
+    if any(m != known[0] for m in known):
+        raise ViewpipeError(f"gather_rows: ranks returned different row shapes or dtypes: {known}")
+    shape, dtype = known[0][0], getattr(torch, known[0][1])
+    wire_device = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")  # gloo: host
+    wire = torch.uint8 if dtype == torch.bool else dtype  # gloo has no bool all_gather
+    per = -(-n // world)
+    padded = torch.zeros((per, *shape), dtype=wire, device=wire_device)
+    if local is not None:
+        padded[: len(local)] = local.to(device=wire_device, dtype=wire)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n, *shape), dtype=wire, device=wire_device)
+    for r, part in enumerate(parts):
+        out[r::world] = part[: len(range(r, n, world))]
+    return out.to(device=device, dtype=dtype)
