@@ -20,8 +20,9 @@ import torch
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.trainers.config import TrainConfig, load_config
-from viewpipe.trainers.engine import Trainer, lr_at, pretrain
+from viewpipe.trainers.engine import Trainer, pretrain
 from viewpipe.trainers.mocov2 import infonce
+from viewpipe.trainers.optim import lr_at
 
 from conftest import step_losses
 

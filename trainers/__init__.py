@@ -1,5 +1,14 @@
-"""Trainers (installed as `viewpipe.trainers`): one file per method on a shared engine.
+"""Trainers (installed as `viewpipe.trainers`): self-supervised methods on one engine.
 
-Nothing here yet: MoCo v2, SimSiam, CsMl and SNCLR and their box and neighbour updaters arrive with their
-issues. The dependency direction is tools → trainers → pipelines → viewpipe.
+- `engine.py` the training loop; `optim.py` optimizers and the lr schedule; `checkpoint.py` checkpoint files and
+  RNG states; `config.py` the run's configuration.
+- `base.py` the `Method` interface and the method registry; one module per method, each registering its class
+  with `@register(name)`: `mocov2.py`, `simsiam.py`, `csml.py`, `snclr.py`.
+- `ccrop.py` ContrastiveCrop's box updater; `clean.py` the clean-image passes over the whole dataset.
+- `eval.py` the kNN monitor and the linear probe; `models.py` backbones and heads.
+
+Importing the package imports the method modules, so that the registry knows every method by its config name.
+The dependency direction is tools → trainers → pipelines → viewpipe.
 """
+
+from . import mocov2, simsiam, csml, snclr  # noqa: F401, I001  (each registers its method; this order is the list users see)

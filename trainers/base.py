@@ -1,17 +1,24 @@
-"""What every method shares: the `Method` interface the engine drives, momentum (EMA) updates, MoCo's
-shuffle-BN and the broadcast of BatchNorm statistics (collectives from `viewpipe.dist`)."""
+"""What every method shares: the `Method` interface the engine drives, the method registry (`register`,
+`build_method`), momentum (EMA) updates, MoCo's shuffle-BN and the broadcast of BatchNorm statistics
+(collectives from `viewpipe.dist`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn as nn
 
 from viewpipe.dist import broadcast, gather_ranks, rank_world, several
+from viewpipe.errors import ViewpipeError
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
-from viewpipe.trainers.models import Backbone
+from viewpipe.trainers.models import Backbone, build_backbone
+
+if TYPE_CHECKING:
+    from viewpipe.trainers.config import TrainConfig
 
 
 @torch.no_grad()
@@ -58,6 +65,7 @@ class Method(nn.Module):
     engine calls. Queues and banks are buffers, so `state_dict()` checkpoints them."""
 
     backbone: Backbone
+    views: tuple[int, int | None] = (2, None)  # views of each sample `forward` takes: (at least, at most)
 
     def forward(self, views: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -81,6 +89,34 @@ class Method(nn.Module):
     def needs_neighbours(self) -> int:
         """k of the neighbour table this method needs in the sample state (0: none)."""
         return 0
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+METHODS: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator of a method module: `@register("mocov2")` on `class MoCoV2(Method)` makes it the
+    config's `method: mocov2`. The package's `__init__` imports every method module, so the registry is full
+    whenever anything of `viewpipe.trainers` is imported."""
+
+    def add(cls: M) -> M:
+        if METHODS.setdefault(name, cls) is not cls:
+            raise ValueError(f"method {name!r} registered twice: {METHODS[name].__qualname__}, {cls.__qualname__}")
+        return cls
+
+    return add
+
+
+def build_method(cfg: TrainConfig) -> Method:
+    """The registered method `cfg.method` on a fresh `cfg.backbone`, with `cfg.method_args`."""
+    if cfg.method not in METHODS:
+        raise ViewpipeError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+    try:
+        return METHODS[cfg.method](build_backbone(cfg.backbone), **cfg.method_args)
+    except TypeError as exc:
+        raise ViewpipeError(f"method_args for {cfg.method}: {exc}") from None
 
 
 @torch.no_grad()

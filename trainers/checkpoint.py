@@ -53,6 +53,13 @@ def rng_state() -> dict:
     return s
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and every GPU), NumPy's global generator and Python's with `seed`."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])

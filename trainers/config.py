@@ -40,7 +40,7 @@ class DataConfig:
     backend: str = choice("torch", "dali", "ffcv", "memory")
     size: int = bounded(32, 1)  # view side
     preset: str = "mocov2_small"  # augmentation preset (viewpipe.augment.PRESETS)
-    views: int = bounded(2, 1)  # per sample; each method needs at least 2 (METHOD_VIEWS)
+    views: int = bounded(2, 1)  # per sample; each method says how many it takes (its class's `views`)
     batch_size: int = bounded(512, 1)  # global: divided among ranks
     workers: int = bounded(8, 0)
     # dali backend only: the share of images nvJPEG sends to the GPU's hardware JPEG decoder (A100, H100), the
@@ -103,12 +103,6 @@ class TrainConfig:
     save_every: int = bounded(0, 0)  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
     max_steps: int = bounded(0, 0)  # stop after this many steps of this process (0: no limit): for tests and benchmarks
 
-
-# views of each sample a method's forward takes: (at least, at most); methods not listed need at least 2
-METHOD_VIEWS: dict[str, tuple[int, int | None]] = {
-    "mocov2": (2, None), "simsiam": (2, None), "snclr": (2, None),
-    "csml": (2, 2),  # 2 of the sample and 2 of its neighbour (the loader's companions)
-}
 
 # method_args whose range is the same in every method that takes them: (lo, hi, lo_open, hi_open, integer)
 METHOD_ARG_RANGES: dict[str, tuple[float | None, float | None, bool, bool, bool]] = {
@@ -209,7 +203,9 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     depends on the data or the ranks (batch size against the dataset, divisibility) is checked by the Trainer
     before training."""
     _check_fields(cfg, where)
-    lo, hi = METHOD_VIEWS.get(cfg.method, (2, None))
+    from viewpipe.trainers.base import METHODS  # (the registry: its classes say how many views they take)
+
+    lo, hi = METHODS[cfg.method].views if cfg.method in METHODS else (2, None)
     views = cfg.data.views
     if views < lo or (hi is not None and views > hi):
         need = f"exactly {lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"

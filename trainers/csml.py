@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.dist import barrier, gather_rows, rank_world
-from viewpipe.trainers.base import DataContext, Method, momentum_update, shuffle_bn_forward
+from viewpipe.trainers.base import DataContext, Method, momentum_update, register, shuffle_bn_forward
 from viewpipe.trainers.clean import dataset_outputs, eval_mode
 from viewpipe.trainers.models import Backbone, mlp
 from viewpipe.trainers.mocov2 import enqueue, infonce
@@ -117,11 +117,14 @@ class LevelEncoder(nn.Module):
                             for s, head in zip(self.levels, self.heads)], dim=1)
 
 
+@register("csml")
 class CsMl(Method):
     """CsMl on MoCo v2. Defaults: the paper's MoCo v2 recipe (head → 128 with hidden = each level's width,
     queue 65,536, m 0.999, τ 0.2), k = 5 neighbours mined every 5 epochs from epoch 0, (a, b) = (1, 0) then
     (0.5, 0.5) from epoch 10, CutMix λ₀ ~ Beta(2, 2), levels: stages 3 and 4 weighted 0.5 and 1.
     `mine_resize`: the clean pass's resize before the centre crop (256 on ImageNet; 0: resize to data.size)."""
+
+    views = (2, 2)  # 2 of the sample and 2 of its neighbour (the loader's companions)
 
     def __init__(self, backbone: Backbone, dim: int = 128, hidden: int = 0, queue: int = 65536,
                  momentum: float = 0.999, tau: float = 0.2, k: int = 5, interval: int = 5, switch_epoch: int = 10,

@@ -1,23 +1,20 @@
-"""The training engine every method runs on: loaders from any backend over the live SampleState, the epoch
-loop with AMP (bf16 on the GPU), channels_last, SGD/LARS/AdamW with warm-up and cosine, DDP (torchrun; NCCL
-on the GPU, gloo on the CPU), SyncBN, logging (console, progress bar, JSONL) with throughput and the time
-spent waiting for data, the ContrastiveCrop box updates and the kNN monitor, atomic checksummed checkpoints
-(`trainers/checkpoint.py`: the last two kept, a damaged one refused) and exact resume of everything (model,
-optimizer, queues, sample state, RNG states, epoch and batch within it); a non-finite loss stops the run (or,
-with `optim.skip_nonfinite`, its step is skipped) and a non-finite state is never saved."""
+"""The training loop every method runs on: loaders from any backend over the live SampleState, the epoch
+loop with AMP (bf16 on the GPU), channels_last, DDP (torchrun; NCCL on the GPU, gloo on the CPU; set up by
+`viewpipe.dist`), SyncBN, logging (console, progress bar, JSONL) with throughput and the time spent waiting for
+data, the ContrastiveCrop box updates and the kNN monitor, and exact resume of everything (model, optimizer,
+queues, sample state, RNG states, epoch and batch within it) from checksummed checkpoints
+(`trainers/checkpoint.py`: the last two kept, a damaged one refused). The optimizer and the lr schedule are
+`trainers/optim.py`'s, the method comes from the registry (`trainers/base.py`). A non-finite loss stops the
+run (or, with `optim.skip_nonfinite`, its step is skipped) and a non-finite state is never saved."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
-import random
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -28,79 +25,11 @@ from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import Batch, LoaderConfig, get_backend
 from viewpipe.sources import open_source
 from viewpipe.state import SampleState
-from viewpipe.trainers.base import DataContext, Method, broadcast_bn_stats
+from viewpipe.trainers.base import DataContext, build_method, broadcast_bn_stats
 from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove_stale_tmp, rng_state,
-                                          save_checkpoint, set_rng_state, warn)
+                                          save_checkpoint, seed_all, set_rng_state, warn)
 from viewpipe.trainers.config import TrainConfig, to_dict, validate
-from viewpipe.trainers.models import build_backbone
-
-METHODS: dict[str, str] = {
-    "mocov2": "viewpipe.trainers.mocov2:MoCoV2",
-    "simsiam": "viewpipe.trainers.simsiam:SimSiam",
-    "csml": "viewpipe.trainers.csml:CsMl",
-    "snclr": "viewpipe.trainers.snclr:SNCLR",
-}
-
-
-def build_method(cfg: TrainConfig) -> Method:
-    """The method of `cfg` on a fresh backbone, with `cfg.method_args`."""
-    if cfg.method not in METHODS:
-        raise ViewpipeError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
-    module, name = METHODS[cfg.method].split(":")
-    cls = getattr(importlib.import_module(module), name)
-    try:
-        return cls(build_backbone(cfg.backbone), **cfg.method_args)
-    except TypeError as exc:
-        raise ViewpipeError(f"method_args for {cfg.method}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------- optimisation
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as in MoCo v3/BYOL: SGD with momentum whose update is scaled per parameter by
-    trust · ‖w‖ / ‖g + wd·w‖; biases and BN parameters (1-d) get neither weight decay nor the scaling."""
-
-    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust: float = 0.001) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # noqa: ARG002
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    wn, dn = torch.norm(p), torch.norm(d)
-                    scale = torch.where((wn > 0) & (dn > 0), g["trust"] * wn / dn, torch.ones_like(wn))
-                    d = d.mul(scale)
-                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
-
-
-def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "lars":
-        return LARS(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    raise ViewpipeError(f"optim.name {o.name!r}: expected sgd, lars or adamw")
-
-
-def lr_at(cfg: TrainConfig, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
-    """Linear warm-up over `warmup_epochs`, then cosine from lr to lr·final_lr_ratio; per epoch or per step."""
-    o = cfg.optim
-    t = epoch + (0 if o.per_epoch else step_in_epoch / max(1, steps_per_epoch))
-    if t < o.warmup_epochs:
-        return o.lr * (t + (1 if o.per_epoch else 0)) / (o.warmup_epochs + (1 if o.per_epoch else 0))
-    span = max(1e-9, cfg.epochs - o.warmup_epochs)
-    final = o.lr * o.final_lr_ratio
-    return final + (o.lr - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - o.warmup_epochs) / span)))
-
+from viewpipe.trainers.optim import build_optimizer, lr_at, set_lr
 
 # what a resume reads from a checkpoint (a file without them is not one of viewpipe pretrain's)
 REQUIRED = ("config", "epoch", "step", "loader", "model", "optimizer", "sample_state", "box_updates", "history",
@@ -129,9 +58,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_tmp(self.ckpt_path)  # left by a process killed during a save
-        torch.manual_seed(cfg.seed + self.rank)
-        np.random.seed((cfg.seed + self.rank) % 2**32)
-        random.seed(cfg.seed + self.rank)
+        seed_all(cfg.seed + self.rank)
 
         d = cfg.data
         self.source = open_source(d.path, d.split)
@@ -169,8 +96,6 @@ class Trainer:
                 self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids,
                                                                  broadcast_buffers=False)
         self.optimizer = build_optimizer(cfg, self.method.param_groups())
-        for g in self.optimizer.param_groups:
-            g.setdefault("fix_lr", False)
 
         self.state = self._sample_state()
         self.data = DataContext(self.source, self.state, self.device, d.size, d.batch_size // self.world, d.workers,
@@ -462,8 +387,7 @@ class Trainer:
         info = {"labels": batch.labels, "indices": batch.indices}
         if batch.neighbours is not None:
             info["neighbours"] = batch.neighbours
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.cfg.optim.lr if g["fix_lr"] else lr
+        set_lr(self.optimizer, lr, self.cfg.optim.lr)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.amp):
             loss, logs = self.model(views, info)
         self.optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from viewpipe.dist import gather_ranks
-from viewpipe.trainers.base import Method, momentum_update, shuffle_bn_forward
+from viewpipe.trainers.base import Method, momentum_update, register, shuffle_bn_forward
 from viewpipe.trainers.models import Backbone, mlp
 
 
@@ -44,6 +44,7 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
     ptr.copy_((ptr + len(keys)) % K)
 
 
+@register("mocov2")
 class MoCoV2(Method):
     """MoCo v2. Defaults are the small-dataset ContrastiveCrop recipe (512-512-128 head, queue 65,536,
     m 0.999, τ 0.2); ImageNet: hidden = 2048 (the backbone's width), τ 0.2, m 0.999. `symmetric` adds the

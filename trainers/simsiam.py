@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from viewpipe.trainers.base import Method
+from viewpipe.trainers.base import Method, register
 from viewpipe.trainers.models import Backbone, mlp
 
 
@@ -15,6 +15,7 @@ def neg_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
 
 
+@register("simsiam")
 class SimSiam(Method):
     """SimSiam. Defaults: the small-dataset recipe (3-layer projector of width `dim` with BN after each layer,
     the last without affine; predictor dim → pred_hidden → dim; the predictor's lr fixed at the base lr).

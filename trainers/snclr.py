@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.dist import gather_ranks, rank_world
-from viewpipe.trainers.base import Method, momentum_update
+from viewpipe.trainers.base import Method, momentum_update, register
 from viewpipe.trainers.models import Backbone, ViT, mlp
 from viewpipe.trainers.mocov2 import enqueue
 
@@ -84,6 +84,7 @@ def soft_neighbour_loss(p: torch.Tensor, key: torch.Tensor, nn_: torch.Tensor, w
     return -(target * own).sum(dim=1).mean() * 2 * tau
 
 
+@register("snclr")
 class SNCLR(Method):
     """SNCLR on MoCo v3. Defaults: the MoCo v3 ResNet recipe (projector 2 layers backbone → 4096 → 256 with
     BN, last BN without affine; predictor 256 → 4096 → 256; τ 1.0; momentum 0.99 → 1 by cosine) with the
