@@ -18,7 +18,7 @@ import torch
 from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
 from viewpipe.errors import ViewpipeError
 from viewpipe.sources import FolderSource
-from viewpipe.trainers.clean import clean_loader, dataset_outputs
+from viewpipe.trainers.clean import CleanOptions, clean_loader, dataset_outputs
 from viewpipe.trainers.eval import LinearConfig, knn_accuracy, knn_predict, knn_scores, linear_probe
 from viewpipe.trainers.models import build_backbone
 
@@ -134,12 +134,12 @@ def channel_means(x: torch.Tensor) -> torch.Tensor:
 
 def test_dataset_outputs_rows_are_in_dataset_order(image_folder: Path) -> None:
     expected = pil_channel_means(image_folder, 24)
-    out = dataset_outputs(channel_means, image_folder, 24, batch_size=7, workers=2, progress=False)
+    out = dataset_outputs(channel_means, image_folder, CleanOptions(24, batch_size=7, workers=2, progress=False))
     assert out.shape == (len(expected), 3) and out.dtype == torch.float64
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
     # other shapes and dtypes of fn's output pass through (rows still per sample)
-    ints = dataset_outputs(lambda x: (channel_means(x) * 1000).round().long().view(-1, 3, 1), image_folder, 24,
-                           batch_size=50, workers=0, progress=False)
+    ints = dataset_outputs(lambda x: (channel_means(x) * 1000).round().long().view(-1, 3, 1), image_folder,
+                           CleanOptions(24, batch_size=50, workers=0, progress=False))
     assert ints.shape == (len(expected), 3, 1) and ints.dtype == torch.int64
     assert torch.equal(ints[:, :, 0], (out * 1000).round().long())
 
@@ -147,14 +147,15 @@ def test_dataset_outputs_rows_are_in_dataset_order(image_folder: Path) -> None:
 def test_clean_loader_share_resize_and_labels(image_folder: Path) -> None:
     src = FolderSource(image_folder)
     seen_idx, seen_lab = [], []
-    for images, labels, indices in clean_loader(src, 20, batch_size=5, workers=0, rank=1, world=3, resize=28):
+    for images, labels, indices in clean_loader(src, CleanOptions(20, resize=28, batch_size=5, workers=0), rank=1,
+                                                world=3):
         assert images.dtype == torch.float32 and images.shape[1:] == (3, 20, 20)
         seen_idx += indices.tolist()
         seen_lab += labels.tolist()
     assert seen_idx == list(range(1, len(src), 3))
     assert seen_lab == src.labels[1::3].tolist()
     # resize > 0: the shorter side to 28, then the centre 20×20 (torchvision's Resize + CenterCrop)
-    out = dataset_outputs(channel_means, src, 20, batch_size=32, workers=0, resize=28, progress=False)
+    out = dataset_outputs(channel_means, src, CleanOptions(20, resize=28, batch_size=32, workers=0, progress=False))
     np.testing.assert_allclose(out.numpy(), pil_channel_means(image_folder, 20, resize=28), atol=1e-5)
 
 
@@ -163,7 +164,7 @@ def test_decode_failure_is_one_line_naming_the_file(tmp_path: Path) -> None:
     (folder / "c1" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     for workers in (0, 2):
         with pytest.raises(ViewpipeError) as err:
-            dataset_outputs(channel_means, folder, 16, batch_size=4, workers=workers, progress=False)
+            dataset_outputs(channel_means, folder, CleanOptions(16, batch_size=4, workers=workers, progress=False))
         message = str(err.value)
         assert len(message.splitlines()) == 1 and "Traceback" not in message, message
         assert f"{folder / 'c1' / 'bad.jpg'}: cannot decode image" in message
@@ -178,10 +179,12 @@ def _free_port() -> int:
 RANK_SCRIPT = """
 import os, sys
 import numpy as np, torch, torch.distributed as dist
-from viewpipe.trainers.clean import dataset_outputs
+from viewpipe.trainers.clean import CleanOptions, dataset_outputs
 dist.init_process_group("gloo", rank=int(sys.argv[1]), world_size=2, init_method="tcp://127.0.0.1:" + sys.argv[2])
-means = dataset_outputs(lambda x: x.double().mean(dim=(2, 3)), sys.argv[3], 24, batch_size=3, workers=0, progress=False)
-flags = dataset_outputs(lambda x: x.mean(dim=(1, 2, 3)) > 0, sys.argv[3], 24, batch_size=4, workers=1, progress=False)
+means = dataset_outputs(lambda x: x.double().mean(dim=(2, 3)), sys.argv[3],
+                        CleanOptions(24, batch_size=3, workers=0, progress=False))
+flags = dataset_outputs(lambda x: x.mean(dim=(1, 2, 3)) > 0, sys.argv[3],
+                        CleanOptions(24, batch_size=4, workers=1, progress=False))
 np.savez(sys.argv[4], means=means.numpy(), flags=flags.numpy())
 dist.destroy_process_group()
 """
@@ -211,10 +214,10 @@ def test_knn_accuracy_with_a_backbone(colours: tuple[Path, Path], tiny: torch.nn
     train, test = colours
     tiny.train()
     # train = test and k = 1: every image finds itself, so 100% holds only if features and labels line up
-    assert knn_accuracy(tiny, train, train, 16, "cpu", k=1, workers=0, progress=False) == 100.0
+    assert knn_accuracy(tiny, train, train, CleanOptions(16, workers=0, progress=False), k=1) == 100.0
     assert tiny.training  # the mode is restored
     # colours are separable for any backbone: held-out images are classified by their neighbours
-    assert knn_accuracy(tiny, train, test, 16, "cpu", k=5, workers=0, progress=False) >= 90.0
+    assert knn_accuracy(tiny, train, test, CleanOptions(16, workers=0, progress=False), k=5) >= 90.0
 
 
 # ------------------------------------------------------------------------------------------- linear probe
@@ -296,7 +299,7 @@ def test_cli_knn_and_linear_on_a_saved_checkpoint(tmp_path: Path, colours: tuple
     out = json.loads(capsys.readouterr().out)
     assert out["top1"] == 100.0 and out["size"] == 16 and out["k"] == 1 and out["backbone"] == "resnet_tiny"
     assert cli(["eval", "knn", *common, "--train", str(train), "--test", str(test)]) == 0
-    direct = knn_accuracy(tiny, train, test, 16, "cpu", workers=0, progress=False)
+    direct = knn_accuracy(tiny, train, test, CleanOptions(16, workers=0, progress=False))
     assert f"kNN top-1 {direct:.2f}%" in capsys.readouterr().out
     assert cli(["eval", "linear", *common, "--train", str(train), "--test", str(test), "--epochs", "3", "--lr", "1",
                 "--no-augment", "--json"]) == 0

@@ -70,7 +70,7 @@ def test_mined_neighbours_reach_the_trainers_loader(image_folder: Path, tmp_path
         np.testing.assert_array_equal(trainer.state.neighbours(), np.repeat(np.arange(96)[:, None], 3, 1))
         record = trainer.method.before_epoch(0, trainer.data)
         table = trainer.state.neighbours()
-        expect = mine_neighbours(trainer.method.key.backbone, trainer.data, 3)
+        expect = mine_neighbours(trainer.method.key.backbone, trainer.source, trainer.data.clean, 3)
         np.testing.assert_array_equal(table, expect)
         assert (table != np.arange(96)[:, None]).all() and 0 <= record["nn_label_agreement"] <= 1
         assert trainer.method.before_epoch(1, trainer.data) == {}

@@ -105,12 +105,11 @@ def test_box_update_changes_the_loaders_crops(image_folder: Path, tmp_path: Path
         before = trainer.loader(0)
         before.set_epoch(1)
         plain = [v.clone() for v in next(iter(before))[0]]
-        record = trainer.boxes.update(trainer.method.backbone, trainer.state, trainer.device, 0, writer=True,
-                                      main=True)
+        record = trainer.boxes.update(trainer.method.backbone, trainer.state, 0, writer=True, main=True)
         assert Path(record["box_grid"]).is_file()
         boxes = trainer.state.boxes()
         assert not np.allclose(boxes, [0, 0, 1, 1])  # learned boxes, not the initial full ones
-        np.testing.assert_allclose(boxes, trainer.boxes.boxes(trainer.method.backbone, trainer.device))
+        np.testing.assert_allclose(boxes, trainer.boxes.boxes(trainer.method.backbone))
         after = trainer.loader(1)
         assert after is not before
         after.set_epoch(1)
@@ -209,10 +208,10 @@ def test_two_gloo_ranks_train_in_step(image_folder: Path, tmp_path: Path, method
                 from viewpipe.trainers.csml import mine_neighbours, cosine_knn
                 from viewpipe.trainers.clean import dataset_outputs, eval_mode
                 backbone = trainer.method.key.backbone
-                shared = mine_neighbours(backbone, trainer.data, 3)
+                shared = mine_neighbours(backbone, trainer.source, trainer.data.clean, 3)
+                alone_options = dataclasses.replace(trainer.data.clean, batch_size=256, workers=0)
                 with eval_mode(backbone):
-                    feats = dataset_outputs(backbone.pooled, trainer.source, trainer.data.size, rank=0, world=1,
-                                            mean=trainer.data.mean, std=trainer.data.std, workers=0)
+                    feats = dataset_outputs(backbone.pooled, trainer.source, alone_options, rank=0, world=1)
                 alone = cosine_knn(feats, 3).numpy()
                 print("TABLE", float(np.mean(np.sort(shared, 1) == np.sort(alone, 1))),
                       bool((trainer.state.neighbours() != np.arange(96)[:, None]).all()))

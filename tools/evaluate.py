@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from viewpipe.errors import ViewpipeError
+from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.eval import LinearConfig, knn_accuracy, linear_probe
 from viewpipe.trainers.models import BACKBONES, Backbone, build_backbone
 
@@ -128,9 +129,10 @@ def main(args: argparse.Namespace) -> int:
     base: dict[str, Any] = {"checkpoint": str(model.path), "backbone": model.name, "train": args.train,
                             "test": args.test, "device": str(device)}
     if args.protocol == "knn":
-        top1 = knn_accuracy(model.backbone, args.train, args.test, size, device, k=args.k, t=args.t,
-                            batch_size=args.batch_size, workers=args.workers, mean=model.mean, std=model.std,
-                            split_train=args.split_train, split_test=args.split_test, progress=progress)
+        clean = CleanOptions(size=size, batch_size=args.batch_size, workers=args.workers, mean=model.mean,
+                             std=model.std, split=args.split_train, device=device, progress=progress)
+        top1 = knn_accuracy(model.backbone, args.train, args.test, clean, k=args.k, t=args.t,
+                            split_test=args.split_test)
         result = base | {"protocol": "knn", "size": size, "k": args.k, "t": args.t, "top1": top1}
         if args.json:
             print(json.dumps(result))

@@ -11,4 +11,5 @@ Importing the package imports the method modules, so that the registry knows eve
 The dependency direction is tools → trainers → pipelines → viewpipe.
 """
 
-from . import mocov2, simsiam, csml, snclr  # noqa: F401, I001  (each registers its method; this order is the list users see)
+# importing a method module registers its method; error messages list them in this order
+from . import mocov2, simsiam, csml, snclr  # noqa: F401, I001

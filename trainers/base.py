@@ -15,6 +15,7 @@ from viewpipe.dist import broadcast, gather_ranks, rank_world, several
 from viewpipe.errors import ViewpipeError
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
+from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.models import Backbone, build_backbone
 
 if TYPE_CHECKING:
@@ -45,17 +46,12 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
 @dataclass
 class DataContext:
     """What a method's pass over the whole training set needs (CsMl's neighbour mining): the data, the live
-    sample state the loaders read, and how to run a clean pass (`viewpipe.trainers.clean.dataset_outputs`).
+    sample state the loaders read, and how to read the whole dataset (`clean`: built once from the config).
     `writer`: this process publishes into its node's state (local rank 0)."""
 
     source: Source
     state: SampleState
-    device: torch.device
-    size: int
-    batch_size: int
-    workers: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    clean: CleanOptions
     writer: bool = True
 
 

@@ -5,17 +5,17 @@ gathered back into dataset order, written into the SampleState that the running 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from viewpipe.augment import AugmentConfig
 from viewpipe.boxes import boxes_from_features
 from viewpipe.dist import barrier
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
+from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.config import TrainConfig
 from viewpipe.trainers.models import Backbone
 
@@ -25,8 +25,9 @@ class BoxUpdater:
     itself. Schedule as the official code: an update after epoch e when e ≥ warmup, e % interval == 0 and e
     is not the last; the epochs after the first update use ContrastiveCrop, those before RandomResizedCrop."""
 
-    def __init__(self, cfg: TrainConfig, source: Source, augment: AugmentConfig, out: Path) -> None:
-        self.cfg, self.c, self.source, self.augment, self.out = cfg, cfg.ccrop, source, augment, Path(out)
+    def __init__(self, cfg: TrainConfig, source: Source, clean: CleanOptions, out: Path) -> None:
+        self.cfg, self.c, self.source, self.out = cfg, cfg.ccrop, source, Path(out)
+        self.clean = replace(clean, size=self.c.size or clean.size)  # the box pass's clean images
         self.updates = 0
 
     def due(self, epoch: int) -> bool:
@@ -36,23 +37,21 @@ class BoxUpdater:
     def use_box(self, epoch: int) -> bool:
         return any(self.due(e) for e in range(self.c.warmup, epoch))
 
-    def boxes(self, backbone: Backbone, device: torch.device) -> np.ndarray:
+    def boxes(self, backbone: Backbone) -> np.ndarray:
         """(N, 4) boxes of the whole dataset in dataset order, on every rank."""
         from viewpipe.trainers.clean import dataset_outputs, eval_mode
 
-        size = self.c.size or self.cfg.data.size
+        size = self.clean.size
         with eval_mode(backbone):
             out = dataset_outputs(lambda x: boxes_from_features(backbone(x), (size, size), self.c.threshold),
-                                  self.source, size, batch_size=self.cfg.data.batch_size, device=device,
-                                  workers=self.cfg.data.workers, mean=self.augment.mean, std=self.augment.std)
+                                  self.source, self.clean, desc="boxes")
         return out.cpu().numpy().astype(np.float32)
 
-    def update(self, backbone: Backbone, state: SampleState, device: torch.device, epoch: int, writer: bool,
-               main: bool) -> dict[str, Any]:
+    def update(self, backbone: Backbone, state: SampleState, epoch: int, writer: bool, main: bool) -> dict[str, Any]:
         """Compute and publish the boxes (`writer`: local rank 0 of each node writes its node's segment); the
         main rank saves a PNG grid of images with their boxes. Returns what to log."""
         t0 = time.perf_counter()
-        boxes = self.boxes(backbone, device)
+        boxes = self.boxes(backbone)
         if writer:
             state.set_boxes(boxes, epoch=epoch)
         barrier()  # every node's segment holds the new boxes before training goes on

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,30 @@ _WORKER_ERROR = re.compile(r"^viewpipe\.[\w.]*Error: (.*)$")
 
 def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class CleanOptions:
+    """How a pass over the whole dataset reads it: the clean images (`size`, `resize`, `mean`, `std`), how they
+    are batched (`batch_size` per rank, `workers`), where `fn` runs (`device`), the split a dataset given as a
+    path is opened with, and whether rank 0 shows a progress bar. Built once by the caller (the Trainer from
+    its config, `LinearConfig.clean_options`, `viewpipe eval` from its arguments) and handed down unchanged:
+    knn_accuracy → pooled_features → dataset_outputs → clean_loader → CleanLoader → CleanDataset. A pass that
+    differs in one setting takes a copy (`dataclasses.replace(options, resize=256)`)."""
+
+    size: int  # side of the clean images
+    resize: int = 0  # 0: size×size ignoring the aspect ratio; > 0: shorter side to this, then the centre crop
+    batch_size: int = 256  # per rank
+    workers: int = field(default_factory=default_workers)  # DataLoader worker processes
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    split: str = "train"
+    device: torch.device | str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ViewpipeError(f"clean image size must be positive, got {self.size}")
 
 
 def as_source(data: Source | str | os.PathLike[str], split: str = "train") -> Source:
@@ -60,15 +85,14 @@ def to_normalised(img: Any, mean: torch.Tensor, std: torch.Tensor) -> torch.Tens
 
 
 class CleanDataset(Dataset):
-    """Items (image (3, size, size) float32 normalised, label, sample index) for the given sample indices."""
+    """Items (image (3, size, size) float32 normalised, label, sample index) for the given sample indices,
+    prepared as `options` say (size, resize, mean, std)."""
 
-    def __init__(self, source: Source, indices: np.ndarray, size: int, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD, resize: int = 0) -> None:
-        if size <= 0:
-            raise ViewpipeError(f"clean image size must be positive, got {size}")
-        self.source, self.indices, self.size, self.resize = source, np.asarray(indices, np.int64), size, resize
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    def __init__(self, source: Source, indices: np.ndarray, options: CleanOptions) -> None:
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.size, self.resize = options.size, options.resize
+        self.mean = torch.tensor(options.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(options.std, dtype=torch.float32).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -91,49 +115,42 @@ def one_line(exc: BaseException) -> ViewpipeError | None:
     return exc if isinstance(exc, ViewpipeError) and len(lines) <= 1 else None
 
 
+def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """`batches` (a DataLoader), with a viewpipe error that a worker re-raised with its traceback turned back
+    into its one line."""
+    try:
+        yield from batches
+    except Exception as exc:  # a worker's error arrives with its traceback in the message
+        if (err := one_line(exc)) is not None and err is not exc:
+            raise err from None
+        raise
+
+
 class CleanLoader:
     """Batches (images (B, 3, size, size) float32, labels (B,) int64, indices (B,) int64) of this rank's
     share of the dataset, in dataset order. `len()` is the number of batches, `indices` the share."""
 
-    def __init__(self, source: Source, size: int, batch_size: int, workers: int, rank: int, world: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], resize: int = 0) -> None:
+    def __init__(self, source: Source, options: CleanOptions, rank: int, world: int) -> None:
         self.source, self.rank, self.world = source, rank, world
         self.indices = np.arange(len(source), dtype=np.int64)[rank::world]
-        self.dataset = CleanDataset(source, self.indices, size, mean, std, resize)
-        self.loader = DataLoader(self.dataset, batch_size=max(1, batch_size), shuffle=False, drop_last=False,
-                                 num_workers=workers, pin_memory=torch.cuda.is_available())
+        self.dataset = CleanDataset(source, self.indices, options)
+        self.loader = DataLoader(self.dataset, batch_size=max(1, options.batch_size), shuffle=False,
+                                 drop_last=False, num_workers=options.workers, pin_memory=torch.cuda.is_available())
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        try:
-            yield from self.loader
-        except Exception as exc:  # a worker's error arrives with its traceback in the message
-            if (err := one_line(exc)) is not None and err is not exc:
-                raise err from None
-            raise
+        return one_line_errors(self.loader)
 
 
-def clean_loader(
-    data: Source | str | os.PathLike[str],
-    size: int,
-    batch_size: int = 256,
-    workers: int | None = None,
-    rank: int | None = None,
-    world: int | None = None,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-    split: str = "train",
-    resize: int = 0,
-) -> CleanLoader:
-    """Clean batches (images, labels, indices) of `indices[rank::world]` of dataset order, not shuffled.
-    rank/world default to torch.distributed's (else 0 of 1); a decode failure is the one-line error naming
-    the file that `decode_rgb` gives, also from a worker."""
-    source = as_source(data, split)
+def clean_loader(data: Source | str | os.PathLike[str], options: CleanOptions, rank: int | None = None,
+                 world: int | None = None) -> CleanLoader:
+    """Clean batches (images, labels, indices) of `indices[rank::world]` of dataset order, not shuffled
+    (`data` as a path: opened with `options.split`). rank/world default to torch.distributed's (else 0 of 1);
+    a decode failure is the one-line error naming the file that `decode_rgb` gives, also from a worker."""
     rank, world = rank_world(rank, world)
-    return CleanLoader(source, size, batch_size, default_workers() if workers is None else workers, rank, world,
-                       tuple(mean), tuple(std), resize)
+    return CleanLoader(as_source(data, options.split), options, rank, world)
 
 
 class eval_mode:
@@ -150,38 +167,26 @@ class eval_mode:
         self.module.train(self.was)
 
 
-def dataset_outputs(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    data: Source | str | os.PathLike[str],
-    size: int,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    workers: int | None = None,
-    rank: int | None = None,
-    world: int | None = None,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-    split: str = "train",
-    resize: int = 0,
-    progress: bool = True,
-    desc: str = "clean pass",
-) -> torch.Tensor:
+def dataset_outputs(fn: Callable[[torch.Tensor], torch.Tensor], data: Source | str | os.PathLike[str],
+                    options: CleanOptions, rank: int | None = None, world: int | None = None,
+                    desc: str = "clean pass") -> torch.Tensor:
     """`fn(images)` under `torch.no_grad()` for every sample: a tensor (N, ...) with row i for sample i of the
-    whole dataset, on `device`, on every rank. `fn` gets this rank's clean batches on `device` and may return
-    (B, ...) of any shape and dtype. Under torch.distributed the ranks' shares are gathered back into place
-    (every rank must call it); without it, `world > 1` is an error since the other shares cannot be had."""
+    whole dataset, on `options.device`, on every rank. `fn` gets this rank's clean batches (`options`) on that
+    device and may return (B, ...) of any shape and dtype. Under torch.distributed the ranks' shares are
+    gathered back into place (every rank must call it); without it, `world > 1` is an error since the other
+    shares cannot be had."""
     from tqdm import tqdm
 
-    device = torch.device(device)
-    source = as_source(data, split)
+    device = torch.device(options.device)
+    source = as_source(data, options.split)
     rank, world = rank_world(rank, world)
     if world > 1 and not is_on():
         raise ViewpipeError(f"dataset_outputs: world size {world} without torch.distributed initialised; "
                             "call it from every rank after init_process_group (or use clean_loader for one share)")
-    loader = clean_loader(source, size, batch_size, workers, rank, world, mean, std, resize=resize)
+    loader = clean_loader(source, options, rank, world)
     outs: list[torch.Tensor] = []
     seen: list[torch.Tensor] = []
-    bar = tqdm(loader, desc=desc, unit="batch", disable=None if progress and rank == 0 else True)
+    bar = tqdm(loader, desc=desc, unit="batch", disable=None if options.progress and rank == 0 else True)
     with torch.no_grad():
         for images, _, indices in bar:
             out = fn(images.to(device, non_blocking=True))

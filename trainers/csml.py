@@ -18,6 +18,7 @@ code: this is viewpipe's design of it (`levels=[4]` turns it off).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.dist import barrier, gather_rows, rank_world
+from viewpipe.sources import Source
 from viewpipe.trainers.base import DataContext, Method, momentum_update, register, shuffle_bn_forward
-from viewpipe.trainers.clean import dataset_outputs, eval_mode
+from viewpipe.trainers.clean import CleanOptions, dataset_outputs, eval_mode
 from viewpipe.trainers.models import Backbone, mlp
 from viewpipe.trainers.mocov2 import enqueue, infonce
 
@@ -62,18 +64,18 @@ def cosine_knn(features: torch.Tensor, k: int, rows: torch.Tensor | None = None,
     return out
 
 
-def mine_neighbours(backbone: Backbone, data: DataContext, k: int, resize: int = 0) -> np.ndarray:
+def mine_neighbours(backbone: Backbone, source: Source, options: CleanOptions, k: int) -> np.ndarray:
     """The (N, k) int32 neighbour table of the whole training set in dataset order, on every rank: `backbone`'s
-    L2-normalised pooled features of clean images (data.size², or with `resize` the shorter side to `resize`
-    and the centre crop: ImageNet's 256/224), then `cosine_knn`. Under torch.distributed each rank runs the
-    clean pass and the k-NN rows of its strided share; both are gathered back into dataset order."""
+    L2-normalised pooled features of clean images (`options`: options.size², or with `options.resize` the
+    shorter side to it and the centre crop, ImageNet's 256/224), then `cosine_knn`. Under torch.distributed
+    each rank runs the clean pass and the k-NN rows of its strided share; both are gathered back into dataset
+    order."""
     with eval_mode(backbone):
-        feats = dataset_outputs(lambda x: F.normalize(backbone.pooled(x).float(), dim=1), data.source, data.size,
-                                batch_size=data.batch_size, device=data.device, workers=data.workers,
-                                mean=data.mean, std=data.std, resize=resize, desc="neighbour features")
+        feats = dataset_outputs(lambda x: F.normalize(backbone.pooled(x).float(), dim=1), source, options,
+                                desc="neighbour features")
     rank, world = rank_world()
     n = len(feats)
-    table = gather_rows(cosine_knn(feats, k, torch.arange(rank, n, world)), n, data.device)
+    table = gather_rows(cosine_knn(feats, k, torch.arange(rank, n, world)), n, options.device)
     return table.cpu().numpy().astype(np.int32)
 
 
@@ -164,7 +166,7 @@ class CsMl(Method):
         anchor's label (a quality signal: chance is 1 / classes)."""
         if epoch % self.interval:
             return {}
-        table = mine_neighbours(self.key.backbone, data, self.k, self.mine_resize)
+        table = mine_neighbours(self.key.backbone, data.source, replace(data.clean, resize=self.mine_resize), self.k)
         if data.writer:
             data.state.set_neighbours(table)
         barrier()  # every node's table is the new one before any loader reads it

@@ -28,6 +28,7 @@ from viewpipe.state import SampleState
 from viewpipe.trainers.base import DataContext, build_method, broadcast_bn_stats
 from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove_stale_tmp, rng_state,
                                           save_checkpoint, seed_all, set_rng_state, warn)
+from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.config import TrainConfig, to_dict, validate
 from viewpipe.trainers.optim import build_optimizer, lr_at, set_lr
 
@@ -98,11 +99,14 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.method.param_groups())
 
         self.state = self._sample_state()
-        self.data = DataContext(self.source, self.state, self.device, d.size, d.batch_size // self.world, d.workers,
-                                tuple(self.augment.mean), tuple(self.augment.std), writer=self.local_rank == 0)
+        # every pass over the whole dataset (box updates, neighbour mining, the kNN monitor) reads it this way
+        self.clean = CleanOptions(size=d.size, batch_size=d.batch_size // self.world, workers=d.workers,
+                                  mean=tuple(self.augment.mean), std=tuple(self.augment.std), split=d.split,
+                                  device=self.device)
+        self.data = DataContext(self.source, self.state, self.clean, writer=self.local_rank == 0)
         from viewpipe.trainers.ccrop import BoxUpdater
 
-        self.boxes = BoxUpdater(cfg, self.source, self.augment, self.out)
+        self.boxes = BoxUpdater(cfg, self.source, self.clean, self.out)
         self.epoch, self.step, self.history = 0, 0, []
         self._loader, self._loader_box = None, None
         self._resume_loader: dict | None = None
@@ -366,8 +370,8 @@ class Trainer:
             if skipped:
                 record["skipped_nonfinite"] = skipped
             if self.boxes.due(epoch):
-                record |= self.boxes.update(self.method.backbone, self.state, self.device, epoch,
-                                            writer=self.local_rank == 0, main=self.main)
+                record |= self.boxes.update(self.method.backbone, self.state, epoch, writer=self.local_rank == 0,
+                                            main=self.main)
             if self.cfg.data.test_path and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0
                                                               or epoch + 1 == cfg.epochs):
                 record["knn_top1"] = self.knn()
@@ -420,8 +424,7 @@ class Trainer:
 
         d = self.cfg.data
         test = open_source(d.test_path, d.test_split)
-        return knn_accuracy(self.method.backbone, self.source, test, d.size, self.device, k=self.cfg.knn_k,
-                            t=self.cfg.knn_t, mean=self.augment.mean, std=self.augment.std, workers=d.workers)
+        return knn_accuracy(self.method.backbone, self.source, test, self.clean, k=self.cfg.knn_k, t=self.cfg.knn_t)
 
     def close(self) -> None:
         if self._loader is not None and hasattr(self._loader, "close"):

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,8 @@ from torch import nn
 from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
 from viewpipe.errors import ViewpipeError
 from viewpipe.sources import Source
-from viewpipe.trainers.clean import as_source, dataset_outputs, default_workers, eval_mode, one_line
+from viewpipe.trainers.clean import (CleanOptions, as_source, dataset_outputs, default_workers, eval_mode,
+                                     one_line_errors)
 
 
 # ---------------------------------------------------------------------------------------------------- kNN
@@ -66,46 +67,28 @@ def _num_classes(*sources: Source) -> int:
     return max(max(len(s.classes), int(np.max(s.labels)) + 1 if len(s.labels) else 0) for s in sources)
 
 
-def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], size: int,
-                    device: torch.device | str, batch_size: int = 256, workers: int | None = None,
-                    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                    split: str = "train", resize: int = 0, normalise: bool = False, progress: bool = True,
-                    desc: str = "features") -> torch.Tensor:
+def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], options: CleanOptions,
+                    normalise: bool = False, desc: str = "features") -> torch.Tensor:
     """(N, dim) float32 pooled last-stage features of every clean image in dataset order (eval mode, no grad),
-    optionally L2-normalised; on `device`, on every rank."""
+    optionally L2-normalised; on `options.device`, on every rank."""
     def fn(x: torch.Tensor) -> torch.Tensor:
         f = backbone.pooled(x).float()
         return F.normalize(f, dim=1) if normalise else f
 
     with eval_mode(backbone):
-        return dataset_outputs(fn, data, size, batch_size, device, workers, mean=mean, std=std, split=split,
-                               resize=resize, progress=progress, desc=desc)
+        return dataset_outputs(fn, data, options, desc=desc)
 
 
-def knn_accuracy(
-    backbone: nn.Module,
-    train_data: Source | str | os.PathLike[str],
-    test_data: Source | str | os.PathLike[str],
-    size: int,
-    device: torch.device | str,
-    k: int = 200,
-    t: float = 0.1,
-    batch_size: int = 256,
-    workers: int | None = None,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-    split_train: str = "train",
-    split_test: str = "test",
-    progress: bool = True,
-) -> float:
-    """Top-1 % of the weighted kNN classifier (SPEC.md §4) on the test set, the train set's features as the
-    bank. The backbone is put in eval mode and its mode restored. Distributed: every rank takes part and gets
-    the same accuracy."""
-    train, test = as_source(train_data, split_train), as_source(test_data, split_test)
-    kw: dict[str, Any] = {"batch_size": batch_size, "workers": workers, "mean": mean, "std": std, "normalise": True,
-                          "progress": progress}
-    bank = pooled_features(backbone, train, size, device, desc="kNN bank", **kw)
-    queries = pooled_features(backbone, test, size, device, desc="kNN test", **kw)
+def knn_accuracy(backbone: nn.Module, train_data: Source | str | os.PathLike[str],
+                 test_data: Source | str | os.PathLike[str], options: CleanOptions, k: int = 200, t: float = 0.1,
+                 split_test: str = "test") -> float:
+    """Top-1 % of the weighted kNN classifier on the test set, the train set's features as the bank, both
+    passes as `options` say (a training set given as a path is opened with `options.split`, a test set with
+    `split_test`). The backbone is put in eval mode and its mode restored. Distributed: every rank takes part
+    and gets the same accuracy."""
+    train, test = as_source(train_data, options.split), as_source(test_data, split_test)
+    bank = pooled_features(backbone, train, options, normalise=True, desc="kNN bank")
+    queries = pooled_features(backbone, test, options, normalise=True, desc="kNN test")
     pred = knn_predict(queries, bank, torch.as_tensor(np.asarray(train.labels)), _num_classes(train, test), k, t)
     truth = torch.as_tensor(np.array(test.labels), dtype=torch.int64, device=pred.device)
     return float((pred == truth).float().mean().item() * 100)
@@ -143,6 +126,12 @@ class LinearConfig:
     def imagenet(cls, **overrides: Any) -> LinearConfig:
         """The ImageNet protocol: 224 crops, batch 256, lr 30, test resize 256 + centre crop 224."""
         return cls(**({"size": 224, "batch_size": 256, "lr": 30.0, "test_resize": 256} | overrides))
+
+    def clean_options(self, device: torch.device | str) -> CleanOptions:
+        """The probe's clean passes: the training set's (with `augment=False`) as they are, the test set's with
+        `resize=test_resize`."""
+        return CleanOptions(size=self.size, batch_size=self.feature_batch_size, workers=self.workers, mean=self.mean,
+                            std=self.std, split=self.split_train, device=device, progress=self.progress)
 
     def milestone_epochs(self) -> list[int]:
         """The epochs (0-based) from which lr is multiplied once more by gamma: 60 and 80 of 100."""
@@ -184,16 +173,6 @@ class _AugmentedDataset(torch.utils.data.Dataset):
         return self.transform(img), int(self.source.labels[index])
 
 
-def _batches(loader: Any) -> Any:
-    """Iterate a DataLoader, turning a worker's re-raised viewpipe error back into its one line."""
-    try:
-        yield from loader
-    except Exception as exc:
-        if (err := one_line(exc)) is not None and err is not exc:
-            raise err from None
-        raise
-
-
 def linear_probe(
     backbone: nn.Module,
     train_data: Source | str | os.PathLike[str],
@@ -214,15 +193,13 @@ def linear_probe(
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ViewpipeError(f"linear probe: epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be ≥ 1")
     num_classes = _num_classes(train, test)
-    feat_kw: dict[str, Any] = {"batch_size": cfg.feature_batch_size, "workers": cfg.workers, "mean": cfg.mean,
-                               "std": cfg.std, "progress": cfg.progress}
-    test_x = pooled_features(backbone, test, cfg.size, device, resize=cfg.test_resize, desc="linear test features",
-                             **feat_kw)
+    clean = cfg.clean_options(device)
+    test_x = pooled_features(backbone, test, replace(clean, resize=cfg.test_resize), desc="linear test features")
     test_y = torch.as_tensor(np.asarray(test.labels), dtype=torch.int64, device=device)
     train_y_all = torch.as_tensor(np.asarray(train.labels), dtype=torch.int64, device=device)
     train_x = None
     if not cfg.augment:
-        train_x = pooled_features(backbone, train, cfg.size, device, desc="linear train features", **feat_kw)
+        train_x = pooled_features(backbone, train, clean, desc="linear train features")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     fc = nn.Linear(int(test_x.shape[1]), num_classes)
@@ -247,7 +224,7 @@ def linear_probe(
             t0 = time.perf_counter()
             lr = opt.param_groups[0]["lr"]
             if loader is not None:
-                batches = _batches(loader)
+                batches = one_line_errors(loader)
                 total = len(loader)
             else:
                 order = torch.randperm(len(train_x), generator=gen).to(device)  # type: ignore[arg-type]
