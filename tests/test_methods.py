@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.trainers.config import TrainConfig, load_config
-from viewpipe.trainers.csml import CsMl, cosine_knn, csml_loss, cutmix, mine_neighbours
+from viewpipe.trainers.csml import CsMl, NeighbourMiner, cosine_knn, csml_loss, cutmix, mine_neighbours
 from viewpipe.trainers.engine import Trainer, pretrain
 from viewpipe.trainers.models import build_backbone
 from viewpipe.trainers.snclr import SNCLR, bank_neighbours, positiveness, soft_neighbour_loss
@@ -68,12 +68,14 @@ def test_mined_neighbours_reach_the_trainers_loader(image_folder: Path, tmp_path
     try:
         assert trainer.method.needs_neighbours() == 3
         np.testing.assert_array_equal(trainer.state.neighbours(), np.repeat(np.arange(96)[:, None], 3, 1))
-        record = trainer.method.before_epoch(0, trainer.data)
+        (miner,) = [u for u in trainer.updaters if isinstance(u, NeighbourMiner)]
+        assert miner.before_epoch and miner.due(0)
+        record = miner.run(trainer.method, trainer.data, 0)
         table = trainer.state.neighbours()
         expect = mine_neighbours(trainer.method.key.backbone, trainer.source, trainer.data.clean, 3)
         np.testing.assert_array_equal(table, expect)
         assert (table != np.arange(96)[:, None]).all() and 0 <= record["nn_label_agreement"] <= 1
-        assert trainer.method.before_epoch(1, trainer.data) == {}
+        assert not miner.due(1)  # epoch 1 (interval 2) mines nothing
         loader = trainer.loader(0)
         loader.set_epoch(0)
         for views, labels, idx, nb, _ in loader:
@@ -83,6 +85,23 @@ def test_mined_neighbours_reach_the_trainers_loader(image_folder: Path, tmp_path
             assert not torch.allclose(views[0], views[2])
     finally:
         trainer.close()
+
+
+def test_methods_declare_their_state_updaters() -> None:
+    """ContrastiveCrop's box updater (after an epoch) for any method while ccrop is on; CsMl adds its neighbour
+    miner (before an epoch) whatever ccrop says; the engine runs them all through StateUpdater.run."""
+    from viewpipe.trainers.base import build_method
+    from viewpipe.trainers.ccrop import BoxUpdater
+
+    for ccrop, boxes in (("ccrop.enabled=true", [BoxUpdater]), ("ccrop.enabled=false", [])):
+        cfg = load_config(None, ["backbone=resnet_tiny", "method_args={queue: 64}", ccrop])
+        assert [type(u) for u in build_method(cfg).updaters(cfg)] == boxes
+        csml = load_config(None, ["method=csml", "backbone=resnet_tiny", CSML, ccrop])
+        updaters = build_method(csml).updaters(csml)
+        assert [type(u) for u in updaters] == [*boxes, NeighbourMiner]
+        assert [u.before_epoch for u in updaters] == [False] * len(boxes) + [True]
+    miner = updaters[-1]
+    assert (miner.k, miner.interval) == (3, 2) and [miner.due(e) for e in range(5)] == [True, False, True, False, True]
 
 
 # ------------------------------------------------------------------------------------------------ CsMl loss

@@ -105,11 +105,12 @@ def test_box_update_changes_the_loaders_crops(image_folder: Path, tmp_path: Path
         before = trainer.loader(0)
         before.set_epoch(1)
         plain = [v.clone() for v in next(iter(before))[0]]
-        record = trainer.boxes.update(trainer.method.backbone, trainer.state, 0, writer=True, main=True)
+        assert trainer.data.writer and trainer.data.main
+        record = trainer.boxes.run(trainer.method, trainer.data, 0)
         assert Path(record["box_grid"]).is_file()
         boxes = trainer.state.boxes()
         assert not np.allclose(boxes, [0, 0, 1, 1])  # learned boxes, not the initial full ones
-        np.testing.assert_allclose(boxes, trainer.boxes.boxes(trainer.method.backbone))
+        np.testing.assert_allclose(boxes, trainer.boxes.compute(trainer.method, trainer.data, 0))
         after = trainer.loader(1)
         assert after is not before
         after.set_epoch(1)

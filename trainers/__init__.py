@@ -4,7 +4,9 @@
   RNG states; `config.py` the run's configuration.
 - `base.py` the `Method` interface and the method registry; one module per method, each registering its class
   with `@register(name)`: `mocov2.py`, `simsiam.py`, `csml.py`, `snclr.py`.
-- `ccrop.py` ContrastiveCrop's box updater; `clean.py` the clean-image passes over the whole dataset.
+- `updaters.py` the state-updater protocol: passes over the whole dataset published to the sample state, which
+  a method declares and the engine runs (`ccrop.py` ContrastiveCrop's boxes, `csml.py` CsMl's neighbours);
+  `clean.py` those passes' clean images.
 - `eval.py` the kNN monitor and the linear probe; `models.py` backbones and heads.
 
 Importing the package imports the method modules, so that the registry knows every method by its config name.

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -13,10 +12,9 @@ import torch.nn as nn
 
 from viewpipe.dist import broadcast, gather_ranks, rank_world, several
 from viewpipe.errors import ViewpipeError
-from viewpipe.sources import Source
-from viewpipe.state import SampleState
-from viewpipe.trainers.clean import CleanOptions
+from viewpipe.trainers.ccrop import BoxUpdater
 from viewpipe.trainers.models import Backbone, build_backbone
+from viewpipe.trainers.updaters import StateUpdater
 
 if TYPE_CHECKING:
     from viewpipe.trainers.config import TrainConfig
@@ -43,18 +41,6 @@ def momentum_update(online: nn.Module, target: nn.Module, m: float) -> None:
         p_t.mul_(m).add_(p_o.detach(), alpha=1 - m)
 
 
-@dataclass
-class DataContext:
-    """What a method's pass over the whole training set needs (CsMl's neighbour mining): the data, the live
-    sample state the loaders read, and how to read the whole dataset (`clean`: built once from the config).
-    `writer`: this process publishes into its node's state (local rank 0)."""
-
-    source: Source
-    state: SampleState
-    clean: CleanOptions
-    writer: bool = True
-
-
 class Method(nn.Module):
     """A self-supervised method: an online `backbone` (whose last stage the ContrastiveCrop box pass reads and
     whose pooled features the kNN monitor uses), `forward(views, batch)` returning (loss, logs), and hooks the
@@ -72,11 +58,11 @@ class Method(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """At the start of each epoch (loss-weight schedules)."""
 
-    def before_epoch(self, epoch: int, data: DataContext) -> dict:
-        """Before `epoch` starts at its first batch (not when a run resumes inside it): work over the whole
-        training set that the epoch's batches must see, such as CsMl's neighbour mining. Every rank calls it;
-        returns what to log."""
-        return {}
+    def updaters(self, cfg: TrainConfig) -> list[StateUpdater]:
+        """The state updaters (`trainers/updaters.py`) the engine runs for this method on their schedules:
+        ContrastiveCrop's box updater when `cfg.ccrop.enabled`, whatever the method; methods add their own
+        (CsMl its neighbour miner)."""
+        return [BoxUpdater(cfg.ccrop, cfg.epochs)] if cfg.ccrop.enabled else []
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups; a group with `fix_lr=True` keeps the base lr (SimSiam's predictor)."""

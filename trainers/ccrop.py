@@ -4,63 +4,68 @@ gathered back into dataset order, written into the SampleState that the running 
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from viewpipe.boxes import boxes_from_features
-from viewpipe.dist import barrier
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
-from viewpipe.trainers.clean import CleanOptions
-from viewpipe.trainers.config import TrainConfig
+from viewpipe.trainers.clean import CleanOptions, dataset_outputs, eval_mode
+from viewpipe.trainers.config import CCropConfig
 from viewpipe.trainers.models import Backbone
+from viewpipe.trainers.updaters import DataContext, StateUpdater
+
+if TYPE_CHECKING:
+    from viewpipe.trainers.base import Method
 
 
-class BoxUpdater:
-    """When boxes are recomputed (`due`), whether an epoch's crops use them (`use_box`), and the update
-    itself. Schedule as the official code: an update after epoch e when e ≥ warmup, e % interval == 0 and e
-    is not the last; the epochs after the first update use ContrastiveCrop, those before RandomResizedCrop."""
+def box_pass(backbone: Backbone, source: Source, options: CleanOptions, threshold: float) -> np.ndarray:
+    """(N, 4) float32 boxes of the whole dataset in dataset order, on every rank: `backbone`'s last-stage
+    maps of the clean images (options.size², eval mode, no grad) → heatmap → box at `threshold`."""
+    size = options.size
+    with eval_mode(backbone):
+        out = dataset_outputs(lambda x: boxes_from_features(backbone(x), (size, size), threshold), source, options,
+                              desc="boxes")
+    return out.cpu().numpy().astype(np.float32)
 
-    def __init__(self, cfg: TrainConfig, source: Source, clean: CleanOptions, out: Path) -> None:
-        self.cfg, self.c, self.source, self.out = cfg, cfg.ccrop, source, Path(out)
-        self.clean = replace(clean, size=self.c.size or clean.size)  # the box pass's clean images
-        self.updates = 0
+
+class BoxUpdater(StateUpdater):
+    """ContrastiveCrop's box update as a state updater: after an epoch, the online backbone's boxes of the whole
+    training set (`box_pass` at `ccrop.size`, default data.size), published as the sample state's boxes; the
+    main rank saves a PNG grid of images with their boxes. `use_box(epoch)`: whether the epoch's crops use the
+    boxes (the epochs after the first update) or plain RandomResizedCrop (those before)."""
+
+    name = "box"
+    before_epoch = False
+
+    def __init__(self, c: CCropConfig, epochs: int) -> None:
+        super().__init__()
+        self.c, self.epochs = c, epochs
 
     def due(self, epoch: int) -> bool:
         c = self.c
-        return c.enabled and epoch >= c.warmup and epoch % max(1, c.interval) == 0 and epoch != self.cfg.epochs - 1
+        return c.enabled and epoch >= c.warmup and epoch % max(1, c.interval) == 0 and epoch != self.epochs - 1
 
     def use_box(self, epoch: int) -> bool:
         return any(self.due(e) for e in range(self.c.warmup, epoch))
 
-    def boxes(self, backbone: Backbone) -> np.ndarray:
-        """(N, 4) boxes of the whole dataset in dataset order, on every rank."""
-        from viewpipe.trainers.clean import dataset_outputs, eval_mode
+    def compute(self, method: Method, data: DataContext, epoch: int) -> np.ndarray:
+        return box_pass(method.backbone, data.source, replace(data.clean, size=self.c.size or data.clean.size),
+                        self.c.threshold)
 
-        size = self.clean.size
-        with eval_mode(backbone):
-            out = dataset_outputs(lambda x: boxes_from_features(backbone(x), (size, size), self.c.threshold),
-                                  self.source, self.clean, desc="boxes")
-        return out.cpu().numpy().astype(np.float32)
+    def publish(self, state: SampleState, result: np.ndarray, epoch: int) -> None:
+        state.set_boxes(result, epoch=epoch)
 
-    def update(self, backbone: Backbone, state: SampleState, epoch: int, writer: bool, main: bool) -> dict[str, Any]:
-        """Compute and publish the boxes (`writer`: local rank 0 of each node writes its node's segment); the
-        main rank saves a PNG grid of images with their boxes. Returns what to log."""
-        t0 = time.perf_counter()
-        boxes = self.boxes(backbone)
-        if writer:
-            state.set_boxes(boxes, epoch=epoch)
-        barrier()  # every node's segment holds the new boxes before training goes on
-        self.updates += 1
-        record: dict[str, Any] = {"box_update": self.updates, "box_seconds": time.perf_counter() - t0,
+    def report(self, result: np.ndarray, data: DataContext, epoch: int) -> dict[str, Any]:
+        boxes = result
+        record: dict[str, Any] = {"box_update": self.updates,
                                   "box_area": float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))}
-        if main and self.c.grid:
-            path = self.out / f"boxes_epoch{epoch:04d}.png"
-            box_grid(self.source, boxes, path, n=self.c.grid)
+        if data.main and self.c.grid:
+            path = Path(data.out) / f"boxes_epoch{epoch:04d}.png"
+            box_grid(data.source, boxes, path, n=self.c.grid)
             record["box_grid"] = str(path)
         return record
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,12 +27,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from viewpipe.errors import ViewpipeError
-from viewpipe.dist import barrier, gather_rows, rank_world
+from viewpipe.dist import gather_rows, rank_world
 from viewpipe.sources import Source
-from viewpipe.trainers.base import DataContext, Method, momentum_update, register, shuffle_bn_forward
+from viewpipe.state import SampleState
+from viewpipe.trainers.base import Method, momentum_update, register, shuffle_bn_forward
 from viewpipe.trainers.clean import CleanOptions, dataset_outputs, eval_mode
 from viewpipe.trainers.models import Backbone, mlp
 from viewpipe.trainers.mocov2 import enqueue, infonce
+from viewpipe.trainers.updaters import DataContext, StateUpdater
+
+if TYPE_CHECKING:
+    from viewpipe.trainers.config import TrainConfig
 
 
 # ------------------------------------------------------------------------------------------------ mining
@@ -77,6 +83,33 @@ def mine_neighbours(backbone: Backbone, source: Source, options: CleanOptions, k
     n = len(feats)
     table = gather_rows(cosine_knn(feats, k, torch.arange(rank, n, world)), n, options.device)
     return table.cpu().numpy().astype(np.int32)
+
+
+class NeighbourMiner(StateUpdater):
+    """CsMl's neighbour mining as a state updater: before every epoch e with e % interval == 0 (from epoch 0),
+    the momentum encoder's neighbour table (`mine_neighbours`, clean images resized by `resize`), published as
+    the sample state's neighbours. Logs how often a neighbour has its anchor's label (a quality signal: chance
+    is 1 / classes)."""
+
+    name = "nn"
+    before_epoch = True
+
+    def __init__(self, k: int, interval: int, resize: int = 0) -> None:
+        super().__init__()
+        self.k, self.interval, self.resize = k, interval, resize
+
+    def due(self, epoch: int) -> bool:
+        return epoch % self.interval == 0
+
+    def compute(self, method: Method, data: DataContext, epoch: int) -> np.ndarray:
+        return mine_neighbours(method.key.backbone, data.source, replace(data.clean, resize=self.resize), self.k)
+
+    def publish(self, state: SampleState, result: np.ndarray, epoch: int) -> None:
+        state.set_neighbours(result)
+
+    def report(self, result: np.ndarray, data: DataContext, epoch: int) -> dict[str, Any]:
+        labels = np.asarray(data.source.labels)
+        return {"nn_label_agreement": float(np.mean(labels[result] == labels[:, None]))}
 
 
 # ------------------------------------------------------------------------------------------------ views and loss
@@ -161,17 +194,8 @@ class CsMl(Method):
     def set_epoch(self, epoch: int) -> None:
         self.ab = self.early if epoch < self.switch_epoch else self.late
 
-    def before_epoch(self, epoch: int, data: DataContext) -> dict:
-        """Mine and publish the neighbour table when `epoch % interval == 0`; log how often a neighbour has the
-        anchor's label (a quality signal: chance is 1 / classes)."""
-        if epoch % self.interval:
-            return {}
-        table = mine_neighbours(self.key.backbone, data.source, replace(data.clean, resize=self.mine_resize), self.k)
-        if data.writer:
-            data.state.set_neighbours(table)
-        barrier()  # every node's table is the new one before any loader reads it
-        labels = np.asarray(data.source.labels)
-        return {"nn_label_agreement": float(np.mean(labels[table] == labels[:, None]))}
+    def updaters(self, cfg: TrainConfig) -> list[StateUpdater]:
+        return [*super().updaters(cfg), NeighbourMiner(self.k, self.interval, self.mine_resize)]
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The training loop every method runs on: loaders from any backend over the live SampleState, the epoch
 loop with AMP (bf16 on the GPU), channels_last, DDP (torchrun; NCCL on the GPU, gloo on the CPU; set up by
 `viewpipe.dist`), SyncBN, logging (console, progress bar, JSONL) with throughput and the time spent waiting for
-data, the ContrastiveCrop box updates and the kNN monitor, and exact resume of everything (model, optimizer,
-queues, sample state, RNG states, epoch and batch within it) from checksummed checkpoints
-(`trainers/checkpoint.py`: the last two kept, a damaged one refused). The optimizer and the lr schedule are
-`trainers/optim.py`'s, the method comes from the registry (`trainers/base.py`). A non-finite loss stops the
-run (or, with `optim.skip_nonfinite`, its step is skipped) and a non-finite state is never saved."""
+data, the method's state updaters at the epoch boundaries (`trainers/updaters.py`) and the kNN monitor, and exact
+resume of everything (model, optimizer, queues, sample state, RNG states, epoch and batch within it) from
+checksummed checkpoints (`trainers/checkpoint.py`: the last two kept, a damaged one refused). The optimizer and
+the lr schedule are `trainers/optim.py`'s, the method comes from the registry (`trainers/base.py`). A non-finite
+loss stops the run (or, with `optim.skip_nonfinite`, its step is skipped) and a non-finite state is never
+saved."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import Batch, LoaderConfig, get_backend
 from viewpipe.sources import open_source
 from viewpipe.state import SampleState
-from viewpipe.trainers.base import DataContext, build_method, broadcast_bn_stats
+from viewpipe.trainers.base import build_method, broadcast_bn_stats
+from viewpipe.trainers.ccrop import BoxUpdater
 from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove_stale_tmp, rng_state,
                                           save_checkpoint, seed_all, set_rng_state, warn)
 from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.config import TrainConfig, to_dict, validate
 from viewpipe.trainers.optim import build_optimizer, lr_at, set_lr
+from viewpipe.trainers.updaters import DataContext
 
 # what a resume reads from a checkpoint (a file without them is not one of viewpipe pretrain's)
 REQUIRED = ("config", "epoch", "step", "loader", "model", "optimizer", "sample_state", "box_updates", "history",
@@ -103,10 +106,10 @@ class Trainer:
         self.clean = CleanOptions(size=d.size, batch_size=d.batch_size // self.world, workers=d.workers,
                                   mean=tuple(self.augment.mean), std=tuple(self.augment.std), split=d.split,
                                   device=self.device)
-        self.data = DataContext(self.source, self.state, self.clean, writer=self.local_rank == 0)
-        from viewpipe.trainers.ccrop import BoxUpdater
-
-        self.boxes = BoxUpdater(cfg, self.source, self.clean, self.out)
+        self.data = DataContext(self.source, self.state, self.clean, writer=self.local_rank == 0, main=self.main,
+                                out=self.out)
+        self.updaters = self.method.updaters(cfg)
+        self.boxes = next((u for u in self.updaters if isinstance(u, BoxUpdater)), None)  # (None: ccrop off)
         self.epoch, self.step, self.history = 0, 0, []
         self._loader, self._loader_box = None, None
         self._resume_loader: dict | None = None
@@ -132,7 +135,7 @@ class Trainer:
     def loader(self, epoch: int) -> Any:
         """The backend's loader for `epoch`: ContrastiveCrop boxes once the first update has happened, plain
         RandomResizedCrop before (the loader is rebuilt once, when that changes)."""
-        use_box = self.boxes.use_box(epoch)
+        use_box = self.boxes is not None and self.boxes.use_box(epoch)
         if self._loader is None or use_box != self._loader_box:
             if self._loader is not None and hasattr(self._loader, "close"):
                 self._loader.close()
@@ -155,7 +158,8 @@ class Trainer:
         return {
             "config": to_dict(self.cfg), "epoch": self.epoch, "step": self.step, "loader": loader_state,
             "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "sample_state": self.state.state_dict(), "box_updates": self.boxes.updates, "history": self.history,
+            "sample_state": self.state.state_dict(), "box_updates": self.boxes.updates if self.boxes else 0,
+            "history": self.history,
             "rng": rng,
             # what `viewpipe eval` needs
             "backbone_name": self.cfg.backbone, "backbone": self.method.backbone.state_dict(),
@@ -215,7 +219,8 @@ class Trainer:
                                 f"method and backbone ({first[:160]})") from None
         if self.local_rank == 0:
             self.state.load_state_dict(ckpt["sample_state"])
-        self.boxes.updates = ckpt["box_updates"]
+        if self.boxes is not None:
+            self.boxes.updates = ckpt["box_updates"]
         self.epoch, self.step, self.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
         self._resume_loader = ckpt["loader"]
         rng = ckpt["rng"]
@@ -289,7 +294,7 @@ class Trainer:
         while self.epoch < cfg.epochs and not stop:
             epoch = self.epoch
             resume = self._resume_loader if self._resume_loader and self._resume_loader["epoch"] == epoch else None
-            before = self.method.before_epoch(epoch, self.data) if resume is None or resume["batch"] == 0 else {}
+            before = self.update_state(epoch, before_epoch=True) if resume is None or resume["batch"] == 0 else {}
             loader = self.loader(epoch)
             if resume is not None:
                 loader.load_state_dict(resume)
@@ -369,9 +374,7 @@ class Trainer:
             record: dict = {"epoch": epoch, "step": self.step, "loss": float(loss_sum) / max(1, loss_n), **before}
             if skipped:
                 record["skipped_nonfinite"] = skipped
-            if self.boxes.due(epoch):
-                record |= self.boxes.update(self.method.backbone, self.state, epoch, writer=self.local_rank == 0,
-                                            main=self.main)
+            record |= self.update_state(epoch, before_epoch=False)
             if self.cfg.data.test_path and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0
                                                               or epoch + 1 == cfg.epochs):
                 record["knn_top1"] = self.knn()
@@ -418,6 +421,14 @@ class Trainer:
         if self.main:
             warn(f"non-finite loss ({value:g}) at {self._where(self.step)}: its update was skipped "
                  f"({self.skipped_nonfinite} so far; optim.skip_nonfinite=true)")
+
+    def update_state(self, epoch: int, before_epoch: bool) -> dict:
+        """Run the state updaters due before (or after) `epoch` (every rank); returns their log fields."""
+        logs: dict = {}
+        for u in self.updaters:
+            if u.before_epoch == before_epoch and u.due(epoch):
+                logs |= u.run(self.method, self.data, epoch)
+        return logs
 
     def knn(self) -> float:
         from viewpipe.trainers.eval import knn_accuracy
