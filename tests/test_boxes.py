@@ -18,7 +18,8 @@ ATOL = 1e-7
 
 
 def _reference(features: np.ndarray, input_size: tuple[int, int], t: float = 0.1) -> np.ndarray:
-    """The SPEC written out per image in numpy (torch only for the bilinear upsampling), in float64."""
+    """The box rule (`viewpipe.boxes`' docstring) written out per image in numpy (torch only for the bilinear
+    upsampling), in float64."""
     H, W = input_size
     out = []
     for f in np.asarray(features, dtype=np.float64):
@@ -43,7 +44,7 @@ def _hot(h: int, w: int, cells: dict[tuple[int, int], float], channels: int = 1)
 
 
 def _px(box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
-    """A box given in pixels (r0, c0, r1, c1), normalised as the SPEC does."""
+    """A box given in pixels (r0, c0, r1, c1), normalised as the official code does."""
     H, W = size
     return torch.tensor([[box[0] / H, box[1] / W, box[2] / H, box[3] / W]], dtype=torch.float32)
 

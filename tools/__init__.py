@@ -1,1 +1,3 @@
-"""The `viewpipe` command (installed as `viewpipe.tools`): bench, state; convert, pretrain and eval join later."""
+"""The `viewpipe` command (installed as `viewpipe.tools`): `cli.py` parses it and runs `state`; one module per
+other subcommand: `bench.py`, `convert.py`, `pretrain.py` (pretrain and demo), `evaluate.py` (eval) and
+`quality.py`."""

@@ -1,12 +1,13 @@
 """Clean-image passes over a whole dataset: no augmentation, every sample once, in dataset order.
 
 Shared by everything that needs the model's view of the *whole* dataset: the kNN monitor (train bank and
-test set), the linear probe's test set, the ContrastiveCrop box update (SPEC.md §1) and CsMl's neighbour
-mining. Each image is decoded with PIL (`decode_rgb`: EXIF orientation, RGB) and resized to size×size
-ignoring its aspect ratio (bilinear, antialiased when shrinking: PIL's filter, as torchvision's
-`Resize((s, s))` on a PIL image), which is what SPEC.md §1 prescribes for ImageNet and, at the native side,
-the identity for small datasets. `resize > 0` gives instead the ImageNet linear-probe test transform (shorter
-side to `resize`, then the centre size×size crop).
+test set), the linear probe's test set, the ContrastiveCrop box update (`trainers/ccrop.py`) and CsMl's
+neighbour mining. Each image is decoded with PIL (`decode_rgb`: EXIF orientation, RGB) and resized to
+size×size ignoring its aspect ratio (bilinear, antialiased when shrinking: PIL's filter, as torchvision's
+`Resize((s, s))` on a PIL image), which is how ContrastiveCrop's code prepares ImageNet for its box pass and,
+at the native side, the identity for small datasets. `resize > 0` gives instead the ImageNet linear-probe
+test transform (shorter side to `resize`, then the centre size×size crop). How a pass reads the dataset is
+one `CleanOptions`.
 
 Under torch.distributed each rank takes the strided share `indices[rank::world]` and `dataset_outputs`
 gathers the shares back into dataset order on every rank.

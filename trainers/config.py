@@ -50,8 +50,9 @@ class DataConfig:
 
 @dataclass
 class CCropConfig:
-    """ContrastiveCrop (SPEC.md §1): plain RandomResizedCrop until the first box update, which runs after
-    epoch `warmup`, then after every epoch e with e % interval == 0 (never after the last)."""
+    """ContrastiveCrop (Peng et al., CVPR 2022; `trainers/ccrop.py`): plain RandomResizedCrop until the first box
+    update, which runs after epoch `warmup`, then after every epoch e with e % interval == 0 (never after the
+    last)."""
 
     enabled: bool = True
     alpha: float = bounded(0.1, 0.0, lo_open=True)  # Beta(α, α) of the crop centre within the box

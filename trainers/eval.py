@@ -1,12 +1,14 @@
-"""Evaluation of a pretrained backbone (SPEC.md §4): the weighted kNN monitor and the linear probe.
+"""Evaluation of a pretrained backbone: the weighted kNN monitor and the linear probe.
 
-- kNN (InstDisc): L2-normalised pooled last-stage features, the train set as the bank, k = 200 nearest by
-  cosine similarity, each voting exp(sim / τ) (τ = 0.1) for its class; top-1 on the test set.
+- kNN: the weighted k-nearest-neighbour classifier of Wu, Xiong, Yu & Lin, "Unsupervised Feature Learning via
+  Non-Parametric Instance Discrimination" (InstDisc), CVPR 2018 (arXiv:1805.01978), the usual monitor of
+  self-supervised runs: L2-normalised pooled last-stage features, the train set as the bank, k = 200 nearest
+  by cosine similarity, each voting exp(sim / τ) (τ = 0.1) for its class; top-1 on the test set.
 - Linear probe: the backbone frozen in eval mode, a linear layer on its pooled features initialised
   N(0, 0.01), bias 0; SGD momentum 0.9, wd 0, 100 epochs, lr × 0.1 at 60% and 80% of them. Small datasets:
   batch 512, lr 10, RandomResizedCrop(scale 0.08–1) + flip, test at the native size; ImageNet
-  (`LinearConfig.imagenet()`): batch 256, lr 30, test resize 256 + centre crop 224. Reports the last epoch's
-  test accuracy and, labelled, the best epoch's.
+  (`LinearConfig.imagenet()`, MoCo's protocol, He et al., CVPR 2020): batch 256, lr 30, test resize 256 +
+  centre crop 224. Reports the last epoch's test accuracy and, labelled, the best epoch's.
 
 Both read clean images through `viewpipe.trainers.clean` and run distributed (every rank gets the result).
 """
@@ -97,9 +99,9 @@ def knn_accuracy(backbone: nn.Module, train_data: Source | str | os.PathLike[str
 # ---------------------------------------------------------------------------------------------- linear probe
 @dataclass
 class LinearConfig:
-    """The linear probe (SPEC.md §4). Defaults: the small-dataset protocol. `augment=False` departs from
-    it: train features are computed once from clean images (no RandomResizedCrop, no flip), which is much
-    faster (on a CPU above all) and usually a little less accurate."""
+    """The linear probe (the protocol: this module's docstring). Defaults: the small-dataset protocol.
+    `augment=False` departs from it: train features are computed once from clean images (no RandomResizedCrop,
+    no flip), which is much faster (on a CPU above all) and usually a little less accurate."""
 
     epochs: int = 100
     lr: float = 10.0
@@ -181,7 +183,7 @@ def linear_probe(
     device: torch.device | str,
     log: Callable[[str], None] | None = print,
 ) -> LinearResult:
-    """Train a linear classifier on the frozen backbone's pooled features (SPEC.md §4) and return the last and
+    """Train a linear classifier on the frozen backbone's pooled features (`LinearConfig`) and return the last and
     best epoch's test top-1. Test features are computed once (the backbone is frozen and the test transform
     fixed); with `cfg.augment` the train features are recomputed from augmented crops every batch. One line
     per epoch goes to `log`. Runs in one process; under torch.distributed every rank runs the whole probe

@@ -1,5 +1,17 @@
-"""MoCo v2 (Chen et al. 2020): a query encoder trained by InfoNCE against its momentum copy's key of the other
-view and a queue of past keys. ContrastiveCrop's host on both small datasets and ImageNet (SPEC.md §1)."""
+"""MoCo v2: Chen, Fan, Girshick & He, "Improved Baselines with Momentum Contrastive Learning" (arXiv:2003.04297),
+MoCo (He, Fan, Wu, Xie & Girshick, "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR
+2020, arXiv:1911.05722) with an MLP head, stronger augmentation (blur: "aug+") and a cosine schedule.
+
+A query encoder f_q (backbone → MLP head → L2-normalised q) is trained by InfoNCE to pick its key k₊, the
+momentum encoder's embedding of the other view, among k₊ and a FIFO queue Q of past keys:
+
+    ℓ(q, k₊) = −log( exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_{n∈Q} exp(q·n/τ)) )
+
+The key encoder is not trained by gradients: θ_k ← m·θ_k + (1−m)·θ_q after each step; each step's keys enter
+the queue and the oldest leave. Keys are computed with shuffle-BN across ranks (`base.shuffle_bn_forward`).
+ContrastiveCrop's host method on small datasets (512-512-128 head, queue 65,536, m 0.999, τ 0.2) and on
+ImageNet (ResNet-50, batch 256, SGD lr 0.03 wd 1e-4, 2048-2048-128 head, τ 0.2, 100 epochs); CsMl builds on it.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,15 @@
-"""SimSiam (Chen & He 2021): a predictor on one branch, stop-gradient on the other, negative cosine both ways.
-ContrastiveCrop's SimSiam host on small datasets (SPEC.md §1)."""
+"""SimSiam: Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021 (arXiv:2011.10566).
+
+Two views through one encoder f (backbone → projector) give z₁, z₂; a predictor h gives p₁ = h(z₁) and
+p₂ = h(z₂). With D(p, z) = −cos(p, stopgrad(z)) the loss is symmetric:
+
+    L = ½ D(p₁, z₂) + ½ D(p₂, z₁)
+
+No negatives and no momentum encoder: the stop-gradient is what prevents collapse (the log's `z_std`, the
+per-dimension std of the normalised output, watches for it: 1/√dim when healthy). ContrastiveCrop's SimSiam
+host on small datasets: a 3-layer 512 projector (BN after each layer, the last without affine), predictor
+512 → 128 → 512 whose lr stays fixed.
+"""
 
 from __future__ import annotations
 

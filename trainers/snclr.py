@@ -1,6 +1,12 @@
-"""SNCLR — soft neighbours (Ge et al., ICLR 2023; SPEC.md §3): MoCo v3's asymmetric network whose targets are
-each key together with its K nearest neighbours in a bank of past keys, the neighbours weighted by how
-"positive" they are for the anchor.
+"""SNCLR: Ge, Wang, Tong, Chen, Song & Luo, "Soft Neighbors are Positive Supporters in Contrastive Visual
+Representation Learning", ICLR 2023 (code: github.com/ChongjianGE/SNCLR). Instance discrimination labels every
+other image a negative, even one of the same class; SNCLR lets an image's nearest neighbours support it as
+soft positives, each weighted by how "positive" it is for the anchor (its positiveness).
+
+The network is MoCo v3's (Chen, Xie & He, "An Empirical Study of Training Self-Supervised Vision
+Transformers", ICCV 2021, arXiv:2104.02057): an online backbone → projector → predictor and a momentum
+backbone → projector, the momentum following a half cosine from its base value to 1. Its targets are each key
+together with its K nearest neighbours in a bank of past keys.
 
 Per direction (view 1 queries, view 2 keys, then swapped): the momentum encoder's key y₂ of view 2 finds its
 top-K neighbours in the FIFO bank by cosine; all ranks' [key, K neighbours] rows are the candidates; the
@@ -89,8 +95,8 @@ class SNCLR(Method):
     """SNCLR on MoCo v3. Defaults: the MoCo v3 ResNet recipe (projector 2 layers backbone → 4096 → 256 with
     BN, last BN without affine; predictor 256 → 4096 → 256; τ 1.0; momentum 0.99 → 1 by cosine) with the
     release's SNCLR settings (K = 30, bank of random unit vectors at the start). ViT backbones get MoCo v3's
-    3-layer projector and a predictor ending in BN. Recipes: SPEC.md §3 (CNN: LARS lr 0.6, wd 1e-6; ViT-S:
-    AdamW wd 0.1, τ 0.2)."""
+    3-layer projector and a predictor ending in BN. Recipes: CNN, MoCo v3's ResNet-50 one (the release has no
+    CNN builder): LARS lr 0.6, wd 1e-6; ViT-S, the release's: AdamW wd 0.1, τ 0.2."""
 
     def __init__(self, backbone: Backbone, dim: int = 256, mlp_dim: int = 4096, bank: int = 65536, topk: int = 30,
                  tau: float = 1.0, momentum: float = 0.99, cosine_momentum: bool = True, attention: str = "cosine",

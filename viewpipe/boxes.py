@@ -1,4 +1,5 @@
-"""Heatmap → box, the ContrastiveCrop box update (SPEC.md §1), batched in torch on any device.
+"""Heatmap → box, the ContrastiveCrop box update (Peng et al., "Crafting Better Contrastive Views for Siamese
+Representation Learning", CVPR 2022, arXiv:2202.03278), batched in torch on any device.
 
 The last stage's feature map is summed over channels, min-max normalised per image, upsampled bilinearly
 to the input size and thresholded; the box is the tight rectangle around every pixel above the threshold,
