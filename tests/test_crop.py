@@ -1,5 +1,5 @@
-"""ContrastiveCrop window sampler (SPEC.md §1): an independent scalar reference, invariants, the Beta
-corner statistics, RandomResizedCrop equivalence without boxes, the fallback, and the config checks."""
+"""ContrastiveCrop window sampler (Peng et al., CVPR 2022; the official sampler after the fix for their issue
+#16): an independent scalar reference, invariants, the Beta corner statistics, RandomResizedCrop equivalence without boxes, the fallback, and the config checks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ BELOW_ONE = float(np.nextafter(1.0, 0.0))
 
 
 # --------------------------------------------------------------------------------------------------
-# The scalar reference: a literal per-sample transcription of SPEC.md §1 with Python floats, `math`,
+# The scalar reference: a literal per-sample transcription of the official sampler (viewpipe.crop's docstring) with Python floats, `math`,
 # Python `round` (half-to-even) and `int` (truncation). It shares nothing with viewpipe.crop.
 # --------------------------------------------------------------------------------------------------
 
