@@ -1,5 +1,6 @@
 """ContrastiveCrop window sampler (Peng et al., CVPR 2022; the official sampler after the fix for their issue
-#16): an independent scalar reference, invariants, the Beta corner statistics, RandomResizedCrop equivalence without boxes, the fallback, and the config checks."""
+#16): an independent scalar reference, invariants, the Beta corner statistics, RandomResizedCrop equivalence
+without boxes, the fallback, and the config checks."""
 
 from __future__ import annotations
 
