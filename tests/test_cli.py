@@ -168,7 +168,8 @@ def test_quality_table_runs_rows_writes_table_and_plot_and_resumes(tmp_path) -> 
         assert sorted(r["knn"]) == ["1", "2"] and all(0 <= v <= 100 for v in r["knn"].values())
         assert r["knn_last"] == r["knn"]["2"] and r["epochs"] == 2 and r["batch_size"] == 16
     table = (out / "quality.md").read_text()
-    assert "| MoCo v2 | resnet_tiny |" in table and "| CsMl | resnet_tiny |" in table and "48 test images" in table
+    assert "| MoCo v2 | resnet_tiny |" in table and "| CsMl (the release: last stage only) | resnet_tiny |" in table
+    assert "48 test images" in table
     assert Image.open(out / "knn_per_epoch.png").size == (900, 540)
     last = json.loads(Path(report["rows"][1]["out"], "log.jsonl").read_text().splitlines()[-1])
     assert "nn_label_agreement" in last  # mined before epoch 1 too: interval 5 of 500 epochs scaled to 1

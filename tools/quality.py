@@ -1,6 +1,6 @@
-"""`viewpipe quality`: the CIFAR-10 quality table, a benchmark of representations rather than of speed. Six rows
-(MoCo v2, MoCo v2 + ContrastiveCrop, SimSiam, SimSiam + ContrastiveCrop, CsMl, SNCLR: configs/<row>_cifar10.yaml,
-ResNet-18) pretrained at the same epochs and batch size and scored by the kNN monitor (k = 200, τ = 0.1) on the
+"""`viewpipe quality`: the CIFAR-10 quality table, a benchmark of representations rather than of speed. Seven rows
+(MoCo v2, MoCo v2 + ContrastiveCrop, SimSiam, SimSiam + ContrastiveCrop, CsMl as released (last stage only), CsMl
+multi-level, SNCLR: configs/<row>_cifar10.yaml, ResNet-18, the memory backend by default) pretrained at the same epochs and batch size and scored by the kNN monitor (k = 200, τ = 0.1) on the
 test images after every `--knn-every` epochs; writes quality.md (the table), quality.json and knn_per_epoch.png.
 
 Shorter runs than the configs' 500 epochs scale every schedule counted in epochs (ContrastiveCrop's warm-up and
@@ -31,7 +31,8 @@ ROWS: dict[str, str] = {  # row → its name in the table; the config is configs
     "mocov2_ccrop": "MoCo v2 + ContrastiveCrop",
     "simsiam": "SimSiam",
     "simsiam_ccrop": "SimSiam + ContrastiveCrop",
-    "csml": "CsMl",
+    "csml": "CsMl (the release: last stage only)",
+    "csml_multilevel": "CsMl, multi-level (viewpipe's design)",
     "snclr": "SNCLR",
 }
 # kNN top-1 % from a third-party small-scale table (ResNet-18, CIFAR-10)
@@ -49,7 +50,7 @@ class QualityConfig:
     train_images: int = 0  # 0: all 50,000 (the first N in the official order otherwise)
     test_images: int = 0  # 0: all 10,000
     knn_every: int = 1
-    backend: str = ""  # empty: the configs' (dali)
+    backend: str = ""  # empty: the configs' (memory: CIFAR-10 decoded once into GPU memory)
     backbone: str = ""  # empty: the configs' (resnet18_cifar)
     device: str = "auto"
     workers: int = 0  # 0: all cores
@@ -271,7 +272,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--knn-every", type=int, default=1, help="epochs between kNN scores (and after the last)")
     p.add_argument("--rows", default="", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
     p.add_argument("--backend", default="", choices=["", "torch", "dali", "ffcv", "memory"],
-                   help="default: the configs' (dali); memory keeps the decoded dataset on the device")
+                   help="default: the configs' (memory: the decoded dataset kept on the device)")
     p.add_argument("--backbone", default="", help="default: the configs' (resnet18_cifar)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=0, help="loader workers (default: all cores)")
