@@ -41,6 +41,9 @@ class DataConfig:
     size: int = bounded(32, 1)  # view side
     preset: str = "mocov2_small"  # augmentation preset (viewpipe.augment.PRESETS)
     views: int = bounded(2, 1)  # per sample; each method says how many it takes (its class's `views`)
+    # multi-crop view groups, COUNTxSIZE[@MIN-MAX][:nobox],... (e.g. "2x224,6x96@0.05-0.2"); when set it replaces
+    # `views` (`size` stays the image size of the clean passes: box update, mining, kNN)
+    multicrop: str = ""
     batch_size: int = bounded(512, 1)  # global: divided among ranks
     workers: int = bounded(8, 0)
     # dali backend only: the share of images nvJPEG sends to the GPU's hardware JPEG decoder (A100, H100), the
@@ -207,10 +210,17 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     from viewpipe.trainers.base import METHODS  # (the registry: its classes say how many views they take)
 
     lo, hi = METHODS[cfg.method].views if cfg.method in METHODS else (2, None)
-    views = cfg.data.views
+    views, key = cfg.data.views, "views"
+    if cfg.data.multicrop:
+        from viewpipe.pipelines import parse_views
+
+        try:
+            views, key = sum(g.count for g in parse_views(cfg.data.multicrop)), "multicrop"
+        except ViewpipeError as exc:
+            raise ViewpipeError(f"{where}.data.multicrop: {exc}") from None
     if views < lo or (hi is not None and views > hi):
         need = f"exactly {lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-        raise ViewpipeError(f"{where}.data.views: {cfg.method} needs {need} views of each sample, got {views}")
+        raise ViewpipeError(f"{where}.data.{key}: {cfg.method} needs {need} views of each sample, got {views}")
     if not isinstance(cfg.method_args, dict):
         raise ViewpipeError(f"{where}.method_args: expected a mapping, got {cfg.method_args!r}")
     for key, value in cfg.method_args.items():

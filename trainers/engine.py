@@ -23,7 +23,7 @@ from viewpipe.augment import preset
 from viewpipe.crop import CropConfig
 from viewpipe.dist import all_reduce_min, barrier, gather_objects, gather_ranks, setup
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import Batch, LoaderConfig, get_backend
+from viewpipe.pipelines import Batch, LoaderConfig, get_backend, parse_views
 from viewpipe.sources import open_source
 from viewpipe.state import SampleState
 from viewpipe.trainers.base import build_method, broadcast_bn_stats
@@ -140,9 +140,10 @@ class Trainer:
             if self._loader is not None and hasattr(self._loader, "close"):
                 self._loader.close()
             d = self.cfg.data
-            lc = LoaderConfig(views=d.views, batch_size=d.batch_size // self.world,
-                              crop=CropConfig(alpha=self.cfg.ccrop.alpha, use_box=use_box), augment=self.augment,
-                              workers=d.workers, seed=self.cfg.seed, channels_last=self.cfg.channels_last)
+            crop = CropConfig(alpha=self.cfg.ccrop.alpha, use_box=use_box)
+            lc = LoaderConfig(views=d.views, batch_size=d.batch_size // self.world, crop=crop, augment=self.augment,
+                              workers=d.workers, seed=self.cfg.seed, channels_last=self.cfg.channels_last,
+                              groups=parse_views(d.multicrop, crop.scale) if d.multicrop else ())
             kw: dict[str, Any] = {"rank": self.rank, "world": self.world}
             if self.method.needs_neighbours():
                 kw["companions"] = True

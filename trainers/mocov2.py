@@ -8,7 +8,9 @@ momentum encoder's embedding of the other view, among k₊ and a FIFO queue Q of
     ℓ(q, k₊) = −log( exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_{n∈Q} exp(q·n/τ)) )
 
 The key encoder is not trained by gradients: θ_k ← m·θ_k + (1−m)·θ_q after each step; each step's keys enter
-the queue and the oldest leave. Keys are computed with shuffle-BN across ranks (`base.shuffle_bn_forward`).
+the queue and the oldest leave. Multi-crop (Caron et al., SwAV, NeurIPS 2020): views after the first two (small
+crops of the same image, `data.multicrop`) are extra queries against the same key k₊; the loss averages over
+all queries. Keys are computed with shuffle-BN across ranks (`base.shuffle_bn_forward`).
 ContrastiveCrop's host method on small datasets (512-512-128 head, queue 65,536, m 0.999, τ 0.2) and on
 ImageNet (ResNet-50, batch 256, SGD lr 0.03 wd 1e-4, 2048-2048-128 head, τ 0.2, 100 epochs); CsMl builds on it.
 """
@@ -82,13 +84,14 @@ class MoCoV2(Method):
 
     def forward(self, views: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x1, x2 = views[0], views[1]
-        q1 = self.query(x1)
         k2 = self._keys(x2)
-        loss = infonce(q1, k2, self.queue.clone().detach(), self.tau)
+        queue = self.queue.clone().detach()
+        queries = [x1, *views[2:]]  # multi-crop: the small views are extra queries against k2
+        loss = sum(infonce(self.query(x), k2, queue, self.tau) for x in queries) / len(queries)
         keys = [k2]
         if self.symmetric:
             q2, k1 = self.query(x2), self._keys(x1)
-            loss = loss + infonce(q2, k1, self.queue.clone().detach(), self.tau)
+            loss = loss + infonce(q2, k1, queue, self.tau)
             keys.append(k1)
         for k in keys:
             enqueue(self.queue, self.queue_ptr, k)
