@@ -9,7 +9,9 @@ A converted dataset folder holds:
   by DALI with `dtypes=INT64`).
 - `data.beton`: the FFCV dataset (`image`: RGBImageField, `label`: IntField; position = sample index).
 - `index.npz`: per sample label, height, width (after EXIF orientation), source path, shard, byte offset
-  and size of the image in its shard; `classes.txt`: `index<TAB>name` lines.
+  and size of the image in its shard, and checksums (`sample_checksum`, CRC-32) of the image bytes in its
+  shard (`checksums`) and in the FFCV file (`ffcv_checksums`), each present when that format was written
+  (indexes written before checksums load without them); `classes.txt`: `index<TAB>name` lines.
 - `convert_report.json`: files seen, samples written, every skipped file with its reason.
 
 Decoding policy, the same in every loader: EXIF orientation is applied (DALI's decoder does so by
@@ -21,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,16 @@ META_DTYPE = np.dtype("<i8")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb warning threshold (about 9459²)
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def sample_checksum(data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """The checksum stored per sample in the index (`DatasetIndex.checksums`, `.ffcv_checksums`): CRC-32 of the
+    encoded bytes (any contiguous buffer), as an int in [0, 2**32). A loader recomputes it over the bytes it read
+    to tell damaged data (a bit flip, a bad sector, a copy gone wrong) from what the conversion wrote."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+CHECKSUM_DTYPE = np.dtype("<u4")
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
@@ -195,6 +208,8 @@ class DatasetIndex:
     offsets: np.ndarray  # int64 (N,): image data offset in its shard
     nbytes: np.ndarray  # int64 (N,): image bytes in its shard
     classes: list[str]
+    checksums: np.ndarray | None = None  # uint32 (N,): sample_checksum of the image bytes in its shard (with shards)
+    ffcv_checksums: np.ndarray | None = None  # uint32 (N,): of the image bytes stored in the FFCV file (with one)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -202,8 +217,10 @@ class DatasetIndex:
     def save(self, root: str | os.PathLike[str]) -> None:
         root = Path(root)
         buf = io.BytesIO()
+        optional = {k: np.asarray(v, CHECKSUM_DTYPE) for k, v in
+                    (("checksums", self.checksums), ("ffcv_checksums", self.ffcv_checksums)) if v is not None}
         np.savez(buf, labels=self.labels, heights=self.heights, widths=self.widths, sources=self.sources,
-                 shards=self.shards, offsets=self.offsets, nbytes=self.nbytes)
+                 shards=self.shards, offsets=self.offsets, nbytes=self.nbytes, **optional)
         write_atomic(root / INDEX, buf.getvalue())
         write_atomic(root / CLASSES, "".join(f"{i}\t{c}\n" for i, c in enumerate(self.classes)))
 
@@ -216,4 +233,9 @@ class DatasetIndex:
             classes = [line.split("\t", 1)[1] for line in (root / CLASSES).read_text().splitlines() if line]
         except (OSError, ValueError, KeyError, IndexError) as exc:
             raise ViewpipeError(f"{root}: no readable viewpipe dataset index ({exc}); run `viewpipe convert` first") from None
-        return cls(classes=classes, **arrays)
+        required = ("labels", "heights", "widths", "sources", "shards", "offsets", "nbytes")
+        if missing := [k for k in required if k not in arrays]:
+            raise ViewpipeError(f"{root / INDEX}: not a viewpipe dataset index (no {', '.join(missing)}); "
+                                "run `viewpipe convert` again")
+        optional = ("checksums", "ffcv_checksums")  # absent from indexes written before them
+        return cls(classes=classes, **{k: arrays[k] for k in (*required, *optional) if k in arrays})
