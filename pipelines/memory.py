@@ -37,12 +37,16 @@ def _decode(source: Source, k: int) -> np.ndarray | str:
 
 def decode_all(source: Source, threads: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Every image of `source` decoded once, in `threads` threads: (N, Hmax, Wmax, 3) uint8 with each image's
-    last row and column repeated over the padding, its (N, 2) sizes, and the samples that do not decode."""
+    last row and column repeated over the padding, its (N, 2) sizes, and the samples that cannot be used
+    (they do not decode, or their bytes differ from the conversion's checksums)."""
     from tqdm import tqdm
 
     n = len(source)
+    check = getattr(source, "damaged", None)  # a converted dataset's checksums, where it has them
+    damaged = check(np.arange(n)) if check is not None else {}
     with ThreadPoolExecutor(max(1, threads)) as pool:  # (PIL releases the GIL while it decodes)
-        decoded = list(tqdm(pool.map(partial(_decode, source), range(n), chunksize=256), total=n, unit="img",
+        work = (lambda k: damaged[k] if k in damaged else _decode(source, k))  # noqa: E731
+        decoded = list(tqdm(pool.map(work, range(n), chunksize=256), total=n, unit="img",
                             desc="decoding into memory", disable=not progress or None, leave=False))
     failed = {k: d for k, d in enumerate(decoded) if isinstance(d, str)}
     if len(failed) == n:
