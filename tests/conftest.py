@@ -49,6 +49,102 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_folder(tmp_path_factory.mktemp("images"), n=96, size_range=(40, 96), seed=1)
 
 
+@pytest.fixture(scope="session")
+def converted(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`image_folder` converted once for every loader test: DALI's shards (32 samples each) and FFCV's .beton
+    in one folder (the reference backend reads the shards). Tests that damage it work on a copy."""
+    from viewpipe.tools.convert import convert
+
+    dst = tmp_path_factory.mktemp("converted") / "ds"
+    convert(image_folder, dst, formats=("dali", "ffcv"), workers=1, shard_size=32)
+    return dst
+
+
+def loader_cfg(**kw):  # noqa: ANN003, ANN201  (viewpipe.pipelines.LoaderConfig)
+    """The loader tests' configuration: 2 mocov2 views of 32 px, batches of 8, 2 workers, seed 3, unless given."""
+    from viewpipe.augment import preset
+    from viewpipe.pipelines import LoaderConfig
+
+    return LoaderConfig(**(dict(views=2, batch_size=8, augment=preset("mocov2", size=32), workers=2, seed=3) | kw))
+
+
+def documented_windows(sizes: "np.ndarray", boxes: "np.ndarray", cfg,  # noqa: ANN001  (a LoaderConfig)
+                       rng: "np.random.Generator") -> "np.ndarray":
+    """(B, V, 4) windows from the loaders' documented draws: one `draw` of V·B on `rng` (view-major; a batch's
+    generator is `default_rng([seed, epoch, rank, batch])`) through the NumPy sampler, for images of `sizes`
+    (B, 2) and their `boxes` (B, 4)."""
+    from viewpipe.crop import draw, windows_from_draws
+
+    V, B = cfg.views, len(sizes)
+    win = windows_from_draws(np.tile(sizes, (V, 1)), np.tile(boxes, (V, 1)), draw(rng, V * B, cfg.crop), cfg.crop)
+    return win.reshape(V, B, 4).transpose(1, 0, 2)
+
+
+def core_crop(img, window, size: int = 32):  # noqa: ANN001, ANN201  (torch.Tensor)
+    """The core's crop-resize (`viewpipe.augment.crop_resize`) of `window` (top, left, h, w) of one (H, W, 3)
+    uint8 image tensor: (size, size, 3) float grey levels."""
+    import torch
+
+    from viewpipe.augment import crop_resize
+
+    x = img.permute(2, 0, 1)[None].float()
+    win = torch.as_tensor(np.asarray(window), dtype=torch.int32).reshape(1, 1, 4)
+    return crop_resize(x, win, size)[0].permute(1, 2, 0)
+
+
+def plain_augment(size: int = 32):  # noqa: ANN201  (viewpipe.augment.AugmentConfig)
+    """Photometric augmentation off and no normalisation: a view is its resized crop / 255."""
+    from viewpipe.augment import AugmentConfig, ViewAugment
+
+    return AugmentConfig(size=size, views=(ViewAugment(flip=0, jitter_p=0, grayscale=0, blur=0),),
+                         mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def random_boxes(n: int, seed: int = 0) -> "np.ndarray":
+    """n boxes (h0, w0, h1, w1) of half the image's sides, placed at random."""
+    lo = np.random.default_rng(seed).uniform(0, 0.4, (n, 2))
+    return np.concatenate([lo, lo + 0.5], 1).astype(np.float32)
+
+
+class FfcvDecoded:
+    """The JPEGs stored in a .beton, decoded outside the loader: by libffcv's `imdecode` called directly
+    (FFCV's decode, into a tight buffer) and by PIL; (H, W, 3) uint8 tensors."""
+
+    def __init__(self, root: Path) -> None:
+        from ffcv.reader import Reader
+
+        from viewpipe.formats import BETON
+
+        reader = Reader(str(root / BETON))
+        self.meta = reader.metadata["f0"]
+        self.size = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
+        self.file = np.memmap(root / BETON, dtype=np.uint8, mode="r")
+
+    def data(self, k: int) -> tuple["np.ndarray", int, int]:
+        ptr = int(self.meta["data_ptr"][k])
+        return np.array(self.file[ptr : ptr + self.size[ptr]]), int(self.meta["height"][k]), int(self.meta["width"][k])
+
+    def __call__(self, k: int):  # noqa: ANN204  (torch.Tensor)
+        import torch
+        from ffcv.libffcv import imdecode
+
+        data, H, W = self.data(k)
+        out = np.zeros((H, W, 3), np.uint8)
+        assert imdecode(data, out, H, W, H, W, 0, 0, 1, 1, False, False) == 0
+        return torch.from_numpy(out)
+
+    def pil(self, k: int):  # noqa: ANN201  (torch.Tensor)
+        import io
+
+        import torch
+        from PIL import Image
+
+        data, H, W = self.data(k)
+        img = np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"))
+        assert img.shape == (H, W, 3)
+        return torch.from_numpy(img.copy())
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """On small CPU machines torch's OpenMP threads and the loaders' own threads (DALI's workers, FFCV's
@@ -79,14 +175,20 @@ def check_batches(batches: list, labels: "np.ndarray", views: int, size: int) ->
     return seen
 
 
-def check_resumed(expected: list, rest: list) -> None:
-    """A resumed loader's batches `(views, labels, indices, windows)` equal the uninterrupted ones exactly."""
+def same_batches(a: list, b: list) -> None:
+    """Equal lists of batches, every field (views, labels, indices, neighbours, windows) exactly."""
     import torch
 
-    assert len(rest) == len(expected)
-    for (va, la, ia, _, wa), (vb, lb, ib, _, wb) in zip(expected, rest):
-        assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
-        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) == len(y) == 5
+        assert len(x[0]) == len(y[0]) and all(torch.equal(u, v) for u, v in zip(x[0], y[0]))
+        assert all(u is v is None or torch.equal(u, v) for u, v in zip(x[1:], y[1:]))
+
+
+def check_resumed(expected: list, rest: list) -> None:
+    """A resumed loader's batches equal the uninterrupted ones exactly (`same_batches`)."""
+    same_batches(expected, rest)
 
 
 def step_losses(out: Path) -> dict[int, float]:
