@@ -132,6 +132,11 @@ class MemoryLoader(EpochPosition):
                      torch.from_numpy(plan.windows))
 
 
+    def close(self) -> None:
+        """Nothing runs between batches, so nothing to stop (as the other backends' `close`, the loader can be
+        iterated again after); the decoded dataset is freed with the loader."""
+
+
 def memory_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                   state: SampleState | None = None, **kwargs) -> MemoryLoader:  # noqa: ANN003
     """A loader over a dataset decoded once into device memory. See `MemoryLoader`."""

@@ -40,12 +40,12 @@ from viewpipe.state import SampleState
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BACKENDS = ["torch", "dali", "ffcv"]
+BACKENDS = ["torch", "dali", "ffcv", "memory"]
 # what each backend needs to run on the CPU (the reference runs on the CPU by default)
-ON_CPU: dict[str, dict] = {"torch": {}, "dali": {"device_id": None}, "ffcv": {"device": "cpu"}}
+ON_CPU: dict[str, dict] = {"torch": {}, "dali": {"device_id": None}, "ffcv": {"device": "cpu"}, "memory": {"device": "cpu"}}
 # cfg.workers: DataLoader processes for the reference (none: the tests stay in one process unless they ask),
 # decoding threads for DALI and FFCV
-WORKERS = {"torch": 0, "dali": 2, "ffcv": 2}
+WORKERS = {"torch": 0, "dali": 2, "ffcv": 2, "memory": 2}
 S, N = 32, 96
 PLAIN = plain_augment(S)
 FULL = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
@@ -125,6 +125,7 @@ class ViewPixels:
     - ffcv: the core crop-resize of libffcv's decode of the same bytes, exactly (so the padded decode slots
       and their repeated edge change nothing), and within 1.5 grey levels per view of the same crop of PIL's
       decode (libjpeg-turbo's fast DCT against PIL's accurate one: about 1 on average, max 5).
+    - memory: the core crop-resize of PIL's decode, exactly (it decodes with PIL and crops with roi_align).
 
     For every backend the same window cut from another image differs by more than 7.5 per view: the checks
     can tell images apart."""
@@ -143,15 +144,21 @@ class ViewPixels:
 
     def image(self, k: int) -> Any:
         if k not in self._images:
-            self._images[k] = self.ffcv(k) if self.ffcv is not None else open_image(self.source.read(k))
+            if self.ffcv is not None:
+                self._images[k] = self.ffcv(k)
+            elif self.backend == "memory":
+                self._images[k] = torch.from_numpy(np.array(open_image(self.source.read(k))))
+            else:
+                self._images[k] = open_image(self.source.read(k))
         return self._images[k]
 
     def crop(self, k: int, window: list[int]) -> np.ndarray:
-        return core_crop(self.image(k), window, S).numpy() if self.ffcv is not None else pil_crop(self.image(k), window)
+        img = self.image(k)
+        return core_crop(img, window, S).numpy() if isinstance(img, torch.Tensor) else pil_crop(img, window)
 
     def shape(self, k: int) -> tuple[int, int]:
         img = self.image(k)
-        return tuple(img.shape[:2]) if self.ffcv is not None else (img.height, img.width)
+        return tuple(img.shape[:2]) if isinstance(img, torch.Tensor) else (img.height, img.width)
 
     def add(self, view: torch.Tensor, k: int, window: list[int], other: int) -> None:
         """Compare one view (3, S, S) with sample k's `window`, and with the same window of sample `other`."""
@@ -185,7 +192,7 @@ def test_registered(backend: str) -> None:
     import importlib
 
     module, name = {"torch": ("reference", "reference_loader"), "dali": ("dali", "dali_loader"),
-                    "ffcv": ("ffcv", "ffcv_loader")}[backend]
+                    "ffcv": ("ffcv", "ffcv_loader"), "memory": ("memory", "memory_loader")}[backend]
     assert get_backend(backend) is getattr(importlib.import_module(f"viewpipe.pipelines.{module}"), name)
 
 
@@ -250,6 +257,8 @@ LIVE = [
     ("dali", {"prefetch": 2, "overlap": True}, 2, 3),
     ("ffcv", {"batches_ahead": 1}, 2, 3),  # batches_ahead + 2 (+ 1 with overlap)
     ("ffcv", {"batches_ahead": 3}, 2, 5),
+    ("memory", {"overlap": False}, 2, 1),  # planned when the consumer asks (+ 1 with overlap)
+    ("memory", {"overlap": True}, 2, 2),
 ]
 
 
@@ -295,7 +304,7 @@ def test_box_and_neighbour_update_reaches_the_running_loader(backend: str, kw: d
                 assert (top >= 0).all() and (top <= top_hi).all() and (left >= 0).all() and (left <= left_hi).all()
             if b == update_after:
                 # (DALI calls its source in the consumer's thread; FFCV's thread and the workers fill their queues)
-                time.sleep({"torch": 1.0 if workers else 0, "dali": 0, "ffcv": 0.5}[backend])
+                time.sleep({"torch": 1.0 if workers else 0, "dali": 0, "ffcv": 0.5, "memory": 0}[backend])
                 st.set_boxes(np.tile(new_box, (N, 1)))
                 st.set_neighbours(np.stack([np.arange(N)] * 2, 1).astype(np.int32))
         assert b == len(loader) - 1 >= update_after + loader.prefetch and changed > 0
