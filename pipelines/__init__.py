@@ -227,7 +227,6 @@ class BatchPlan(NamedTuple):
     """One batch decided before any byte is read (`Planner.plan`): the samples, their companions, every
     view's crop window and the seed of the photometric draws."""
 
-    batch: int
     indices: np.ndarray  # (B,) int64, samples that cannot be used already replaced
     neighbours: np.ndarray | None  # (B,) int64: one companion per sample, or None
     windows: np.ndarray  # (B, V or 2V, 4) int32 (top, left, h, w): the samples' V views, then the neighbours'
@@ -247,10 +246,16 @@ class Planner:
                  sizes: Callable[[np.ndarray], np.ndarray], companions: bool = False) -> None:
         self.cfg, self.rank, self.state, self.substitutes = cfg, rank, state, substitutes
         self.sizes, self.companions = sizes, companions
+        self._seeds: tuple[int, np.ndarray] = (-1, np.zeros(0, np.uint64))  # (epoch, its words so far)
 
     def seed(self, epoch: int, b: int) -> int:
-        """The torch seed of batch b's photometric draws (a prefix of one SeedSequence per epoch and rank)."""
-        words = np.random.SeedSequence([self.cfg.seed, epoch, self.rank]).generate_state(b + 1, np.uint64)
+        """The torch seed of batch b's photometric draws: word b of one SeedSequence per epoch and rank (its
+        words are a prefix-stable stream, generated once per epoch and extended by doubling)."""
+        cached, words = self._seeds
+        if cached != epoch or b >= len(words):
+            words = np.random.SeedSequence([self.cfg.seed, epoch, self.rank]).generate_state(
+                max(b + 1, 2 * len(words) if cached == epoch else 256), np.uint64)
+            self._seeds = (epoch, words)
         return int(words[b]) & 0x7FFF_FFFF_FFFF_FFFF
 
     def plan(self, epoch: int, b: int, indices: np.ndarray) -> BatchPlan:
@@ -265,7 +270,7 @@ class Planner:
             chosen = table[np.arange(len(indices)), rng.integers(0, table.shape[1], size=len(indices))]
             neighbours = self.substitutes.usable(chosen.astype(np.int64))
             windows = np.concatenate([windows, self._windows(rng, neighbours)], 1)
-        return BatchPlan(b, indices, neighbours, np.ascontiguousarray(windows, dtype=np.int32), self.seed(epoch, b))
+        return BatchPlan(indices, neighbours, np.ascontiguousarray(windows, dtype=np.int32), self.seed(epoch, b))
 
     def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
         """(B, V, 4): each group's windows in turn (its count, scale and box use), one draw per group."""

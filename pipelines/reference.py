@@ -39,12 +39,17 @@ from viewpipe.state import SampleState
 def decode_rgb(data: bytes, where: str):  # noqa: ANN201  (PIL.Image.Image)
     """Decode to RGB with EXIF orientation applied (the policy of every loader, see viewpipe.formats),
     or one clear error naming `where`."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         return open_image(data)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except _decode_errors() as exc:
         raise ViewpipeError(f"{where}: cannot decode image ({exc}); fix or remove the file") from None
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for bytes that are not a decodable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    return UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError
 
 
 def torchvision_view_transform(view: ViewAugment, cfg: AugmentConfig):  # noqa: ANN201  (a torchvision transform)
@@ -117,9 +122,9 @@ class ReferenceBatches(Dataset):
         for k in np.concatenate(groups).tolist():
             if k not in decoded:
                 try:
-                    decoded[k] = decode_rgb(self.source.read(k), self.source.describe(k))
-                except ViewpipeError as exc:
-                    unusable[k] = f"fails to decode ({str(exc).split('cannot decode image (', 1)[-1].rstrip(')')})"
+                    decoded[k] = open_image(self.source.read(k))
+                except _decode_errors() as exc:
+                    unusable[k] = f"fails to decode ({exc})"
         if unusable:
             return unusable
         # torchvision draws from torch's global generator: seed it per batch, and restore it afterwards so that

@@ -94,12 +94,22 @@ def _oriented_size(img) -> tuple[int, int]:  # noqa: ANN001  (PIL.Image.Image, o
 
 def header_size(data: bytes, where: str) -> tuple[int, int]:
     """(height, width) after EXIF orientation from the encoded bytes' header, or one clear error."""
+    try:
+        return oriented_size(data)
+    except Exception as exc:  # noqa: BLE001  a damaged header can raise anything
+        raise ViewpipeError(f"{where}: {header_failure(exc)}; fix or remove the file") from None
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(height, width) after EXIF orientation from the encoded bytes' header; PIL's errors as they are."""
     from PIL import Image
 
-    try:
-        return _oriented_size(Image.open(io.BytesIO(data)))
-    except Exception as exc:  # noqa: BLE001  a damaged header can raise anything
-        raise ViewpipeError(f"{where}: cannot read the image header ({exc}); fix or remove the file") from None
+    return _oriented_size(Image.open(io.BytesIO(data)))
+
+
+def header_failure(exc: BaseException) -> str:
+    """Why a header could not be read, as `header_size` and the loaders' sample checks say it."""
+    return f"cannot read the image header ({exc})"
 
 
 def _scaled(h: int, w: int, max_side: int) -> tuple[int, int]:

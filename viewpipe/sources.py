@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import UnreadableFileError, ViewpipeError
-from .formats import INDEX, DatasetIndex, header_size, sample_checksum, shard_paths
+from .formats import INDEX, DatasetIndex, header_failure, oriented_size, sample_checksum, shard_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -309,9 +309,9 @@ class ImageSizes:
         for k in np.asarray(indices).tolist():
             if self._sizes[k, 0] < 0:
                 try:
-                    self._sizes[k] = header_size(self.source.read(k), self.source.describe(k))
-                except ViewpipeError as exc:
-                    failed[k] = f"fails to decode ({str(exc).split(': ', 1)[-1]})"
+                    self._sizes[k] = oriented_size(self.source.read(k))
+                except Exception as exc:  # noqa: BLE001  a damaged header can raise anything
+                    failed[k] = f"fails to decode: {header_failure(exc)}"
         return failed
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:
