@@ -90,6 +90,7 @@ class TrainConfig:
     method: str = "mocov2"
     backbone: str = "resnet18_cifar"
     method_args: dict[str, Any] = field(default_factory=dict)
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # go to the backbone's constructor (trainers/models.py)
     epochs: int = bounded(500, 1)
     data: DataConfig = field(default_factory=DataConfig)
     ccrop: CCropConfig = field(default_factory=CCropConfig)
