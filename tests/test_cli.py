@@ -159,7 +159,7 @@ def test_quality_table_runs_rows_writes_table_and_plot_and_resumes(tmp_path) -> 
     out = tmp_path / "q"
     args = ("quality", "--data", str(data), "--out", str(out), "--epochs", "2", "--batch-size", "16",
             "--train-images", "96", "--test-images", "48", "--backbone", "resnet_tiny", "--rows", "mocov2,csml",
-            "--workers", "1", "data.size=32", "knn_k=20")
+            "--workers", "1", "--linear-epochs", "3", "--synthetic-steps", "2", "data.size=32", "knn_k=20")
     res = viewpipe(*args, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "quality.json").read_text())
@@ -167,7 +167,10 @@ def test_quality_table_runs_rows_writes_table_and_plot_and_resumes(tmp_path) -> 
     for r in report["rows"]:
         assert sorted(r["knn"]) == ["1", "2"] and all(0 <= v <= 100 for v in r["knn"].values())
         assert r["knn_last"] == r["knn"]["2"] and r["epochs"] == 2 and r["batch_size"] == 16
+        assert r["linear"]["epochs"] == 3 and 0 <= r["linear"]["last"] <= r["linear"]["best"] <= 100
+        assert r["synthetic_images_per_s"] > 0 and r["of_synthetic"] == r["images_per_s"] / r["synthetic_images_per_s"]
     table = (out / "quality.md").read_text()
+    assert f"| {report['rows'][0]['linear']['last']:.2f} |" in table and "× synthetic" in table
     assert "| MoCo v2 | resnet_tiny |" in table and "| CsMl (the release: last stage only) | resnet_tiny |" in table
     assert "48 test images" in table
     assert Image.open(out / "knn_per_epoch.png").size == (900, 540)
