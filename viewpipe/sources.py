@@ -2,7 +2,9 @@
 dataset converted by `viewpipe convert` (its WebDataset shards).
 
 A source is a list of samples (encoded bytes + label) addressed by index; the sample's index is its row
-in the SampleState. Sources pickle cheaply (the `.npz` arrays are memory-mapped, not copied), so
+in the SampleState. A folder without class folders (a flat folder of images) is an *unlabelled* source:
+self-supervised pretraining needs no labels, so every sample gets the label -1 and `classes` is empty
+(`is_labelled` tells; a dataset converted from one stays unlabelled). kNN and linear evaluation refuse it. Sources pickle cheaply (the `.npz` arrays are memory-mapped, not copied), so
 DataLoader workers started by fork, spawn or forkserver all share the same pages.
 """
 
@@ -35,18 +37,34 @@ class Source(Protocol):
     def describe(self, index: int) -> str: ...
 
 
+UNLABELLED = -1  # the label of every sample of an unlabelled source
+
+
+def is_labelled(source: Source) -> bool:
+    """Whether `source` has class labels: it names its classes and no sample carries the label -1 (an
+    unlabelled folder, or a dataset converted from one, has neither)."""
+    labels = np.asarray(source.labels)
+    return bool(source.classes) and not (labels.size and int(labels.min()) < 0)
+
+
 class FolderSource:
     """`root/<class>/**/<file>` as torchvision's ImageFolder: class index = position in the sorted folder names.
+    A folder with no sub-folders (a flat folder of images), or any tree read with `labelled=False`, is
+    unlabelled: every file under it, in `os.walk` order, with label -1 and no classes (`self.labelled` False).
 
     `extensions=None` lists every file (what `viewpipe convert` does, so that every file is accounted for);
-    files directly in `root` are kept in `stray`, class folders without files in `empty_classes`."""
+    with class folders, files directly in `root` are kept in `stray`, class folders without files in
+    `empty_classes`. `labelled`: None decides from the layout (sub-folders: class folders), True requires class
+    folders, False reads the whole tree without labels (for a tree whose folders are not classes)."""
 
-    def __init__(self, root: str | os.PathLike[str], extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS) -> None:
+    def __init__(self, root: str | os.PathLike[str], extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS,
+                 labelled: bool | None = None) -> None:
         root = Path(root)
+        expected = "an image folder (root/<class>/<image>, or a flat folder of images for pretraining) or a .npz"
         if not root.exists():
-            raise ViewpipeError(f"{root}: no such file or folder; give an image folder (root/<class>/<image>) or a .npz")
+            raise ViewpipeError(f"{root}: no such file or folder; give {expected}")
         if not root.is_dir():
-            raise ViewpipeError(f"{root}: not a folder; give an image folder (root/<class>/<image>) or a .npz")
+            raise ViewpipeError(f"{root}: not a folder; give {expected}")
         self.root = root
         try:
             entries = sorted(os.scandir(root), key=lambda d: d.name)
@@ -54,13 +72,26 @@ class FolderSource:
             raise ViewpipeError(f"{root}: cannot list the folder ({exc.strerror}); check its permissions") from None
         self.classes = [d.name for d in entries if d.is_dir()]
         self.stray = [d.path for d in entries if not d.is_dir()]
-        if not self.classes:
-            raise ViewpipeError(f"{root}: no class folders; expected root/<class>/<image> as torchvision's ImageFolder")
         paths: list[str] = []
         labels: list[int] = []
         self.unlistable: list[str] = []
         self.empty_classes: list[str] = []
         self.repeated_folders: list[str] = []  # links to a folder already listed in the same class (loops), not followed
+        if labelled is True and not self.classes:
+            raise ViewpipeError(f"{root}: no class folders; expected root/<class>/<image> as torchvision's ImageFolder")
+        self.labelled = bool(self.classes) if labelled is None else labelled
+        if not self.labelled:
+            self.classes, self.stray = [], []
+            for dirpath, files in sorted(_walk_once(str(root), self.unlistable, self.repeated_folders)):
+                paths += [os.path.join(dirpath, f) for f in sorted(files)
+                          if extensions is None or f.lower().endswith(extensions)]
+            if not paths:
+                kinds = "files" if extensions is None else f"image files ({', '.join(extensions)})"
+                raise ViewpipeError(f"{root}: no class folders and no {kinds}; give root/<class>/<image> "
+                                    "(labelled) or a folder of images (unlabelled, for pretraining)")
+            self.paths = paths
+            self.labels = np.full(len(paths), UNLABELLED, dtype=np.int64)
+            return
         for label, name in enumerate(self.classes):
             before = len(paths)
             walk = _walk_once(str(root / name), self.unlistable, self.repeated_folders)
@@ -282,15 +313,15 @@ class ShardSource:
         self._maps.clear()
 
 
-def open_source(path: str | os.PathLike[str], split: str = "train") -> Source:
+def open_source(path: str | os.PathLike[str], split: str = "train", labelled: bool | None = None) -> Source:
     """A `.npz` → `NpzSource` of `split`; a converted dataset (with an index.npz) → `ShardSource`; another
-    folder → `FolderSource`."""
+    folder → `FolderSource` (`labelled`: its argument; by default a folder without sub-folders is unlabelled)."""
     path = Path(path)
     if path.suffix == ".npz":
         return NpzSource(path, split)
     if (path / INDEX).is_file():
         return ShardSource(path)
-    return FolderSource(path)
+    return FolderSource(path, labelled=labelled)
 
 
 class ImageSizes:
