@@ -53,7 +53,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def converted(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`image_folder` converted once for every loader test: DALI's shards (32 samples each) and FFCV's .beton
     in one folder (the reference backend reads the shards). Tests that damage it work on a copy."""
-    from viewpipe.tools.convert import convert
+    from viewpipe.convert import convert
 
     dst = tmp_path_factory.mktemp("converted") / "ds"
     convert(image_folder, dst, formats=("dali", "ffcv"), workers=1, shard_size=32)

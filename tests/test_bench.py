@@ -43,7 +43,7 @@ def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def converted(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The image folder converted three ways: DALI shards only, FFCV only, both."""
-    from viewpipe.tools.convert import convert
+    from viewpipe.convert import convert
 
     root = tmp_path_factory.mktemp("converted")
     out = {}

@@ -54,7 +54,7 @@ os.execv(sys.argv[2], sys.argv[2:])
 _SLOWED = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also when pytest runs with it ignored
-import viewpipe.tools.convert as c
+import viewpipe.convert as c
 if sys.argv[1] == "shards":
     inner_bytes = c.shard_bytes
     def slow_bytes(*a, **k):

@@ -41,7 +41,7 @@ GONE = 10  # seconds after which no process a conversion started may still run (
 # a fault reliably lands in that stage; everything else is untouched
 _SLOWED = """
 import sys, time
-import viewpipe.tools.convert as c
+import viewpipe.convert as c
 stage, pause = sys.argv[1], float(sys.argv[2])
 if stage == "probe":
     inner_probe = c.probe

@@ -18,7 +18,7 @@ from viewpipe.augment import preset
 from viewpipe.formats import DatasetIndex, shard_paths
 from viewpipe.pipelines import LoaderConfig, get_backend
 from viewpipe.sources import ShardSource
-from viewpipe.tools.convert import convert
+from viewpipe.convert import convert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BAD = 40

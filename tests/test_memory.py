@@ -22,7 +22,7 @@ from viewpipe.pipelines import LoaderConfig, epoch_order, get_backend, parse_vie
 from viewpipe.pipelines.memory import MemoryLoader, decode_all, memory_loader
 from viewpipe.sources import FolderSource, open_source
 from viewpipe.state import SampleState
-from viewpipe.tools.convert import convert
+from viewpipe.convert import convert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 S = 24

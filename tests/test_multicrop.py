@@ -17,7 +17,7 @@ from viewpipe.errors import ViewpipeError
 from viewpipe.formats import DatasetIndex
 from viewpipe.pipelines import LoaderConfig, ViewGroup, get_backend, parse_views
 from viewpipe.state import SampleState
-from viewpipe.tools.convert import convert
+from viewpipe.convert import convert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKENDS = ["torch", "dali", "ffcv"]

@@ -16,7 +16,7 @@ import nvidia.dali  # noqa: F401  (`make test` installs it: a missing backend fa
 from viewpipe.augment import preset
 from viewpipe.pipelines import LoaderConfig, get_backend
 from viewpipe.state import SampleState
-from viewpipe.tools.convert import convert
+from viewpipe.convert import convert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKENDS = ["torch", "dali", "ffcv"]

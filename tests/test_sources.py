@@ -99,7 +99,7 @@ def test_shard_source_reads_a_converted_dataset(image_folder, tmp_path) -> None:
     are), labels and sizes from the index, descriptions naming the shard, and it pickles without its maps."""
     from viewpipe.formats import shard_paths
     from viewpipe.sources import ShardSource
-    from viewpipe.tools.convert import convert
+    from viewpipe.convert import convert
 
     convert(image_folder, tmp_path / "ds", formats=("dali",), workers=1, shard_size=40)
     folder, shards = FolderSource(image_folder), open_source(tmp_path / "ds")

@@ -88,7 +88,7 @@ def generated_data(n: int = 1024) -> Path:
 def converted_data(data: Path, split: str, formats: set[str], workers: int) -> Path:
     """`data` itself when it is a converted dataset, else a converted copy made once with `viewpipe convert`
     and cached (the converted backends read shards and .beton files, never the folder)."""
-    from viewpipe.tools.convert import convert
+    from viewpipe.convert import convert
 
     if (data / INDEX).is_file():  # only the formats of the backends asked for are needed
         if "ffcv" in formats and not (data / BETON).is_file():

@@ -33,7 +33,7 @@ def demo_data(n_train: int, n_test: int, workers: int) -> tuple[Path, Path, Path
     """Generated train and test folders (coloured objects on clutter, true boxes in boxes.npy) and the train
     set converted for DALI and FFCV; made once and cached."""
     from viewpipe.synthetic import make_folder
-    from viewpipe.tools.convert import convert
+    from viewpipe.convert import convert
 
     root = _cache() / "demo" / f"n{n_train}-{n_test}"
     train, test, converted = root / "train", root / "test", root / "train-converted"

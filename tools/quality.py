@@ -90,7 +90,7 @@ def subset_npz(src: Path, dst: Path, n_train: int, n_test: int) -> Path:
 
 def prepare_data(q: QualityConfig, workers: int) -> tuple[Path, Path]:
     """(the converted training set, the test collection) for the table, made once under `out/data`."""
-    from viewpipe.tools.convert import convert
+    from viewpipe.convert import convert
 
     src = Path(q.data)
     if not src.is_file():
