@@ -127,10 +127,9 @@ def test_csml_loss_by_hand_with_the_weight_schedule() -> None:
         got = csml_loss(q, q_nn, q_mix, k, k_nn, queue, tau, a, b, lam)
         assert float(got) == pytest.approx(by_hand, rel=1e-6)
     method = CsMl(build_backbone("resnet_tiny"), switch_epoch=10)
-    method.set_epoch(9)
-    assert method.ab == (1.0, 0.0)
-    method.set_epoch(10)
-    assert method.ab == (0.5, 0.5)
+    for epoch, ab in ((0, (1.0, 0.0)), (10, (1.0, 0.0)), (11, (0.5, 0.5)), (199, (0.5, 0.5))):
+        method.set_epoch(epoch)  # the release's `epoch > 10` with epochs from 0
+        assert method.ab == ab, epoch
 
 
 def test_cutmix_pastes_one_box_and_lambda_is_the_area_left() -> None:

@@ -1,6 +1,6 @@
 """What every method shares: the `Method` interface the engine drives, the method registry (`register`,
-`build_method`), momentum (EMA) updates, MoCo's shuffle-BN and the broadcast of BatchNorm statistics
-(collectives from `viewpipe.dist`)."""
+`build_method`, which makes every rank start from rank 0's weights, queues and banks), momentum (EMA) updates,
+MoCo's shuffle-BN and the broadcast of BatchNorm statistics (collectives from `viewpipe.dist`)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def broadcast_bn_stats(module: nn.Module) -> None:
     """Give every rank rank 0's BatchNorm running statistics. The engine's DDP does not broadcast buffers each
-    step (the queues are kept identical by construction), so each rank's running statistics drift apart; the
-    eval-mode passes over the whole dataset (boxes, neighbours, kNN) must all see one network."""
+    step (the queues start identical, `broadcast_state`, and stay so: every rank enqueues all ranks' keys), so
+    each rank's running statistics drift apart; the eval-mode passes over the whole dataset (boxes, neighbours,
+    kNN) must all see one network."""
     if not several():
         return
     for m in module.modules():
@@ -32,6 +33,25 @@ def broadcast_bn_stats(module: nn.Module) -> None:
             for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
                 if buf is not None:
                     broadcast(buf, src=0)
+
+
+@torch.no_grad()
+def broadcast_state(module: nn.Module) -> None:
+    """Overwrite every parameter and buffer of `module` (weights, momentum encoders, queues, banks, their
+    pointers, BN statistics) with rank 0's, so that ranks seeded differently start identical. DDP would sync the
+    parameters but not the buffers (the engine turns its buffer broadcast off). A no-op on one process; with
+    NCCL, CPU tensors travel through the current GPU."""
+    if not several():
+        return
+    import torch.distributed as dist
+
+    wire = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    for t in [*module.parameters(), *module.buffers()]:
+        t = t.detach()
+        if wire is None or t.device == wire:
+            broadcast(t, src=0)
+        else:
+            t.copy_(broadcast(t.to(wire), src=0))
 
 
 @torch.no_grad()
@@ -92,13 +112,22 @@ def register(name: str) -> Callable[[M], M]:
 
 
 def build_method(cfg: TrainConfig) -> Method:
-    """The registered method `cfg.method` on a fresh `cfg.backbone`, with `cfg.method_args`."""
+    """The registered method `cfg.method` on a fresh `cfg.backbone` built with `cfg.backbone_args`, with
+    `cfg.method_args`; under torch.distributed every rank holds rank 0's weights and buffers (`broadcast_state`)."""
     if cfg.method not in METHODS:
         raise ViewpipeError(f"unknown method {cfg.method!r}; available: {', '.join(METHODS)}")
+    if not isinstance(cfg.backbone_args, dict):
+        raise ViewpipeError(f"backbone_args: expected a mapping, got {cfg.backbone_args!r}")
     try:
-        return METHODS[cfg.method](build_backbone(cfg.backbone), **cfg.method_args)
+        backbone = build_backbone(cfg.backbone, **cfg.backbone_args)
+    except TypeError as exc:
+        raise ViewpipeError(f"backbone_args for {cfg.backbone}: {exc}") from None
+    try:
+        method = METHODS[cfg.method](backbone, **cfg.method_args)
     except TypeError as exc:
         raise ViewpipeError(f"method_args for {cfg.method}: {exc}") from None
+    broadcast_state(method)
+    return method
 
 
 @torch.no_grad()

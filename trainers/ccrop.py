@@ -14,10 +14,14 @@ model being trained, and spreads the two crops' centres apart:
   centre is drawn inside the box, per axis from Beta(α, α). α < 1 pushes centres toward the box's edges
   ("center-suppressed" sampling), so the two views overlap less. Only the centre is constrained: a crop may
   reach outside the box.
-- Schedule (the official code): plain RandomResizedCrop for the first `warmup` epochs; boxes recomputed after
-  epoch e when e ≥ warmup, e % interval == 0 and e is not the last; the epochs after the first update crop
-  with the boxes. The paper's recipes: small datasets 500 epochs, warmup 100, interval 100, α 0.1; ImageNet
-  100 epochs, warmup 20, interval 20, α 0.6.
+- Schedule (the official code, whose epochs count from 1: `DDP_moco_ccrop.py`, `for epoch in range(start_epoch,
+  cfg.epochs + 1)` with `start_epoch = 1`, then `if epoch >= cfg.warmup_epochs and epoch != cfg.epochs and
+  epoch % cfg.loc_interval == 0: ... update_box`): plain RandomResizedCrop for the first `warmup` epochs;
+  boxes recomputed after the n-th epoch (n counted from 1) when n ≥ warmup, n % interval == 0 and n is not the
+  last; the epochs after the first update crop with the boxes (`use_box = epoch >= warmup_epochs + 1`). The
+  paper's recipes: small datasets 500 epochs, warmup 100, interval 100, α 0.1 (updates after epochs 100, 200,
+  300, 400); ImageNet 100 epochs, warmup 20, interval 20, α 0.6 (after epochs 20, 40, 60, 80). The engine's
+  epochs count from 0: the update after engine epoch e is the release's after epoch e + 1.
 
 Published: +0.4 to +2.0 points of linear top-1 over RandomResizedCrop for SimCLR, MoCo, BYOL and SimSiam on
 CIFAR-10/100, Tiny ImageNet and STL-10 (ResNet-18, 500 epochs).
@@ -58,9 +62,9 @@ def box_pass(backbone: Backbone, source: Source, options: CleanOptions, threshol
 
 
 class BoxUpdater(StateUpdater):
-    """ContrastiveCrop's box update as a state updater: after an epoch, the online backbone's boxes of the whole
-    training set (`box_pass` at `ccrop.size`, default data.size), published as the sample state's boxes; the
-    main rank saves a PNG grid of images with their boxes. `use_box(epoch)`: whether the epoch's crops use the
+    """ContrastiveCrop's box update as a state updater: after an epoch (the module's schedule), the online
+    backbone's boxes of the whole training set (`box_pass` at `ccrop.size`, default data.size), published as
+    the sample state's boxes; the main rank saves a PNG grid of images with their boxes. `use_box(epoch)`: whether the epoch's crops use the
     boxes (the epochs after the first update) or plain RandomResizedCrop (those before)."""
 
     name = "box"
@@ -71,11 +75,13 @@ class BoxUpdater(StateUpdater):
         self.c, self.epochs = c, epochs
 
     def due(self, epoch: int) -> bool:
-        c = self.c
-        return c.enabled and epoch >= c.warmup and epoch % max(1, c.interval) == 0 and epoch != self.epochs - 1
+        """After engine epoch `epoch` (from 0), i.e. after n = epoch + 1 epochs: the release's n ≥ warmup,
+        n % interval == 0, n not the last."""
+        c, n = self.c, epoch + 1
+        return c.enabled and n >= c.warmup and n % max(1, c.interval) == 0 and n != self.epochs
 
     def use_box(self, epoch: int) -> bool:
-        return any(self.due(e) for e in range(self.c.warmup, epoch))
+        return any(self.due(e) for e in range(epoch))
 
     def compute(self, method: Method, data: DataContext, epoch: int) -> np.ndarray:
         return box_pass(method.backbone, data.source, replace(data.clean, size=self.c.size or data.clean.size),
@@ -99,7 +105,7 @@ def box_grid(source: Source, boxes: np.ndarray, path: Path, n: int = 32, side: i
     """A PNG of `n` images spread over the dataset, each resized to side×side, with its box drawn in red."""
     from PIL import Image, ImageDraw
 
-    from viewpipe.pipelines.reference import decode_rgb
+    from viewpipe.formats import decode_rgb
 
     n = min(n, len(source))
     rows = (n + cols - 1) // cols

@@ -99,7 +99,7 @@ class CleanDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        from viewpipe.pipelines.reference import decode_rgb
+        from viewpipe.formats import decode_rgb
 
         index = int(self.indices[i])
         img = decode_rgb(self.source.read(index), self.source.describe(index))

@@ -18,9 +18,10 @@ MoCo queue Q of anchor keys, τ its temperature and
 
     L = ⅓ [a·ℓ(q,k) + b·ℓ(q,k′) + a·ℓ(q′,k′) + b·ℓ(q′,k) + λ·ℓ(q_mix,k) + (1−λ)·ℓ(q_mix,k′)]
 
-each positive its own InfoNCE term (the other positive is not in its denominator), with (a, b) = (1, 0) for
-the first `switch_epoch` epochs and (0.5, 0.5) after (the release: `epoch > 10`, 1-based); only the anchor's
-keys k enter the queue.
+each positive its own InfoNCE term (the other positive is not in its denominator), with (a, b) = (1, 0) up to
+and including epoch `switch_epoch` (epochs from 0) and (0.5, 0.5) after it: the release's `main_moco.py`,
+`for epoch in range(start_epoch, FLAGS.end_epoch)` with `start_epoch = 0` and `soft_lam[j] = FLAGS.lam[0] if
+epoch > 10 else 1`, i.e. 11 epochs at (1, 0) before the switch; only the anchor's keys k enter the queue.
 
 Multi-level: the same loss on pooled heads of several backbone stages (default stages 3 and 4, weights 0.5 and
 1), each level with its own momentum head and queue. The multi-level part is described in the paper but
@@ -171,7 +172,7 @@ class LevelEncoder(nn.Module):
 class CsMl(Method):
     """CsMl on MoCo v2. Defaults: the paper's MoCo v2 recipe (head → 128 with hidden = each level's width,
     queue 65,536, m 0.999, τ 0.2), k = 5 neighbours mined every 5 epochs from epoch 0, (a, b) = (1, 0) then
-    (0.5, 0.5) from epoch 10, CutMix λ₀ ~ Beta(2, 2), levels: stages 3 and 4 weighted 0.5 and 1.
+    (0.5, 0.5) after epoch 10 (epochs from 0, as the release), CutMix λ₀ ~ Beta(2, 2), levels: stages 3 and 4 weighted 0.5 and 1.
     `mine_resize`: the clean pass's resize before the centre crop (256 on ImageNet; 0: resize to data.size)."""
 
     views = (2, 2)  # 2 of the sample and 2 of its neighbour (the loader's companions)
@@ -207,7 +208,8 @@ class CsMl(Method):
         return self.k
 
     def set_epoch(self, epoch: int) -> None:
-        self.ab = self.early if epoch < self.switch_epoch else self.late
+        """The loss weights of `epoch` (from 0): the late ones once epoch > switch_epoch, as the release."""
+        self.ab = self.late if epoch > self.switch_epoch else self.early
 
     def updaters(self, cfg: TrainConfig) -> list[StateUpdater]:
         return [*super().updaters(cfg), NeighbourMiner(self.k, self.interval, self.mine_resize)]

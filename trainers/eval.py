@@ -169,7 +169,7 @@ class _AugmentedDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from viewpipe.pipelines.reference import decode_rgb
+        from viewpipe.formats import decode_rgb
 
         img = decode_rgb(self.source.read(index), self.source.describe(index))
         return self.transform(img), int(self.source.labels[index])

@@ -4,11 +4,17 @@ last stage before pooling, CsMl's multi-level heads the earlier ones), and the M
 Registry `BACKBONES`: `resnet18_cifar` (3×3 stride-1 stem, no max-pool: the small-dataset ResNet-18 of the
 papers), `resnet18`, `resnet50` (torchvision, ImageNet stem), `resnet_tiny` (widths 16–128, one block per
 stage, CIFAR stem: for tests and the demo on a CPU), `vit_small` (ViT-S/16 at 224), `vit_small_cifar` (ViT-S
-with 4×4 patches at 32) and `vit_tiny` (for tests).
+with 4×4 patches at 32) and `vit_tiny` (for tests). `build_backbone(name, **args)` passes the config's
+`backbone_args` to the constructor: ResNets take `zero_init_residual` (default False, torchvision's; the SimSiam
+configs set it, as the official ones do); ViTs take `heads`, `pos_embed`, `stop_grad_conv1` and `init`, whose
+defaults are the MoCo v3 / SNCLR release's ViT (`vits.py`: 12 heads for ViT-S, a fixed 2-D sin-cos position
+embedding, a frozen random patch projection, MoCo v3's initialisation).
 """
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -41,8 +47,14 @@ class ResNet(Backbone):
     """A torchvision ResNet without its classifier; `cifar_stem` replaces the 7×7 stride-2 stem and max-pool
     by a 3×3 stride-1 convolution (the small-dataset ResNet of the papers)."""
 
-    def __init__(self, net: resnet.ResNet, cifar_stem: bool) -> None:
+    def __init__(self, net: resnet.ResNet, cifar_stem: bool, zero_init_residual: bool = False) -> None:
         super().__init__()
+        if zero_init_residual:  # the last BN of each residual branch starts at 0: each block starts as the identity
+            for m in net.modules():
+                if isinstance(m, resnet.Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, resnet.BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
         if cifar_stem:
             net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
@@ -64,18 +76,59 @@ class ViT(Backbone):
     """A torchvision VisionTransformer without its classifier. Its stages are the patch-token maps after each
     quarter of the blocks (B, width, h, w), the last after the final LayerNorm (so the ContrastiveCrop heatmap
     and multi-level heads work as on a ResNet); `pooled` is the class token after the final LayerNorm, as in
-    MoCo v3. The input side is fixed at `image_size`."""
+    MoCo v3. The input side is fixed at `image_size`.
 
-    def __init__(self, image_size: int, patch_size: int, layers: int, heads: int, width: int) -> None:
+    Options (defaults: MoCo v3's `vits.py`, which SNCLR's release uses unchanged): `pos_embed` "sincos" (fixed
+    2-D sin-cos, class token 0, not trained) or "learned" (torchvision's); `stop_grad_conv1` freezes the patch
+    projection at its random initialisation; `init` "mocov3" (Q, K, V each Xavier-uniform, other Linears
+    Xavier-uniform with zero bias, patch projection uniform ±√(6 / (3·p² + width)), class token N(0, 1e-6²))
+    or "torchvision"."""
+
+    def __init__(self, image_size: int, patch_size: int, layers: int, heads: int, width: int,
+                 pos_embed: str = "sincos", stop_grad_conv1: bool = True, init: str = "mocov3") -> None:
         super().__init__()
         from torchvision.models.vision_transformer import VisionTransformer
 
         if layers % 4:
             raise ViewpipeError(f"ViT: {layers} blocks do not split into four stages")
+        if pos_embed not in ("sincos", "learned"):
+            raise ViewpipeError(f"ViT pos_embed {pos_embed!r}: expected sincos (MoCo v3, SNCLR) or learned")
+        if init not in ("mocov3", "torchvision"):
+            raise ViewpipeError(f"ViT init {init!r}: expected mocov3 (MoCo v3, SNCLR) or torchvision")
+        if width % heads:
+            raise ViewpipeError(f"ViT heads = {heads} must divide the width {width}; pick a divisor of {width}")
         self.net = VisionTransformer(image_size, patch_size, layers, heads, width, 4 * width)
         self.net.heads = nn.Identity()
         self.grid = image_size // patch_size
         self.dims, self.dim = (width,) * 4, width
+        self.num_heads, self.pos_embed, self.stop_grad_conv1 = heads, pos_embed, stop_grad_conv1
+        if init == "mocov3":
+            self._mocov3_init(patch_size, width)
+        if pos_embed == "sincos":
+            if width % 4:
+                raise ViewpipeError(f"ViT pos_embed sincos needs a width divisible by 4, got {width}")
+            with torch.no_grad():
+                self.net.encoder.pos_embedding.copy_(sincos_pos_embed(self.grid, width))
+            self.net.encoder.pos_embedding.requires_grad_(False)
+        if stop_grad_conv1:
+            for p in self.net.conv_proj.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def _mocov3_init(self, patch_size: int, width: int) -> None:
+        """MoCo v3's `VisionTransformerMoCo.__init__` initialisation on torchvision's modules."""
+        for m in self.net.modules():
+            if isinstance(m, nn.MultiheadAttention):  # its in_proj is timm's qkv: Q, K and V treated apart
+                val = math.sqrt(6.0 / float(m.in_proj_weight.shape[0] // 3 + m.in_proj_weight.shape[1]))
+                nn.init.uniform_(m.in_proj_weight, -val, val)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.net.class_token, std=1e-6)
+        val = math.sqrt(6.0 / float(3 * patch_size * patch_size + width))
+        nn.init.uniform_(self.net.conv_proj.weight, -val, val)
+        nn.init.zeros_(self.net.conv_proj.bias)
 
     def _tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The tokens (B, 1 + h·w, width) after each quarter of the blocks, the last normalised."""
@@ -99,6 +152,20 @@ class ViT(Backbone):
         return self._tokens(x)[-1][:, 0]
 
 
+def sincos_pos_embed(grid: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(1, 1 + grid², width): MoCo v3's fixed 2-D sin-cos position embedding (`build_2d_sincos_position_embedding`,
+    line for line: a zero row for the class token, then per patch [sin, cos] of one grid coordinate and [sin, cos]
+    of the other, each over width/4 frequencies 1/temperature^(i/(width/4)))."""
+    coords = torch.arange(grid, dtype=torch.float32)
+    grid_w, grid_h = torch.meshgrid(coords, coords, indexing="ij")
+    pos_dim = width // 4
+    omega = 1.0 / temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim)
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    emb = torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1)
+    return torch.cat([torch.zeros(1, width), emb])[None]
+
+
 def _out_channels(layer: nn.Sequential) -> int:
     block = layer[-1]
     return (block.bn3 if isinstance(block, resnet.Bottleneck) else block.bn2).num_features
@@ -120,34 +187,47 @@ def _tiny() -> resnet.ResNet:
     return net
 
 
-BACKBONES: dict[str, Callable[[], Backbone]] = {
-    "resnet18_cifar": lambda: ResNet(resnet.resnet18(), cifar_stem=True),
-    "resnet18": lambda: ResNet(resnet.resnet18(), cifar_stem=False),
-    "resnet50": lambda: ResNet(resnet.resnet50(), cifar_stem=False),
-    "resnet50_cifar": lambda: ResNet(resnet.resnet50(), cifar_stem=True),
-    "resnet_tiny": lambda: ResNet(_tiny(), cifar_stem=True),
-    "vit_small": lambda: ViT(224, 16, 12, 6, 384),  # ViT-S/16 (DeiT-S), MoCo v3's and SNCLR's
-    "vit_small_cifar": lambda: ViT(32, 4, 12, 6, 384),  # ViT-S on 32×32 images: 8×8 patches of 4
-    "vit_tiny": lambda: ViT(32, 8, 4, 2, 64),  # 4 blocks of width 64: for tests on a CPU
+def _resnet(make: Callable[[], resnet.ResNet], cifar_stem: bool, zero_init_residual: bool = False) -> ResNet:
+    return ResNet(make(), cifar_stem=cifar_stem, zero_init_residual=zero_init_residual)
+
+
+# each entry is called with the config's backbone_args as keyword arguments
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "resnet18_cifar": partial(_resnet, resnet.resnet18, cifar_stem=True),
+    "resnet18": partial(_resnet, resnet.resnet18, cifar_stem=False),
+    "resnet50": partial(_resnet, resnet.resnet50, cifar_stem=False),
+    "resnet50_cifar": partial(_resnet, resnet.resnet50, cifar_stem=True),
+    "resnet_tiny": partial(_resnet, _tiny, cifar_stem=True),
+    # ViT-S/16, MoCo v3's and SNCLR's (vits.py: depth 12, width 384, 12 heads, MLP ratio 4)
+    "vit_small": partial(ViT, image_size=224, patch_size=16, layers=12, heads=12, width=384),
+    "vit_small_cifar": partial(ViT, image_size=32, patch_size=4, layers=12, heads=12, width=384),  # 8×8 patches
+    "vit_tiny": partial(ViT, image_size=32, patch_size=8, layers=4, heads=2, width=64),  # for tests on a CPU
 }
+BACKBONE_ARGS = {"resnet": ("zero_init_residual",), "vit": ("heads", "pos_embed", "stop_grad_conv1", "init")}
 
 
-def build_backbone(name: str) -> Backbone:
-    """A freshly initialised backbone from the registry."""
+def build_backbone(name: str, **args: object) -> Backbone:
+    """A freshly initialised backbone from the registry, its constructor given `args` (the config's
+    backbone_args); an unknown name or argument is a one-line error listing what is known."""
     if name not in BACKBONES:
         raise ViewpipeError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
-    return BACKBONES[name]()
+    known = BACKBONE_ARGS["vit" if name.startswith("vit") else "resnet"]
+    if unknown := sorted(set(args) - set(known)):
+        raise ViewpipeError(f"backbone_args for {name}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    return BACKBONES[name](**args)
 
 
-def mlp(dims: list[int], hidden_bn: bool = True, last_bn: bool = False, last_bn_affine: bool = True) -> nn.Sequential:
-    """Linear(-BN)-ReLU blocks through `dims`, the last layer Linear (optionally followed by BN). MoCo v2's head
-    is mlp([d, d, 128], hidden_bn=False) (Linear-ReLU-Linear); SimSiam's projector mlp([d, d, d], last_bn=True,
-    last_bn_affine=False), its predictor mlp([d, d/4, d])."""
+def mlp(dims: list[int], hidden_bn: bool = True, last_bn: bool = False, last_bn_affine: bool = True,
+        last_bias: bool | None = None) -> nn.Sequential:
+    """Linear(-BN)-ReLU blocks through `dims`, the last layer Linear (optionally followed by BN; with a bias
+    unless followed by BN, or as `last_bias` says). MoCo v2's head is mlp([d, d, 128], hidden_bn=False)
+    (Linear-ReLU-Linear); SimSiam's projector mlp([d, d, d], last_bn=True, last_bn_affine=False), its predictor
+    mlp([d, d/4, d]); MoCo v3's MLPs have no bias at all (`last_bias=False`)."""
     layers: list[nn.Module] = []
     for i in range(len(dims) - 2):
         layers.append(nn.Linear(dims[i], dims[i + 1], bias=not hidden_bn))
         layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)] if hidden_bn else [nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn))
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=not last_bn if last_bias is None else last_bias))
     if last_bn:
         layers.append(nn.BatchNorm1d(dims[-1], affine=last_bn_affine))
     return nn.Sequential(*layers)

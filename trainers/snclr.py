@@ -95,12 +95,14 @@ class SNCLR(Method):
     """SNCLR on MoCo v3. Defaults: the MoCo v3 ResNet recipe (projector 2 layers backbone → 4096 → 256 with
     BN, last BN without affine; predictor 256 → 4096 → 256; τ 1.0; momentum 0.99 → 1 by cosine) with the
     release's SNCLR settings (K = 30, bank of random unit vectors at the start). ViT backbones get MoCo v3's
-    3-layer projector and a predictor ending in BN. Recipes: CNN, MoCo v3's ResNet-50 one (the release has no
+    3-layer projector and a predictor ending in BN. As in MoCo v3's and the release's `_build_mlp`, no Linear
+    has a bias; `pred_bias=True` gives the ResNet predictor's last Linear one (viewpipe's earlier default). Recipes: CNN, MoCo v3's ResNet-50 one (the release has no
     CNN builder): LARS lr 0.6, wd 1e-6; ViT-S, the release's: AdamW wd 0.1, τ 0.2."""
 
     def __init__(self, backbone: Backbone, dim: int = 256, mlp_dim: int = 4096, bank: int = 65536, topk: int = 30,
                  tau: float = 1.0, momentum: float = 0.99, cosine_momentum: bool = True, attention: str = "cosine",
-                 gamma: float = 1.0, log_of_sum: bool = False, threshold: bool = False, proj_layers: int = 0) -> None:
+                 gamma: float = 1.0, log_of_sum: bool = False, threshold: bool = False, proj_layers: int = 0,
+                 pred_bias: bool = False) -> None:
         super().__init__()
         if attention not in ("cosine", "learned"):
             raise ViewpipeError(f"snclr attention {attention!r}: expected cosine (the release) or learned (the paper)")
@@ -110,7 +112,7 @@ class SNCLR(Method):
         layers = proj_layers or (3 if vit else 2)
         self.backbone = backbone
         self.projector = mlp([backbone.dim] + [mlp_dim] * (layers - 1) + [dim], last_bn=True, last_bn_affine=False)
-        self.predictor = mlp([dim, mlp_dim, dim], last_bn=vit, last_bn_affine=False)
+        self.predictor = mlp([dim, mlp_dim, dim], last_bn=vit, last_bn_affine=False, last_bias=pred_bias)
         self.key_backbone, self.key_projector = copy.deepcopy(backbone), copy.deepcopy(self.projector)
         for p in [*self.key_backbone.parameters(), *self.key_projector.parameters()]:
             p.requires_grad_(False)

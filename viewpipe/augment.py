@@ -28,6 +28,9 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# the official ContrastiveCrop CIFAR configs' normalisation (configs/small/cifar10/*.py, configs/small/cifar100/*.py)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
@@ -75,13 +78,24 @@ PRESETS: dict[str, tuple[ViewAugment, ...]] = {
         replace(_MOCOV2, jitter=(0.4, 0.4, 0.2, 0.1), blur=0.1, solarize=0.2),
     ),
 }
+# CIFAR twins, normalised with the dataset's own mean and std as the official CIFAR configs are (the presets
+# above use ImageNet's): "mocov2_cifar10"/"mocov2_cifar100" are mocov2_small, "byol_cifar10" is byol
+PRESETS |= {"mocov2_cifar10": PRESETS["mocov2_small"], "mocov2_cifar100": PRESETS["mocov2_small"],
+            "byol_cifar10": PRESETS["byol"]}
+# (mean, std) of the presets that do not normalise with ImageNet's
+PRESET_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "mocov2_cifar10": (CIFAR10_MEAN, CIFAR10_STD), "mocov2_cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "byol_cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+}
 
 
 def preset(name: str, size: int = 224, **overrides: object) -> AugmentConfig:
-    """The named augmentation preset (`PRESETS`) at output `size`."""
+    """The named augmentation preset (`PRESETS`) at output `size`, normalised with its dataset's mean and std
+    (`PRESET_NORMS`; ImageNet's otherwise) unless `overrides` give them."""
     if name not in PRESETS:
         raise ValueError(f"unknown augmentation preset {name!r}; choose one of {sorted(PRESETS)}")
-    return AugmentConfig(size=size, views=PRESETS[name], **overrides)  # type: ignore[arg-type]
+    mean, std = PRESET_NORMS.get(name, (IMAGENET_MEAN, IMAGENET_STD))
+    return AugmentConfig(size=size, views=PRESETS[name], **{"mean": mean, "std": std, **overrides})  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- layout and crops
