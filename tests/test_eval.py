@@ -214,7 +214,8 @@ def test_knn_accuracy_with_a_backbone(colours: tuple[Path, Path], tiny: torch.nn
     train, test = colours
     tiny.train()
     # train = test and k = 1: every image finds itself, so 100% holds only if features and labels line up
-    assert knn_accuracy(tiny, train, train, CleanOptions(16, workers=0, progress=False), k=1) == 100.0
+    assert knn_accuracy(tiny, train, train, CleanOptions(16, workers=0, progress=False), k=1,
+                        allow_same_set=True) == 100.0
     assert tiny.training  # the mode is restored
     # colours are separable for any backbone: held-out images are classified by their neighbours
     assert knn_accuracy(tiny, train, test, CleanOptions(16, workers=0, progress=False), k=5) >= 90.0
@@ -295,7 +296,8 @@ def test_cli_knn_and_linear_on_a_saved_checkpoint(tmp_path: Path, colours: tuple
     torch.save({"backbone_name": "resnet_tiny", "backbone": tiny.state_dict(), "image_size": 16,
                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "epoch": 3}, ckpt)
     common = ["--checkpoint", str(ckpt), "--workers", "0", "--device", "cpu", "--no-progress"]
-    assert cli(["eval", "knn", *common, "--train", str(train), "--test", str(train), "--k", "1", "--json"]) == 0
+    assert cli(["eval", "knn", *common, "--train", str(train), "--test", str(train), "--k", "1", "--json",
+                "--allow-same-set"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["top1"] == 100.0 and out["size"] == 16 and out["k"] == 1 and out["backbone"] == "resnet_tiny"
     assert cli(["eval", "knn", *common, "--train", str(train), "--test", str(test)]) == 0

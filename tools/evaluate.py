@@ -4,8 +4,10 @@
   viewpipe eval linear --checkpoint C --train DATA --test DATA   linear probe (100 epochs), last and best top-1 %
 
 DATA is an image folder, a .npz JPEG collection (its split from --split-train / --split-test) or a converted
-dataset. The checkpoint is what `viewpipe pretrain` writes: it names the backbone and holds its weights, the
-view size of pretraining (the default --size) and the normalisation.
+dataset, labelled (an unlabelled folder of images is refused: evaluation needs labels). kNN refuses a test set
+that is its train set (every image finds itself) unless --allow-same-set. The checkpoint is what `viewpipe
+pretrain` writes: it names the backbone and holds its weights, the view size of pretraining (the default
+--size) and the normalisation.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from viewpipe.errors import ViewpipeError
-from viewpipe.trainers.clean import CleanOptions
-from viewpipe.trainers.eval import LinearConfig, knn_accuracy, linear_probe
-from viewpipe.trainers.models import BACKBONES, Backbone, build_backbone
+
+if TYPE_CHECKING:  # torch and the trainers are imported when a command runs, so that `viewpipe --help` is quick
+    import torch
+
+    from viewpipe.trainers.models import Backbone
 
 REQUIRED_KEYS = ("backbone_name", "backbone", "image_size", "mean", "std")
 _FIX = "give a checkpoint written by `viewpipe pretrain` (runs/<name>/last.pt)"
@@ -44,6 +46,10 @@ class Pretrained:
 def load_checkpoint(path: str | os.PathLike[str]) -> Pretrained:
     """The backbone of a pretraining checkpoint; every problem is one `ViewpipeError` line (what, where, what
     to do)."""
+    import torch
+
+    from viewpipe.trainers.models import BACKBONES, build_backbone
+
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint"
@@ -61,7 +67,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Pretrained:
     if name not in BACKBONES:
         raise ViewpipeError(f"{path}: unknown backbone {name!r} (available: {', '.join(BACKBONES)}); "
                             "was it written by a newer viewpipe?")
-    backbone = build_backbone(name)
+    config = ckpt.get("config")
+    args = config.get("backbone_args") if isinstance(config, dict) else None
+    try:  # the constructor's arguments of pretraining (ViT heads change no weight's shape, only the outputs)
+        backbone = build_backbone(name, **(args if isinstance(args, dict) else {}))
+    except TypeError as exc:
+        raise ViewpipeError(f"{path}: backbone_args {args} do not fit {name!r} ({exc}); {_FIX}") from None
     try:
         backbone.load_state_dict(ckpt["backbone"])
     except (RuntimeError, TypeError, AttributeError) as exc:
@@ -77,6 +88,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Pretrained:
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device `--device` names; "auto": CUDA when available."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -107,6 +121,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     knn.add_argument("--k", type=int, default=200, help="neighbours (default: 200)")
     knn.add_argument("--t", type=float, default=0.1, help="temperature τ of the weights exp(sim/τ) (default: 0.1)")
     knn.add_argument("--batch-size", type=int, default=256, help="batch of the feature passes")
+    knn.add_argument("--allow-same-set", action="store_true",
+                     help="allow --test to be the --train set (refused by default: every image finds itself, ~100%%)")
     linear.add_argument("--protocol", dest="linear_protocol", choices=["small", "imagenet"], default="small",
                         help="small: batch 512, lr 10, test at --size; imagenet: batch 256, lr 30, 224 crops, "
                         "test resize 256 + centre crop (default: small)")
@@ -122,6 +138,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run `viewpipe eval knn|linear` with parsed arguments; prints the result."""
+    from viewpipe.trainers.clean import CleanOptions
+    from viewpipe.trainers.eval import LinearConfig, knn_accuracy, linear_probe
+
     model = load_checkpoint(args.checkpoint)
     device = pick_device(args.device)
     model.backbone.to(device)
@@ -133,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         clean = CleanOptions(size=size, batch_size=args.batch_size, workers=args.workers, mean=model.mean,
                              std=model.std, split=args.split_train, device=device, progress=progress)
         top1 = knn_accuracy(model.backbone, args.train, args.test, clean, k=args.k, t=args.t,
-                            split_test=args.split_test)
+                            split_test=args.split_test, allow_same_set=args.allow_same_set)
         result = base | {"protocol": "knn", "size": size, "k": args.k, "t": args.t, "top1": top1}
         if args.json:
             print(json.dumps(result))

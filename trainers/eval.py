@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from torch import nn
 
 from viewpipe.augment import IMAGENET_MEAN, IMAGENET_STD
 from viewpipe.errors import ViewpipeError
-from viewpipe.sources import Source
+from viewpipe.sources import FolderSource, NpzSource, ShardSource, Source, is_labelled
 from viewpipe.trainers.clean import (CleanOptions, as_source, dataset_outputs, default_workers, eval_mode,
                                      one_line_errors)
 
@@ -69,6 +70,52 @@ def _num_classes(*sources: Source) -> int:
     return max(max(len(s.classes), int(np.max(s.labels)) + 1 if len(s.labels) else 0) for s in sources)
 
 
+def _labels(source: Source, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The source's labels as an int64 tensor of their own (a copy: a memory-mapped .npz's labels are
+    read-only, and torch.as_tensor on them warns that the NumPy array is not writable)."""
+    return torch.from_numpy(np.array(source.labels, dtype=np.int64, copy=True)).to(device)
+
+
+def _where(data: Source | str | os.PathLike[str], source: Source, split: str) -> str:
+    """How an error names a data set: its path (with the split of a .npz)."""
+    if isinstance(data, (str, os.PathLike)):
+        path = str(data)
+    else:
+        path = str(getattr(source, "root", None) or getattr(source, "path", None) or type(source).__name__)
+    return f"{path} (split {split})" if isinstance(source, NpzSource) else path
+
+
+def require_labelled(protocol: str, **sets: tuple[Source | str | os.PathLike[str], Source, str]) -> None:
+    """A one-line ViewpipeError when one of `sets` (role → (as given, source, split)) has no labels: kNN and
+    the linear probe need labelled train and test sets, even when pretraining used unlabelled images."""
+    for role, (data, source, split) in sets.items():
+        if not is_labelled(source):
+            raise ViewpipeError(f"{protocol}: the {role} set {_where(data, source, split)} has no labels (a folder "
+                                "without class folders); evaluation needs a labelled set: give an image folder "
+                                "root/<class>/<image>, a labelled .npz, or a dataset converted from one")
+
+
+def set_identity(data: Source | str | os.PathLike[str], split: str = "train") -> tuple[str, str]:
+    """(resolved path, split) that names a data set: a .npz's split counts, a folder's or a converted
+    dataset's does not (they have one). A Source object without a path is named by its identity."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        npz = path.suffix == ".npz"
+    elif isinstance(data, (FolderSource, ShardSource)):
+        path, npz = Path(data.root), False
+    elif isinstance(data, NpzSource):
+        path, npz, split = Path(data.path), True, data.split
+    else:
+        return f"<{type(data).__name__} at {id(data):#x}>", ""
+    return str(path.resolve()), split if npz else ""
+
+
+def same_set(train_data: Source | str | os.PathLike[str], test_data: Source | str | os.PathLike[str],
+             split_train: str = "train", split_test: str = "test") -> bool:
+    """Whether the train and test sets are the same images (same resolved path and, for a .npz, split)."""
+    return set_identity(train_data, split_train) == set_identity(test_data, split_test)
+
+
 def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], options: CleanOptions,
                     normalise: bool = False, desc: str = "features") -> torch.Tensor:
     """(N, dim) float32 pooled last-stage features of every clean image in dataset order (eval mode, no grad),
@@ -83,16 +130,23 @@ def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], 
 
 def knn_accuracy(backbone: nn.Module, train_data: Source | str | os.PathLike[str],
                  test_data: Source | str | os.PathLike[str], options: CleanOptions, k: int = 200, t: float = 0.1,
-                 split_test: str = "test") -> float:
+                 split_test: str = "test", allow_same_set: bool = False) -> float:
     """Top-1 % of the weighted kNN classifier on the test set, the train set's features as the bank, both
     passes as `options` say (a training set given as a path is opened with `options.split`, a test set with
     `split_test`). The backbone is put in eval mode and its mode restored. Distributed: every rank takes part
-    and gets the same accuracy."""
+    and gets the same accuracy. Both sets must be labelled; the same set as bank and test (every query finds
+    itself: about 100%, meaningless) is refused unless `allow_same_set`."""
+    if not allow_same_set and same_set(train_data, test_data, options.split, split_test):
+        raise ViewpipeError(f"kNN: the train set (the bank) and the test set are the same "
+                            f"({set_identity(train_data, options.split)[0]}), so every test image finds itself "
+                            "and the accuracy is meaningless; give a held-out test set (or allow_same_set / "
+                            "--allow-same-set to measure it anyway)")
     train, test = as_source(train_data, options.split), as_source(test_data, split_test)
+    require_labelled("kNN", train=(train_data, train, options.split), test=(test_data, test, split_test))
     bank = pooled_features(backbone, train, options, normalise=True, desc="kNN bank")
     queries = pooled_features(backbone, test, options, normalise=True, desc="kNN test")
-    pred = knn_predict(queries, bank, torch.as_tensor(np.asarray(train.labels)), _num_classes(train, test), k, t)
-    truth = torch.as_tensor(np.array(test.labels), dtype=torch.int64, device=pred.device)
+    pred = knn_predict(queries, bank, _labels(train), _num_classes(train, test), k, t)
+    truth = _labels(test, pred.device)
     return float((pred == truth).float().mean().item() * 100)
 
 
@@ -192,13 +246,14 @@ def linear_probe(
 
     device = torch.device(device)
     train, test = as_source(train_data, cfg.split_train), as_source(test_data, cfg.split_test)
+    require_labelled("linear probe", train=(train_data, train, cfg.split_train),
+                     test=(test_data, test, cfg.split_test))
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ViewpipeError(f"linear probe: epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be ≥ 1")
     num_classes = _num_classes(train, test)
     clean = cfg.clean_options(device)
     test_x = pooled_features(backbone, test, replace(clean, resize=cfg.test_resize), desc="linear test features")
-    test_y = torch.as_tensor(np.asarray(test.labels), dtype=torch.int64, device=device)
-    train_y_all = torch.as_tensor(np.asarray(train.labels), dtype=torch.int64, device=device)
+    test_y, train_y_all = _labels(test, device), _labels(train, device)
     train_x = None
     if not cfg.augment:
         train_x = pooled_features(backbone, train, clean, desc="linear train features")
