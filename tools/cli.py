@@ -51,7 +51,7 @@ def state_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, convert, evaluate, pretrain, quality
+    from . import bench, convert, evaluate, export, pretrain, quality
 
     parser = argparse.ArgumentParser(prog="viewpipe", description="Contrastive-learning views at GPU speed.")
     parser.add_argument("--version", action="version", version=f"viewpipe {__version__}")
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     pretrain.add_parser(sub)
     evaluate.add_parser(sub)
+    export.add_parser(sub)
     quality.add_parser(sub)
     st = sub.add_parser("state", help="list or clean shared sample-state segments",
                         description="Shared sample-state segments live in /dev/shm. Their owner holds a lock on "
