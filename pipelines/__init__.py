@@ -21,18 +21,26 @@ from viewpipe.errors import ViewpipeError
 @dataclass(frozen=True)
 class ViewGroup:
     """Views of one kind (multi-crop): `count` crops per image resized to `size`, their area drawn from
-    `scale`; `use_box`: centred by the ContrastiveCrop boxes (when the loader uses boxes at all)."""
+    `scale`; `use_box`: centred by the ContrastiveCrop boxes (when the loader uses boxes at all). `ratio`,
+    `tries` and `augment` (its size is the group's): the group's own, None: the loader's `crop` and `augment`."""
 
     count: int = 2
     size: int = 224
     scale: tuple[float, float] = (0.2, 1.0)
     use_box: bool = True
+    ratio: tuple[float, float] | None = None
+    tries: int | None = None
+    augment: AugmentConfig | None = None
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.size < 1:
             raise ViewpipeError(f"a view group needs count >= 1 and size >= 1, got {self.count} x {self.size}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ViewpipeError(f"a view group's scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if self.ratio is not None and not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ViewpipeError(f"a view group's ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if self.tries is not None and self.tries < 1:
+            raise ViewpipeError(f"a view group's tries must be >= 1, got {self.tries}")
 
 
 def parse_views(spec: str, scale: tuple[float, float] = (0.2, 1.0)) -> tuple[ViewGroup, ...]:
@@ -93,8 +101,15 @@ class LoaderConfig:
         return [groups[g].size for g in self.group_of_views()]
 
     def group_augment(self, g: int) -> AugmentConfig:
-        """The augmentation of group g's views: `augment` at the group's output size."""
-        return replace(self.augment, size=self.view_groups()[g].size)
+        """The augmentation of group g's views: the group's own or `augment`, at the group's output size."""
+        group = self.view_groups()[g]
+        return replace(group.augment or self.augment, size=group.size)
+
+    def group_crop(self, g: int) -> CropConfig:
+        """The crop sampling of group g's views: `crop` with the group's scale, ratio, tries and box use."""
+        group, crop = self.view_groups()[g], self.crop
+        return replace(crop, scale=group.scale, ratio=group.ratio or crop.ratio, tries=group.tries or crop.tries,
+                       use_box=crop.use_box and group.use_box)
 
 
 class ViewFinisher:
@@ -276,9 +291,8 @@ class Planner:
         """(B, V, 4): each group's windows in turn (its count, scale and box use), one draw per group."""
         crop, sizes = self.cfg.crop, self.sizes(indices)
         boxes = self.state.boxes(indices) if self.state is not None and crop.use_box else None
-        return np.concatenate([view_windows(rng, sizes, boxes if g.use_box else None, g.count,
-                                            replace(crop, scale=g.scale, use_box=crop.use_box and g.use_box))
-                               for g in self.cfg.view_groups()], 1)
+        return np.concatenate([view_windows(rng, sizes, boxes if g.use_box else None, g.count, self.cfg.group_crop(i))
+                               for i, g in enumerate(self.cfg.view_groups())], 1)
 
 
 def sample_check(source: Any, sizes: Any) -> Callable[[np.ndarray], dict[int, str]]:

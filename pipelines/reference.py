@@ -105,9 +105,9 @@ class ReferenceBatches(Dataset):
     def __init__(self, source: Source, cfg: LoaderConfig) -> None:
         self.source, self.cfg = source, cfg
         self.labels = np.asarray(source.labels, dtype=np.int64)
-        views, self.group, self.sizes = cfg.augment.views, cfg.group_of_views(), cfg.view_sizes()
-        self.transforms = [torchvision_view_transform(views[v % len(views)], cfg.group_augment(self.group[v]))
-                           for v in range(cfg.views)]
+        self.group, self.sizes = cfg.group_of_views(), cfg.view_sizes()
+        augs = [cfg.group_augment(self.group[v]) for v in range(cfg.views)]  # (a group may have its own views)
+        self.transforms = [torchvision_view_transform(a.views[v % len(a.views)], a) for v, a in enumerate(augs)]
 
     def __len__(self) -> int:
         return len(self.source)

@@ -9,16 +9,19 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
+# (torch, numpy and the trainers are imported where they are used: `viewpipe --help` stays light)
 
 
 def pretrain_main(args: argparse.Namespace) -> int:
-    from viewpipe.trainers.config import load_config
+    from viewpipe.trainers.config import config_names, help_config, load_config
+
+    if args.help_config:
+        print(help_config())
+        print(f"\nShipped configs (--config NAME): {', '.join(config_names())}")
+        return 0
+    cfg = load_config(args.config, args.overrides)
     from viewpipe.trainers.engine import pretrain
 
-    cfg = load_config(args.config, args.overrides)
     result = pretrain(cfg, resume=args.resume)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"done: epoch {result['epoch']}, step {result['step']}; checkpoint {Path(cfg.out) / 'last.pt'}")
@@ -47,6 +50,9 @@ def demo_data(n_train: int, n_test: int, workers: int) -> tuple[Path, Path, Path
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
     from viewpipe.trainers.ccrop import box_iou
     from viewpipe.trainers.config import load_config
     from viewpipe.trainers.engine import Trainer
@@ -109,10 +115,15 @@ def demo_main(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a method (MoCo v2, SimSiam, ...) from a YAML config",
-                       description="Pretrain from a YAML config (see configs/) with dotted overrides, e.g. "
-                       "viewpipe pretrain --config configs/mocov2_ccrop_cifar10.yaml optim.lr=0.3. Under torchrun "
-                       "each process is one rank.")
-    p.add_argument("--config", help="YAML config file (default: the built-in defaults)")
+                       description="Pretrain from a YAML config with dotted overrides, e.g. viewpipe pretrain "
+                       "--config mocov2_ccrop_cifar10 optim.lr=0.3 method_args={queue:4096}. --config takes a file or "
+                       "the name of a shipped config; values may refer to others (ccrop.size=${data.size}); the run "
+                       "folder gets the resolved config.yaml. --help-config lists every key. Under torchrun each "
+                       "process is one rank; data.batch_size is the global batch.")
+    p.add_argument("--config", help="YAML config file, or the name of a shipped config, e.g. mocov2_ccrop_cifar10 "
+                   "(default: the built-in defaults)")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its type, default and meaning, and the shipped configs; exit")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (OUT/last.pt when it exists)")
     p.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=0.3 data.backend=dali")
     p.set_defaults(func=pretrain_main)

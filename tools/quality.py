@@ -28,7 +28,6 @@ import numpy as np
 
 from viewpipe.errors import ViewpipeError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROWS: dict[str, str] = {  # row → its name in the table; the config is configs/<row>_cifar10.yaml
     "mocov2": "MoCo v2",
     "mocov2_ccrop": "MoCo v2 + ContrastiveCrop",
@@ -106,7 +105,9 @@ def prepare_data(q: QualityConfig, workers: int) -> tuple[Path, Path]:
 
 
 def config_path(row: str) -> Path:
-    return CONFIGS / f"{row}_cifar10.yaml"
+    from viewpipe.trainers.config import find_config
+
+    return find_config(f"{row}_cifar10")  # the shipped config (viewpipe.configs), in a wheel as in a checkout
 
 
 def row_config(row: str, q: QualityConfig, train: Path, test: Path, workers: int) -> Any:
