@@ -64,8 +64,9 @@ def box_pass(backbone: Backbone, source: Source, options: CleanOptions, threshol
 class BoxUpdater(StateUpdater):
     """ContrastiveCrop's box update as a state updater: after an epoch (the module's schedule), the online
     backbone's boxes of the whole training set (`box_pass` at `ccrop.size`, default data.size), published as
-    the sample state's boxes; the main rank saves a PNG grid of images with their boxes. `use_box(epoch)`: whether the epoch's crops use the
-    boxes (the epochs after the first update) or plain RandomResizedCrop (those before)."""
+    the sample state's boxes; the main rank saves a PNG grid of images with their boxes. `use_box(epoch)`:
+    whether the epoch's crops use the boxes (the epochs after the first update) or plain RandomResizedCrop
+    (those before)."""
 
     name = "box"
     before_epoch = False

@@ -96,8 +96,9 @@ class SNCLR(Method):
     BN, last BN without affine; predictor 256 → 4096 → 256; τ 1.0; momentum 0.99 → 1 by cosine) with the
     release's SNCLR settings (K = 30, bank of random unit vectors at the start). ViT backbones get MoCo v3's
     3-layer projector and a predictor ending in BN. As in MoCo v3's and the release's `_build_mlp`, no Linear
-    has a bias; `pred_bias=True` gives the ResNet predictor's last Linear one (viewpipe's earlier default). Recipes: CNN, MoCo v3's ResNet-50 one (the release has no
-    CNN builder): LARS lr 0.6, wd 1e-6; ViT-S, the release's: AdamW wd 0.1, τ 0.2."""
+    has a bias; `pred_bias=True` gives the ResNet predictor's last Linear one (viewpipe's earlier default).
+    Recipes: CNN, MoCo v3's ResNet-50 one (the release has no CNN builder): LARS lr 0.6, wd 1e-6, SyncBN; ViT-S,
+    the release's: AdamW wd 0.1 with torch's default betas, τ 0.2, SyncBN, the release's ViT-S (`vit_small`)."""
 
     def __init__(self, backbone: Backbone, dim: int = 256, mlp_dim: int = 4096, bank: int = 65536, topk: int = 30,
                  tau: float = 1.0, momentum: float = 0.99, cosine_momentum: bool = True, attention: str = "cosine",

@@ -95,7 +95,8 @@ def preset(name: str, size: int = 224, **overrides: object) -> AugmentConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown augmentation preset {name!r}; choose one of {sorted(PRESETS)}")
     mean, std = PRESET_NORMS.get(name, (IMAGENET_MEAN, IMAGENET_STD))
-    return AugmentConfig(size=size, views=PRESETS[name], **{"mean": mean, "std": std, **overrides})  # type: ignore[arg-type]
+    kwargs = {"mean": mean, "std": std, **overrides}
+    return AugmentConfig(size=size, views=PRESETS[name], **kwargs)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- layout and crops
