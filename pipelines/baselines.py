@@ -1,8 +1,16 @@
-"""Baselines that only `viewpipe bench` measures (never a training backend): a stock DALI two-view pipeline
-over a converted dataset's WebDataset shards. (The PIL decode ceiling's `DecodeDataset` stays in
-`viewpipe.pipelines.reference`.)
+"""What only `viewpipe bench` measures, never a training backend: the loaders it times beside the production
+backends (`viewpipe.pipelines.reference`, `.dali`, `.ffcv`), which carry no benchmark-only flag or branch.
 
-The stock pipeline is what a DALI self-supervised example does (solo-learn's and DALI's own SSL examples):
+- the decode ceilings: `DecodeDataset` (PIL, read and decode only), `DaliDecodeLoader` (DALI's decoder over the
+  epoch's batches, `dali_decode_loader`) and `FfcvDecodeLoader` (the FFCV backend's compiled decoder without
+  views, `ffcv_decode_loader`);
+- `DaliCutLoader` (`dali_cut_loader`): the DALI backend's views as its graph cut them, without the photometric
+  ops (where the time goes);
+- the stock baselines: FFCV's own `RandomResizedCropRGBImageDecoder`, one decode per view (`stock_rrc_loader`,
+  the FFCV-SSL way), and a stock DALI two-view pipeline over a converted dataset's WebDataset shards
+  (`stock_dali_loader`).
+
+The stock DALI pipeline is what a DALI self-supervised example does (solo-learn's and DALI's own SSL examples):
 `fn.readers.webdataset`, one decode per image (nvJPEG with `device="mixed"` on a GPU, libjpeg-turbo in DALI's
 CPU mode), then per view `fn.random_resized_crop`, `fn.color_twist` gated with its probability, a random
 grayscale (`fn.hsv` with saturation 0), `fn.gaussian_blur` mixed in on a coin flip, a solarize lookup table
@@ -14,17 +22,211 @@ roughly (DALI's colour operators, all samples drawing each op's parameters). It 
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from viewpipe.augment import ViewAugment
 from viewpipe.errors import ViewpipeError, import_optional
-from viewpipe.formats import DatasetIndex, shard_paths
-from viewpipe.pipelines import LoaderConfig
+from viewpipe.formats import DatasetIndex, decode_rgb, shard_paths
+from viewpipe.pipelines import Batch, LoaderConfig
+from viewpipe.pipelines.dali import DaliLoader, _Callback, decode_graph
+from viewpipe.pipelines.ffcv import FfcvLoader
+from viewpipe.sources import Source
+from viewpipe.state import SampleState
 
-__all__ = ["StockDaliLoader", "stock_dali_loader"]
+__all__ = ["DaliCutLoader", "DaliDecodeLoader", "DecodeDataset", "FfcvDecodeLoader", "StockDaliLoader",
+           "StockFfcvLoader", "dali_cut_loader", "dali_decode_loader", "ffcv_decode_loader", "stock_dali_loader",
+           "stock_rrc_loader"]
+
+
+# ---------------------------------------------------------------------------- PIL: the decode ceiling
+class DecodeDataset(Dataset):
+    """Read and decode only (PIL, `decode_rgb`): the CPU decode ceiling `viewpipe bench` reports beside the
+    loaders. Items are (height, width)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        img = decode_rgb(self.source.read(index), self.source.describe(index))
+        return img.height, img.width
+
+
+# ---------------------------------------------------------------------------- DALI: decode only, views as cut
+class _DecodeCallback(_Callback):
+    """The DALI backend's external source without plans: each batch's usable samples' encoded images, labels
+    and indices."""
+
+    def __call__(self, i: int) -> tuple:
+        b = self.start + i
+        if b >= len(self.batches):
+            raise StopIteration
+        indices = self.planner.substitutes.usable(self.batches[b])
+        return [self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices
+
+
+class DaliDecodeLoader(DaliLoader):
+    """The DALI backend's decode ceiling: the same batches as `DaliLoader` (same order, replacements, resume),
+    decoded by the same decoder and nothing else; batches `(None, labels, indices)`."""
+
+    def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003  (DaliLoader's keywords)
+        super().__init__(data, cfg, state, **kwargs)
+        self._source = _DecodeCallback(self.reader, self._source.planner)
+
+    def _new_pipeline(self):  # noqa: ANN202  (a DALI Pipeline)
+        dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+        from nvidia.dali import fn, types
+
+        decode = decode_graph(fn, types, self.device_id, self.hw_decoder_load)
+
+        @dali.pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                           prefetch_queue_depth=self.queue_depth, seed=self.cfg.seed)
+        def decode_only():  # noqa: ANN202
+            jpegs, labels, indices = fn.external_source(source=self._source, num_outputs=3, batch=True,
+                                                        parallel=False, cycle=None,
+                                                        dtype=[types.UINT8, types.INT64, types.INT64])
+            return decode(jpegs), labels, indices
+
+        pipe = decode_only()
+        pipe.build()
+        return pipe
+
+    def _batch(self, out: tuple, seed: int) -> Batch:  # noqa: ARG002
+        labels = torch.from_numpy(np.array(out[1].as_tensor()).reshape(-1))
+        indices = torch.from_numpy(np.array(out[2].as_tensor()).reshape(-1))
+        return Batch(None, labels, indices)
+
+
+def dali_decode_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                       **kwargs) -> DaliDecodeLoader:  # noqa: ANN003
+    """The DALI decode ceiling over a converted dataset or any `Source` (see `DaliDecodeLoader`)."""
+    return DaliDecodeLoader(data, cfg, None, **kwargs)
+
+
+class _AsCut:
+    """A view finisher that leaves the views as DALI's graph cut them (uint8 (B, S, S, 3))."""
+
+    def finish(self, x: torch.Tensor, v: int, gen: torch.Generator, layout: str = "hwc") -> torch.Tensor:  # noqa: ARG002
+        return x
+
+
+class DaliCutLoader(DaliLoader):
+    """`DaliLoader` without the photometric step: its views as the graph cut and resized them, uint8
+    (B, S, S, 3) on the loader's device (what the graph alone costs)."""
+
+    def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003  (DaliLoader's keywords)
+        super().__init__(data, cfg, state, **kwargs)
+        self._finisher = _AsCut()
+
+
+def dali_cut_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                    state: SampleState | None = None, **kwargs) -> DaliCutLoader:  # noqa: ANN003
+    """The DALI backend's views without photometric ops (see `DaliCutLoader`)."""
+    return DaliCutLoader(data, cfg, state, **kwargs)
+
+
+# ---------------------------------------------------------------------------- FFCV: decode only, stock decoder
+class FfcvDecodeLoader(FfcvLoader):
+    """The FFCV backend's decode ceiling: the same batches as `FfcvLoader`, each image decoded once by the
+    same compiled decoder (counted in `decodes`, damaged ones replaced), no views; batches
+    `(None, labels, indices)`."""
+
+    def __init__(self, data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
+                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003  (FfcvLoader's keywords)
+        super().__init__(data, cfg, state, **(kwargs | {"fused": False}))
+
+    def _pipelines(self, ops) -> tuple[dict, object | None]:  # noqa: ANN001
+        from ffcv.pipeline.pipeline_spec import PipelineSpec
+
+        decoder = ops.ViewDecoder(self._n_images, 0, False, self.cfg.view_groups()[0].size)  # no views
+        return {"image": PipelineSpec("image", decoder=decoder),
+                "label": PipelineSpec("label", decoder=ops.IntDecoder())}, decoder
+
+    def _plan(self, epoch: int, start: int):  # noqa: ANN202, ARG002
+        return lambda b_ix, indices, storage: None  # no windows or companions to plan
+
+    def _batch(self, result: tuple, expected: np.ndarray, seed: int) -> Batch:  # noqa: ARG002
+        return Batch(None, *self._decoded(result, expected))
+
+
+def ffcv_decode_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
+                       **kwargs) -> FfcvDecodeLoader:  # noqa: ANN003
+    """The FFCV decode ceiling over a converted dataset folder or a .beton (see `FfcvDecodeLoader`)."""
+    return FfcvDecodeLoader(data, cfg, None, **kwargs)
+
+
+@cache
+def _index_decoder() -> type:
+    """An FFCV decoder over any scalar field that emits the batch's sample indices (made on first use: ffcv
+    is imported lazily)."""
+    from ffcv.fields.basics import IntDecoder
+
+    class IndexDecoder(IntDecoder):
+        def generate_code(self):  # noqa: ANN202
+            def decoder(indices, destination, metadata, storage_state):  # noqa: ANN001, ANN202
+                for ix in range(len(indices)):
+                    destination[ix, 0] = indices[ix]
+                return destination[: len(indices)]
+
+            return decoder
+
+    return IndexDecoder
+
+
+class StockFfcvLoader(FfcvLoader):
+    """FFCV's stock RandomResizedCropRGBImageDecoder, one JPEG decode per view (the FFCV-SSL way: V image
+    pipelines over the same field), the FFCV backend's order and photometric augmentation on the device;
+    the sample indices from a pipeline over the label field. Batches `(views, labels, indices)`; no boxes,
+    windows or companions (this decoder cannot see sample indices)."""
+
+    def __init__(self, data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
+                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003, ARG002  (state is ignored)
+        if kwargs.get("companions") or kwargs.get("fused"):
+            raise ViewpipeError("the stock FFCV loader makes no companions or fused crops")
+        super().__init__(data, cfg, None, **kwargs)
+
+    def _pipelines(self, ops) -> tuple[dict, object | None]:  # noqa: ANN001
+        from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
+        from ffcv.pipeline.pipeline_spec import PipelineSpec
+
+        cfg, groups = self.cfg, self.cfg.view_groups()
+        rrc = [RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=groups[g].scale, ratio=cfg.crop.ratio)
+               for g in cfg.group_of_views()]
+        pipelines = {"image": PipelineSpec("image", decoder=rrc[0]),
+                     "label": PipelineSpec("label", decoder=ops.IntDecoder())}
+        pipelines |= {f"image_{v}": PipelineSpec("image", decoder=rrc[v]) for v in range(1, cfg.views)}
+        pipelines["index"] = PipelineSpec("label", decoder=_index_decoder()())
+        return pipelines, None
+
+    def _failures(self, result: tuple) -> dict[int, str]:  # noqa: ARG002
+        return {}  # FFCV's own decoder reports no damaged data
+
+    def _batch(self, result: tuple, expected: np.ndarray, seed: int) -> Batch:  # noqa: ARG002
+        labels = torch.from_numpy(np.asarray(result[1]).reshape(-1).astype(np.int64))
+        indices = torch.from_numpy(np.asarray(result[-2]).reshape(-1).astype(np.int64))
+        gen = torch.Generator().manual_seed(seed)
+        images = [result[0]] + list(result[2 : 2 + self.cfg.views - 1])
+        views = [self._finisher.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
+        return Batch(views, labels, indices)
+
+
+def stock_rrc_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
+                     state: SampleState | None = None, **kwargs) -> StockFfcvLoader:  # noqa: ANN003
+    """FFCV's stock RandomResizedCropRGBImageDecoder, one decode per view: the benchmark's FFCV baseline (see
+    `StockFfcvLoader`; the state is ignored)."""
+    return StockFfcvLoader(data, cfg, state, **kwargs)
+
+
+# ---------------------------------------------------------------------------- DALI: the stock two-view pipeline
 
 
 def _mux(fn, condition, if_true, if_false):  # noqa: ANN001, ANN202  (DALI DataNodes)

@@ -65,7 +65,7 @@ class _Callback:
 
     def __init__(self, reader: _Reader, planner: Planner) -> None:
         self.reader, self.planner, self.companions = reader, planner, planner.companions
-        self.epoch, self.start, self.decode_only = 0, 0, False
+        self.epoch, self.start = 0, 0
         self.batches: list[np.ndarray] = []
 
     def plan(self, b: int) -> BatchPlan:
@@ -75,9 +75,6 @@ class _Callback:
         b = self.start + i
         if b >= len(self.batches):
             raise StopIteration
-        if self.decode_only:
-            indices = self.planner.substitutes.usable(self.batches[b])
-            return [self.reader.read(k) for k in indices.tolist()], self.reader.labels[indices], indices
         plan = self.plan(b)
         out = [[self.reader.read(k) for k in plan.indices.tolist()], self.reader.labels[plan.indices], plan.indices]
         if plan.neighbours is not None:
@@ -89,24 +86,29 @@ class _Callback:
         return tuple(out)
 
 
-def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None, num_threads: int,
-                    hw_decoder_load: float, prefetch: int, decode_only: bool = False):  # noqa: ANN202  (a DALI Pipeline)
-    """The graph: decode each image once, then one `fn.resize` per view with its window as the ROI
-    (`decode_only`: the decoded images, for the decode ceiling of `viewpipe bench`)."""
-    dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
-    from nvidia.dali import fn, types
-
-    V, sizes = cfg.views, cfg.view_sizes()
-    n_views = 2 * V if source.companions else V
-    dtypes = [types.UINT8, types.INT64, types.INT64]
-    if not decode_only:
-        dtypes += ([types.UINT8, types.INT64] if source.companions else []) + [types.INT32] + [types.FLOAT] * (2 * n_views)
-    source.decode_only = decode_only
+def decode_graph(fn, types, device_id: int | None, hw_decoder_load: float):  # noqa: ANN001, ANN201
+    """The graph's image decoder: nvJPEG (`device="mixed"`, `hw_decoder_load` to the hardware decoder) on a
+    device, libjpeg-turbo in DALI's CPU mode (`device_id=None`); RGB, EXIF orientation applied."""
 
     def decode(jpegs):  # noqa: ANN001, ANN202
         if device_id is None:
             return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
         return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load)
+
+    return decode
+
+
+def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None, num_threads: int,
+                    hw_decoder_load: float, prefetch: int):  # noqa: ANN202  (a DALI Pipeline)
+    """The graph: decode each image once, then one `fn.resize` per view with its window as the ROI."""
+    dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+    from nvidia.dali import fn, types
+
+    V, sizes = cfg.views, cfg.view_sizes()
+    n_views = 2 * V if source.companions else V
+    dtypes = ([types.UINT8, types.INT64, types.INT64] + ([types.UINT8, types.INT64] if source.companions else [])
+              + [types.INT32] + [types.FLOAT] * (2 * n_views))
+    decode = decode_graph(fn, types, device_id, hw_decoder_load)
 
     @dali.pipeline_def(batch_size=cfg.batch_size, num_threads=num_threads, device_id=device_id,
                        prefetch_queue_depth=prefetch, seed=cfg.seed)
@@ -114,8 +116,6 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
         jpegs, labels, indices, *rest = fn.external_source(
             source=source, num_outputs=len(dtypes), batch=True, parallel=False, cycle=None, dtype=dtypes)
         images = decode(jpegs)
-        if decode_only:
-            return images, labels, indices
         if source.companions:
             companion_jpegs, companion_indices, windows, *rois = rest
             companions = decode(companion_jpegs)
@@ -184,8 +184,7 @@ class DaliLoader(EpochPosition):
     `prefetch`: DALI's queue depth (`queue_depth`); the attribute `prefetch` is the bound on how late a box or
     neighbour update arrives (the queue, plus one batch with `overlap`). `overlap` (default: on with CUDA):
     augment batch b + 1 on a side stream while the consumer has batch b. `hw_decoder_load`: the share of
-    the JPEG decoding given to the GPU's hardware decoder (the rest runs on CUDA cores). `photometric=False`:
-    the views as the graph cut them, uint8 (B, S, S, 3), without augmentation (a benchmark row).
+    the JPEG decoding given to the GPU's hardware decoder (the rest runs on CUDA cores).
     One iterator at a time; starting a new one abandons the previous one. `state_dict()` /
     `load_state_dict()` resume mid-epoch with the same batches, windows and augmentations. A sample that
     fails to decode is replaced by the next sample that decodes, for the rest of the run, and counted
@@ -195,8 +194,7 @@ class DaliLoader(EpochPosition):
                  state: SampleState | None = None, *, device_id: int | None | str = "auto",
                  hw_decoder_load: float = 0.65, rank: int | None = None, world: int | None = None,
                  companions: bool = False, prefetch: int = 2,
-                 num_threads: int | None = None, decode_only: bool = False, photometric: bool = True,
-                 overlap: bool | None = None) -> None:
+                 num_threads: int | None = None, overlap: bool | None = None) -> None:
         import_optional("nvidia.dali", "dali", "NVIDIA DALI")
         self.reader = _Reader(ShardSource(data) if isinstance(data, (str, os.PathLike)) else data)
         check_state(state, len(self.reader), companions)
@@ -206,8 +204,8 @@ class DaliLoader(EpochPosition):
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.rank, self.world = dist_rank_world(rank, world)
         self.cfg, self.state = cfg, state
-        self.hw_decoder_load, self.queue_depth, self.decode_only = hw_decoder_load, prefetch, decode_only
-        self.photometric, self.overlap = photometric, resolve_overlap(overlap, self.device)
+        self.hw_decoder_load, self.queue_depth = hw_decoder_load, prefetch
+        self.overlap = resolve_overlap(overlap, self.device)
         self.prefetch = prefetch + int(self.overlap)  # the live-state bound: DALI's queue and the look-ahead
         self.num_threads = num_threads or max(1, cfg.workers)
         self.num_samples = len(self.reader)
@@ -237,9 +235,13 @@ class DaliLoader(EpochPosition):
         self._stop()
         self._source.start, self._source.batches = b, batches
         if self._pipe is None:
-            self._pipe = _build_pipeline(self._source, self.cfg, self.device_id, self.num_threads,
-                                         self.hw_decoder_load, self.queue_depth, self.decode_only)
+            self._pipe = self._new_pipeline()
         self._running = True
+
+    def _new_pipeline(self):  # noqa: ANN202  (a DALI Pipeline)
+        """A built DALI pipeline over `self._source` (a new one after a failure: a failed one cannot run)."""
+        return _build_pipeline(self._source, self.cfg, self.device_id, self.num_threads, self.hw_decoder_load,
+                               self.queue_depth)
 
     def _replace_failures(self, b: int, error: RuntimeError) -> None:
         """Find the samples that do not decode in batch `b` (or else in the batches DALI had prefetched after
@@ -285,14 +287,11 @@ class DaliLoader(EpochPosition):
         """A batch from DALI's outputs: the views copied to torch and augmented (photometric draws from a torch
         Generator seeded with `seed`), labels, indices, neighbours, windows."""
         n_views = 2 * self.cfg.views if self._source.companions else self.cfg.views
-        labels = torch.from_numpy(np.array(out[1 if self.decode_only else n_views].as_tensor()).reshape(-1))
-        indices = torch.from_numpy(np.array(out[2 if self.decode_only else n_views + 1].as_tensor()).reshape(-1))
-        if self.decode_only:
-            return Batch(None, labels, indices)
+        labels = torch.from_numpy(np.array(out[n_views].as_tensor()).reshape(-1))
+        indices = torch.from_numpy(np.array(out[n_views + 1].as_tensor()).reshape(-1))
         gen = torch.Generator().manual_seed(seed)
         views = [_to_torch(out[v], self.device) for v in range(n_views)]  # uint8 (B, S, S, 3)
-        if self.photometric:
-            views = [self._finisher.finish(x, v, gen, layout="hwc") for v, x in enumerate(views)]
+        views = [self._finisher.finish(x, v, gen, layout="hwc") for v, x in enumerate(views)]
         neighbours = (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1))
                       if self._source.companions else None)
         return Batch(views, labels, indices, neighbours, torch.from_numpy(np.array(out[n_views + 2].as_tensor())))

@@ -131,8 +131,6 @@ class FfcvLoader(EpochPosition):
     resize on FFCV's CPU threads as FFCV's own decoders do (OpenCV INTER_AREA: an area average when
     shrinking, close to the default path; blocky, nearest-neighbour-like, when enlarging), only the
     photometric steps on the device.
-    `decode_only`: batches `(None, labels, indices)`, the decode ceiling. `stock`: FFCV's own
-    RandomResizedCropRGBImageDecoder, one decode per view (the FFCV-SSL way; no boxes, no windows).
     `decodes` counts, per sample, the images the compiled decoder produced. One iterator at a time; starting a
     new one ends the previous one. `state_dict()` / `load_state_dict()` resume mid-epoch with the same
     batches, windows and augmentations."""
@@ -141,16 +139,14 @@ class FfcvLoader(EpochPosition):
                  state: SampleState | None = None, *, device: str | torch.device = "auto", rank: int | None = None,
                  world: int | None = None, companions: bool = False,
                  fused: bool = False, batches_ahead: int = 2, num_threads: int | None = None,
-                 decode_only: bool = False, stock: bool = False, overlap: bool | None = None) -> None:
+                 overlap: bool | None = None) -> None:
         _import_ffcv()
         beton = _beton(data)
         ops = _ffcv()
         import numba
         from ffcv.fields import RGBImageField
-        from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline.graph import DecoderNode
-        from ffcv.pipeline.pipeline_spec import PipelineSpec
         from ffcv.reader import Reader
 
         reader = Reader(str(beton))
@@ -160,15 +156,13 @@ class FfcvLoader(EpochPosition):
                                 "convert it with viewpipe convert")
         self.num_samples = int(reader.num_samples)
         check_state(state, self.num_samples, companions)
-        if stock and (companions or fused):
-            raise ViewpipeError("the stock FFCV loader makes no companions or fused crops")
         meta = reader.metadata[f"f{names.index('image')}"]
         self._sizes = np.stack([meta["height"], meta["width"]], 1).astype(np.int64)  # (N, 2)
         self.max_size = (int(meta["height"].max()), int(meta["width"].max()))
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.rank, self.world = dist_rank_world(rank, world)
         self.cfg, self.state, self.companions = cfg, state, companions
-        self.fused, self.decode_only, self.stock = fused and not decode_only, decode_only, stock
+        self.fused = fused
         self.overlap = resolve_overlap(overlap, self.device)
         self.batches_ahead, self.prefetch = batches_ahead, batches_ahead + 2 + int(self.overlap)
         self.num_threads = max(1, min(num_threads or cfg.workers or 1, numba.config.NUMBA_NUM_THREADS))
@@ -180,23 +174,11 @@ class FfcvLoader(EpochPosition):
         self._epoch = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-        V, groups = cfg.views, cfg.view_groups()
-        if self.fused and len({g.size for g in groups}) > 1:
+        if self.fused and len({g.size for g in cfg.view_groups()}) > 1:
             raise ViewpipeError("fused=True cuts every view to one size on FFCV's threads; multi-crop view groups of "
                                 "several sizes need the default path (fused=False)")
         self._n_images = 2 if companions else 1
-        if stock:
-            rrc = [RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=groups[g].scale, ratio=cfg.crop.ratio)
-                   for g in cfg.group_of_views()]
-            pipelines = {"image": PipelineSpec("image", decoder=rrc[0]),
-                         "label": PipelineSpec("label", decoder=ops.IntDecoder())}
-            pipelines |= {f"image_{v}": PipelineSpec("image", decoder=rrc[v]) for v in range(1, V)}
-            pipelines["index"] = PipelineSpec("label", decoder=ops.IndexDecoder())
-            self._decoder = None
-        else:
-            self._decoder = ops.ViewDecoder(self._n_images, 0 if decode_only else V, self.fused, groups[0].size)
-            pipelines = {"image": PipelineSpec("image", decoder=self._decoder),
-                         "label": PipelineSpec("label", decoder=ops.IntDecoder())}
+        pipelines, self._decoder = self._pipelines(ops)
         self._order = ops.EpochOrder(self)
         threads = torch.get_num_threads()  # FFCV sets torch's threads to its own count: keep the caller's
         try:
@@ -209,6 +191,16 @@ class FfcvLoader(EpochPosition):
         self._node = next((n.id for n in graph.nodes if isinstance(n, DecoderNode) and n.decoder is self._decoder),
                           None) if self._decoder is not None else None
 
+    def _pipelines(self, ops) -> tuple[dict, object | None]:  # noqa: ANN001  (viewpipe.pipelines.ffcv_ops)
+        """FFCV's pipelines (image: the compiled `ViewDecoder`; label) and the decoder whose buffers `_plan`
+        fills (None: no buffers to fill)."""
+        from ffcv.pipeline.pipeline_spec import PipelineSpec
+
+        cfg = self.cfg
+        decoder = ops.ViewDecoder(self._n_images, cfg.views, self.fused, cfg.view_groups()[0].size)
+        return {"image": PipelineSpec("image", decoder=decoder),
+                "label": PipelineSpec("label", decoder=ops.IntDecoder())}, decoder
+
     # ------------------------------------------------------------------ the producer side (FFCV's thread)
     def _plan(self, epoch: int, start: int):  # noqa: ANN202
         """What FFCV's thread calls right before decoding batch `start + b_ix`: the batch's plan (the shared
@@ -216,8 +208,6 @@ class FfcvLoader(EpochPosition):
 
         def prepare(b_ix: int, indices: np.ndarray, storage: tuple) -> None:
             _, _, companion, _, windows = storage
-            if self.decode_only:
-                return
             plan = self._planner.plan(epoch, start + b_ix, indices)
             windows[:] = plan.windows
             if plan.neighbours is not None:
@@ -259,19 +249,15 @@ class FfcvLoader(EpochPosition):
             views += self._finisher.crop_and_finish(x[:, i, :h, :w], windows[:, i * V : (i + 1) * V], gen, "hwc")
         return views
 
-    def _stock_views(self, result: tuple, gen: torch.Generator) -> list:
-        V = self.cfg.views
-        images = [result[0]] + list(result[2 : 2 + V - 1])
-        return [self._finisher.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
-
     def _record(self, decoded: np.ndarray) -> None:
         """Count decodes per sample."""
         for i in range(self._n_images):
             np.add.at(self.decodes, decoded[:, i, 0], decoded[:, i, 3])
 
-    def _failures(self, decoded: np.ndarray) -> dict[int, str]:
-        """The samples of a decoded batch libjpeg-turbo reported an error or warning for (damaged data: their
-        pixels may be incomplete), index → why."""
+    def _failures(self, result: tuple) -> dict[int, str]:
+        """The samples of a decoded batch (FFCV's result) libjpeg-turbo reported an error or warning for
+        (damaged data: their pixels may be incomplete), index → why."""
+        decoded = result[-1][3]
         return {int(k): f"fails to decode (libjpeg-turbo status {int(status)}: damaged data)"
                 for i in range(self._n_images) for k, status in decoded[np.flatnonzero(decoded[:, i, 4]), i][:, [0, 4]]}
 
@@ -295,7 +281,7 @@ class FfcvLoader(EpochPosition):
                 except StopIteration:
                     error = mine.error
                     raise (error if error is not None else RuntimeError("FFCV's epoch thread ended early")) from None
-                failed = {} if self.stock else self._failures(result[-1][3])
+                failed = self._failures(result)
                 if failed:  # replace them from now on and decode this batch again, from the new plan
                     self._stop()
                     self.substitutes.add(failed)
@@ -308,20 +294,22 @@ class FfcvLoader(EpochPosition):
             if self._epoch is mine:  # (an abandoned iterator never stops a newer one)
                 self._stop()
 
-    def _batch(self, result: tuple, expected: np.ndarray, seed: int) -> Batch:
-        """The `Batch` of FFCV's result for one batch."""
+    def _decoded(self, result: tuple, expected: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, indices) of FFCV's result for one batch, checked against the `expected` samples; the
+        decodes counted."""
         labels = torch.from_numpy(np.asarray(result[1]).reshape(-1).astype(np.int64))
-        gen = torch.Generator().manual_seed(seed)
-        if self.stock:
-            indices = torch.from_numpy(np.asarray(result[-2]).reshape(-1).astype(np.int64))
-            return Batch(self._stock_views(result, gen), labels, indices)
-        images, _, _, decoded, windows = result[-1]
+        decoded = result[-1][3]
         indices = torch.from_numpy(decoded[:, 0, 0].copy())
         if not np.array_equal(indices.numpy(), expected):  # the decoder saw other samples: a bug
             raise RuntimeError(f"FFCV decoded samples {indices.tolist()}, expected {expected.tolist()}")
         self._record(decoded)
-        if self.decode_only:
-            return Batch(None, labels, indices)
+        return labels, indices
+
+    def _batch(self, result: tuple, expected: np.ndarray, seed: int) -> Batch:
+        """The `Batch` of FFCV's result for one batch."""
+        labels, indices = self._decoded(result, expected)
+        images, _, _, decoded, windows = result[-1]
+        gen = torch.Generator().manual_seed(seed)
         neighbours = torch.from_numpy(decoded[:, 1, 0].copy()) if self.companions else None
         return Batch(self._views(images, decoded, windows, gen), labels, indices, neighbours,
                      torch.from_numpy(windows.copy()))
@@ -335,11 +323,3 @@ def ffcv_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig()
     """An FFCV loader over a converted dataset folder (its `data.beton`) or a .beton file. See `FfcvLoader`."""
     return FfcvLoader(data, cfg, state, **kwargs)
 
-
-def stock_rrc_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                     state: SampleState | None = None, **kwargs) -> FfcvLoader:  # noqa: ANN003
-    """FFCV's stock RandomResizedCropRGBImageDecoder, one JPEG decode per view (the FFCV-SSL way: V image
-    pipelines over the same field), the same photometric augmentation on the device: the benchmark's
-    baseline. Batches `(views, labels, indices)`; the state (boxes) is ignored: this decoder cannot see
-    sample indices."""
-    return FfcvLoader(data, cfg, None, stock=True, **kwargs)

@@ -29,27 +29,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from viewpipe.augment import AugmentConfig, ViewAugment
 from viewpipe.errors import ViewpipeError
-from viewpipe.formats import open_image
+from viewpipe.formats import decode_errors, open_image
 from viewpipe.pipelines import (Batch, BatchPlan, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
                                 dist_rank_world, resolve_overlap, sample_check)
 from viewpipe.sources import ImageSizes, Source, open_source
 from viewpipe.state import SampleState
-
-
-def decode_rgb(data: bytes, where: str):  # noqa: ANN201  (PIL.Image.Image)
-    """Decode to RGB with EXIF orientation applied (the policy of every loader, see viewpipe.formats),
-    or one clear error naming `where`."""
-    try:
-        return open_image(data)
-    except _decode_errors() as exc:
-        raise ViewpipeError(f"{where}: cannot decode image ({exc}); fix or remove the file") from None
-
-
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    """What PIL raises for bytes that are not a decodable image."""
-    from PIL import Image, UnidentifiedImageError
-
-    return UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError
 
 
 def torchvision_view_transform(view: ViewAugment, cfg: AugmentConfig):  # noqa: ANN201  (a torchvision transform)
@@ -123,7 +107,7 @@ class ReferenceBatches(Dataset):
             if k not in decoded:
                 try:
                     decoded[k] = open_image(self.source.read(k))
-                except _decode_errors() as exc:
+                except decode_errors() as exc:
                     unusable[k] = f"fails to decode ({exc})"
         if unusable:
             return unusable
@@ -228,21 +212,6 @@ class ReferenceLoader(EpochPosition):
         it, self._loader._iterator = self._loader._iterator, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
-
-
-class DecodeDataset(Dataset):
-    """Read and decode only: the CPU decode ceiling that `viewpipe bench` reports beside the loaders."""
-
-    def __init__(self, source: Source) -> None:
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        img = decode_rgb(self.source.read(index), self.source.describe(index))
-        return img.height, img.width
-
 
 
 def reference_loader(source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),

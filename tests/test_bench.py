@@ -1,6 +1,8 @@
 """`viewpipe bench`'s breakdown rows (DALI without photometric ops, the augmenter alone, the stock DALI
-pipeline and each row's ratio to it), the stock DALI baseline itself, benching FFCV on an FFCV-only
-conversion, and `hw_decoder_load` from the command line and the config to the DALI loader."""
+pipeline and each row's ratio to it), the loaders only bench times (viewpipe.pipelines.baselines: the stock DALI
+and FFCV baselines, the DALI and FFCV decode ceilings, DALI's views before the photometric step; the production
+backends carry none of them), benching FFCV on an FFCV-only conversion, and `hw_decoder_load` from the command
+line and the config to the DALI loader."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import loader_cfg, plain_augment
 from viewpipe.augment import preset
 from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import LoaderConfig
@@ -83,6 +87,88 @@ def test_stock_dali_baseline_needs_shards(converted: dict[str, Path]) -> None:
 
     with pytest.raises(ViewpipeError, match="no DALI shards"):
         stock_dali_loader(converted["ffcv"], LoaderConfig(batch_size=8))
+
+
+# ------------------------------------------------------------------------------------ the other baselines
+def test_production_backends_carry_no_benchmark_modes() -> None:
+    """The decode-only, views-as-cut and stock loaders live in viewpipe.pipelines.baselines alone."""
+    import inspect
+
+    from viewpipe.pipelines import dali, ffcv, reference
+
+    assert not {"decode_only", "photometric"} & set(inspect.signature(dali.DaliLoader).parameters)
+    assert not {"decode_only", "stock"} & set(inspect.signature(ffcv.FfcvLoader).parameters)
+    assert not hasattr(reference, "DecodeDataset") and not hasattr(ffcv, "stock_rrc_loader")
+
+
+def test_bench_knows_every_backend() -> None:
+    """`--backend`'s choices (listed without importing torch) are the backends there are."""
+    from viewpipe.pipelines import BACKENDS
+    from viewpipe.tools.bench import BACKEND_NAMES
+
+    assert BACKEND_NAMES == tuple(sorted(BACKENDS))
+
+
+def test_dali_decode_only_reads_every_sample_of_the_epoch(converted: dict[str, Path]) -> None:
+    """The decode ceiling `viewpipe bench` reports: the same batches as the DALI loader, decoded and nothing else."""
+    from viewpipe.pipelines.baselines import dali_decode_loader
+    from viewpipe.pipelines.dali import dali_loader
+
+    cfg = loader_cfg(drop_last=False)
+    plain = [idx.tolist() for _, _, idx, *_ in dali_loader(converted["dali"], cfg, device_id=None)]
+    only = list(dali_decode_loader(converted["dali"], cfg, device_id=None))
+    assert [idx.tolist() for _, _, idx, *_ in only] == plain and all(v is None for v, *_ in only)
+
+
+def test_dali_cut_loader_gives_the_views_before_the_photometric_step(converted: dict[str, Path]) -> None:
+    """bench's "no photometric ops" row: the DALI loader's own views (same batches and windows) as uint8
+    (B, S, S, 3), which the photometric step (here plain: only / 255) turns into the loader's views."""
+    from viewpipe.pipelines.baselines import dali_cut_loader
+    from viewpipe.pipelines.dali import dali_loader
+
+    cfg = loader_cfg(augment=plain_augment(32), workers=1)
+    full = list(dali_loader(converted["dali"], cfg, device_id=None))
+    cut = list(dali_cut_loader(converted["dali"], cfg, device_id=None))
+    assert len(cut) == len(full) == 96 // 8
+    for (va, la, ia, _, wa), (vb, lb, ib, _, wb) in zip(full, cut):
+        assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
+        for x, y in zip(va, vb):
+            assert y.dtype == torch.uint8 and tuple(y.shape) == (8, 32, 32, 3)
+            torch.testing.assert_close(x, y.permute(0, 3, 1, 2).float() / 255, atol=1e-6, rtol=0)
+
+
+def test_ffcv_decode_only_yields_the_epochs_batches_without_views(converted: dict[str, Path]) -> None:
+    """The FFCV decode ceiling `viewpipe bench` reports: the epoch's batches (here in index order), no views,
+    each image decoded once by the backend's compiled decoder."""
+    from viewpipe.pipelines.baselines import ffcv_decode_loader
+
+    c = ffcv_decode_loader(converted["ffcv"], loader_cfg(shuffle=False, drop_last=False, augment=plain_augment(32)),
+                           device="cpu")
+    c.set_epoch(4)
+    batches = list(c)
+    assert [i for _, _, idx, *_ in batches for i in idx.tolist()] == list(range(96))
+    assert all(v is None for v, *_ in batches)  # decode only: no views
+    np.testing.assert_array_equal(c.decodes, np.ones(96, np.int64))
+
+
+def test_stock_ffcv_loader_decodes_per_view_and_reports_indices(converted: dict[str, Path]) -> None:
+    """FFCV's RandomResizedCropRGBImageDecoder once per view; the sample indices come from a second
+    pipeline over the label field, and match the epoch's batches and the labels."""
+    from viewpipe.formats import DatasetIndex
+    from viewpipe.pipelines.baselines import stock_rrc_loader
+
+    index = DatasetIndex.load(converted["ffcv"])
+    cfg = loader_cfg(views=2)
+    loader = stock_rrc_loader(converted["ffcv"], cfg, device="cpu")
+    batches = list(loader)
+    assert len(batches) == len(loader) == 12
+    for (views, labels, indices, *_), expect in zip(batches, loader.batches(0)):
+        assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 and views[0].dtype == torch.float32
+        assert indices.tolist() == expect.tolist()
+        assert torch.equal(labels, torch.from_numpy(index.labels[expect]))
+    del loader, batches
+    with pytest.raises(ViewpipeError, match="no companions or fused crops"):
+        stock_rrc_loader(converted["ffcv"], cfg, device="cpu", companions=True)
 
 
 # ------------------------------------------------------------------------------------ bench rows

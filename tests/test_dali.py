@@ -1,5 +1,5 @@
 """What only the DALI backend has, in DALI's CPU-only mode (`device_id=None`): the ROI axis order against PIL
-crops, any `Source` read file by file, decode failures found by re-decoding, decode-only batches, its errors.
+crops, any `Source` read file by file, decode failures found by re-decoding, its errors.
 The loader contract every backend meets (shapes, windows, live updates, companions, ranks, order, resume) is
 tests/test_backends.py."""
 
@@ -146,11 +146,3 @@ def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tm
     again.load_state_dict(sd | {"epoch": 0, "batch": 1})
     assert [idx.tolist() for _, _, idx, *_ in again] == [idx.tolist() for _, _, idx, *_ in got[1:]]
     assert "fails to decode" not in capfd.readouterr().err
-
-
-def test_decode_only_reads_every_sample_of_the_epoch(dataset: Path) -> None:
-    """The decode ceiling `viewpipe bench` reports: the same batches, decoded and nothing else."""
-    cfg = cfg_(drop_last=False)
-    plain = [idx.tolist() for _, _, idx, *_ in dali_loader(dataset, cfg, device_id=None)]
-    only = list(dali_loader(dataset, cfg, device_id=None, decode_only=True))
-    assert [idx.tolist() for _, _, idx, *_ in only] == plain and all(v is None for v, *_ in only)

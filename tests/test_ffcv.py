@@ -1,8 +1,9 @@
 """What only the FFCV backend has, on the CPU: one decode per image (counted by the compiled decoder,
 companions included), FFCV's distributed mode, live box updates with a large table and exact pixels of raw
-samples, the fused option, decode-only batches, FFCV's stock decoder and its stale dispatchers, damaged JPEG
-bytes, its errors. The loader contract every backend meets (shapes, windows and pixels, live updates,
-companions, ranks and gloo processes, order, resume) is tests/test_backends.py."""
+samples, the fused option, the stale dispatchers of FFCV's own decoders, damaged JPEG bytes, its errors. The
+loader contract every backend meets (shapes, windows and pixels, live updates, companions, ranks and gloo
+processes, order, resume) is tests/test_backends.py; the decode-only and stock FFCV loaders `viewpipe bench`
+times (viewpipe.pipelines.baselines) are tests/test_bench.py."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from conftest import core_crop, documented_windows, plain_augment, random_boxes 
 from conftest import loader_cfg as cfg_  # noqa: E402
 from viewpipe.crop import CropConfig  # noqa: E402
 from viewpipe.errors import ViewpipeError  # noqa: E402
-from viewpipe.formats import BETON, DatasetIndex  # noqa: E402
+from viewpipe.formats import BETON  # noqa: E402
 from viewpipe.pipelines import LoaderConfig  # noqa: E402
-from viewpipe.pipelines.ffcv import ffcv_loader, stock_rrc_loader  # noqa: E402
+from viewpipe.pipelines.ffcv import ffcv_loader  # noqa: E402
 from viewpipe.state import SampleState  # noqa: E402
 
 S = 32
@@ -118,15 +119,6 @@ def test_ranks_run_ffcv_distributed(dataset: Path) -> None:
     assert ffcv_loader(dataset, cfg_(), device="cpu", rank=1, world=2)._loader.distributed
 
 
-def test_decode_only_yields_the_epochs_batches_without_views(dataset: Path) -> None:
-    """The decode ceiling `viewpipe bench` reports: the epoch's batches (here in index order), no views."""
-    c = ffcv_loader(dataset, cfg_(shuffle=False, drop_last=False, augment=PLAIN), device="cpu", decode_only=True)
-    c.set_epoch(4)
-    batches = list(c)
-    assert [i for _, _, idx, *_ in batches for i in idx.tolist()] == list(range(96))
-    assert all(v is None for v, *_ in batches)  # decode only: no views
-
-
 def check_update(loader, st: SampleState, sizes, n: int, cfg: LoaderConfig,  # noqa: ANN001
                  stop: int | None = None) -> None:
     """Publish new boxes after the consumer received batch 2: batches up to 2 keep the full-image boxes,
@@ -210,21 +202,6 @@ def test_fused_crops_match_the_unfused_path(dataset: Path, state_name: str) -> N
     assert np.mean(up) < 1.5 and max(up) < 4.0
 
 
-def test_stock_loader_decodes_per_view_and_reports_indices(dataset: Path) -> None:
-    """FFCV's RandomResizedCropRGBImageDecoder once per view; the sample indices come from a second
-    pipeline over the label field, and match the epoch's batches and the labels."""
-    index = DatasetIndex.load(dataset)
-    cfg = cfg_(views=2)
-    loader = stock_rrc_loader(dataset, cfg, device="cpu")
-    batches = list(loader)
-    assert len(batches) == len(loader) == 12
-    for (views, labels, indices, *_), expect in zip(batches, loader.batches(0)):
-        assert [tuple(v.shape) for v in views] == [(8, 3, S, S)] * 2 and views[0].dtype == torch.float32
-        assert indices.tolist() == expect.tolist()
-        assert torch.equal(labels, torch.from_numpy(index.labels[expect]))
-    del loader, batches
-
-
 def test_stale_ffcv_dispatchers_are_collected_quietly(dataset: Path) -> None:
     """FFCV's own decoders' dispatchers, collected after a later Loader changed a numba type's hash, raise a
     KeyError in numba's finalizer: the backend drops that one case from stderr, and only it."""
@@ -232,7 +209,8 @@ def test_stale_ffcv_dispatchers_are_collected_quietly(dataset: Path) -> None:
         import gc, weakref
         from viewpipe.pipelines import LoaderConfig
         from viewpipe.augment import preset
-        from viewpipe.pipelines.ffcv import ffcv_loader, stock_rrc_loader
+        from viewpipe.pipelines.ffcv import ffcv_loader
+        from viewpipe.pipelines.baselines import stock_rrc_loader
         cfg = LoaderConfig(batch_size=8, augment=preset("mocov2", size=8), workers=1)
         loader = stock_rrc_loader({str(dataset)!r}, cfg, device="cpu")
         next(iter(loader)); loader.close(); del loader

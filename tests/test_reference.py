@@ -1,5 +1,6 @@
 """What only the reference loader (PIL + DataLoader) has: any source path opened as a source, its workers
-stopped by close(), undecodable files with and without workers, `decode_rgb`. The loader contract every
+stopped by close(), undecodable files with and without workers, `decode_rgb` (viewpipe.formats, the PIL decode of every
+loader and trainer). The loader contract every
 backend meets (shapes, windows and pixels, the same plan as DALI and FFCV, live updates, companions, ranks,
 order, reproducible views, resume) is tests/test_backends.py."""
 
@@ -17,8 +18,9 @@ from PIL import Image
 from conftest import plain_augment
 from viewpipe.augment import preset
 from viewpipe.errors import ViewpipeError
+from viewpipe.formats import decode_rgb
 from viewpipe.pipelines import LoaderConfig
-from viewpipe.pipelines.reference import ReferenceLoader, decode_rgb, reference_loader
+from viewpipe.pipelines.reference import ReferenceLoader, reference_loader
 from viewpipe.sources import FolderSource
 
 S = 32

@@ -16,22 +16,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from viewpipe.augment import preset
-from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import BACKENDS, Batch, LoaderConfig, ViewGroup, get_backend, parse_views
-from viewpipe.pipelines.reference import DecodeDataset
 from viewpipe.formats import BETON, INDEX, DatasetIndex
-from viewpipe.sources import Source, open_source
-from viewpipe.state import SampleState
-from viewpipe.synthetic import make_folder
 
+if TYPE_CHECKING:  # (torch, and the modules that import it, are imported where they are used: `viewpipe bench
+    # --help` stays fast)
+    from viewpipe.pipelines import LoaderConfig
+    from viewpipe.sources import Source
+
+# the names of viewpipe.pipelines.BACKENDS, for --backend's choices without importing torch (a test checks them)
+BACKEND_NAMES = ("dali", "ffcv", "memory", "torch")
 # backends that read a converted dataset, and the format each reads
 CONVERTED = {"dali": "dali", "ffcv": "ffcv"}
 PIL_DECODE = "decode only (PIL, ceiling)"
@@ -56,6 +54,8 @@ class BenchRow:
 
 def machine() -> str:
     """One line naming the CPU (and GPU) this ran on."""
+    import torch
+
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -73,6 +73,8 @@ def machine() -> str:
 def generated_data(n: int = 1024) -> Path:
     """The default benchmark data: generated JPEGs of varied sizes, made once and cached."""
     cache = Path(os.environ.get("VIEWPIPE_CACHE", Path.home() / ".cache" / "viewpipe"))
+    from viewpipe.synthetic import make_folder
+
     root = cache / f"synthetic-v1-{n}"
     if not root.exists():  # made under a temporary name and renamed: a folder there is complete
         cache.mkdir(parents=True, exist_ok=True)
@@ -113,6 +115,7 @@ def time_batches(loader: Iterable, batches: int, views: int, name: str, count: C
     """Time `batches` batches after one warm-up batch (worker start-up), cycling epochs if needed;
     `count(batch)` is the number of images in a batch. The loader is closed after (its threads and workers
     do not compete with the next row's)."""
+    import torch
     from tqdm import tqdm
 
     it = iter(loader)
@@ -153,6 +156,8 @@ def augmenter_rows(cfg: LoaderConfig, batches: int, notes: list[str]) -> list[Be
     """The augmenter alone (`Augmenter.finish` of every view) on device-resident uint8 views (B, S, S, 3),
     per implementation: torch, and the fused kernels where there is a GPU. What the loaders' photometric
     step costs without any loading."""
+    import torch
+
     from viewpipe.pipelines import ViewFinisher
 
     gpu = torch.cuda.is_available()
@@ -187,6 +192,13 @@ def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: 
     read `converted`, the reference and the PIL ceiling `source` (None: a converted dataset without DALI
     shards, benched with FFCV alone; no PIL row). `hw_decoder_load` (None: the loaders' default) goes to
     the DALI loaders. Rows that cannot run here are left out with a line appended to `notes`."""
+    from torch.utils.data import DataLoader
+
+    from viewpipe.pipelines import get_backend
+    from viewpipe.pipelines.baselines import (DecodeDataset, dali_cut_loader, dali_decode_loader, ffcv_decode_loader,
+                                              stock_dali_loader, stock_rrc_loader)
+    from viewpipe.state import SampleState
+
     notes = [] if notes is None else notes
     if converted is None and any(b in CONVERTED for b in backends):
         raise ViewpipeError(f"backends {', '.join(b for b in backends if b in CONVERTED)} need a converted dataset")
@@ -216,16 +228,14 @@ def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: 
             if name == "dali":
                 boxes = replace(cfg, crop=replace(cfg.crop, use_box=True))
 
-                loader = factory(data, cfg, decode_only=True, **kw)
+                loader = dali_decode_loader(data, cfg, **kw)
                 where = "nvJPEG" if loader.device_id is not None else "CPU"
                 rows.append(time_batches(loader, batches, 1, f"dali, decode only ({where}, ceiling)", count))
-                rows.append(time_batches(factory(data, boxes, state, photometric=False, **kw), batches,
+                rows.append(time_batches(dali_cut_loader(data, boxes, state, **kw), batches,
                                          cfg.views, f"dali, {cfg.views} views, boxes, no photometric ops", count))
                 rows += augmenter_rows(cfg, batches, notes)
             if name == "ffcv":
-                from viewpipe.pipelines.ffcv import stock_rrc_loader
-
-                rows.append(time_batches(factory(data, cfg, decode_only=True), batches, 1,
+                rows.append(time_batches(ffcv_decode_loader(data, cfg), batches, 1,
                                          "ffcv, decode only (CPU threads, ceiling)", count))
                 rows.append(time_batches(stock_rrc_loader(data, cfg), batches, cfg.views,
                                          f"ffcv stock RandomResizedCrop, {cfg.views} decodes per image", count))
@@ -234,8 +244,6 @@ def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: 
                 label = f"{name}, {cfg.views} views, {'ContrastiveCrop boxes' if use_box else 'RandomResizedCrop'}"
                 rows.append(time_batches(factory(data, c, state, **kw), batches, cfg.views, label, count))
             if name == "dali":
-                from viewpipe.pipelines.baselines import stock_dali_loader
-
                 rows.append(time_batches(stock_dali_loader(data, cfg, **kw), batches, cfg.views,
                                          f"{STOCK_DALI}, {cfg.views} views (RRC + DALI colour ops)",
                                          lambda b: len(b[1])))
@@ -248,7 +256,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="image folder, .npz JPEG collection or converted dataset (default: generated images); "
                    "the dali and ffcv backends read a converted copy, made once and cached")
     p.add_argument("--split", default="train", help="split of a .npz collection (default: train)")
-    p.add_argument("--backend", action="append", choices=sorted(BACKENDS),
+    p.add_argument("--backend", action="append", choices=BACKEND_NAMES,
                    help="backend(s) to measure (repeatable; default: all installed)")
     p.add_argument("--views", default="2", help="views per image: a count (each --size px), or multi-crop view groups "
                    "COUNTxSIZE[@MIN-MAX][:nobox],... e.g. 2x224,6x96@0.05-0.2 (default: 2)")
@@ -272,6 +280,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run `viewpipe bench` (or `--train`): the table or JSON of every row."""
+    import torch
+
+    from viewpipe.augment import preset
+    from viewpipe.crop import CropConfig
+    from viewpipe.pipelines import BACKENDS, LoaderConfig, ViewGroup, parse_views
+    from viewpipe.sources import open_source
+
     if not torch.cuda.is_available():
         # on the CPU, backends that augment in this process (DALI) share the cores with their own decode
         # threads: one torch thread avoids oversubscription (DataLoader workers already use one each)
@@ -328,6 +344,8 @@ def main(args: argparse.Namespace) -> int:
 def bench_source(data: Path, split: str, backends: list[str]) -> Source | None:
     """The Source the PIL ceiling and the reference read; None for a dataset converted with `--format ffcv`
     alone when only FFCV is benched (it has no shards to read images from, and FFCV reads its .beton)."""
+    from viewpipe.sources import open_source
+
     if (data / INDEX).is_file() and not has_shards(data):
         readers = [b for b in backends if b not in CONVERTED or CONVERTED[b] == "dali"]
         if readers:
@@ -363,6 +381,7 @@ def table(rows: list[BenchRow]) -> str:
 
 def time_steps(trainer: Any, batches: Iterable, steps: int, name: str) -> BenchRow:
     """Time `steps` training steps fed by `batches` after 3 warm-up steps (cuDNN autotuning, worker start)."""
+    import torch
     from tqdm import tqdm
 
     it = iter(batches)
@@ -383,6 +402,9 @@ def time_steps(trainer: Any, batches: Iterable, steps: int, name: str) -> BenchR
 def train_main(args: argparse.Namespace, data: Path, source: Source, backends: list[str]) -> int:
     """`viewpipe bench --train`: the method's steps on synthetic views already on the device, then fed by each
     backend (ContrastiveCrop boxes on), in one run; each row's ratio to the synthetic speed."""
+    import torch
+
+    from viewpipe.pipelines import Batch
     from viewpipe.trainers.config import load_config
     from viewpipe.trainers.engine import Trainer
 

@@ -82,6 +82,22 @@ def open_image(data: bytes):  # noqa: ANN201  (PIL.Image.Image)
     return img.convert("RGB")
 
 
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for bytes that are not a decodable image (what `decode_rgb` turns into one line)."""
+    from PIL import Image, UnidentifiedImageError
+
+    return UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError
+
+
+def decode_rgb(data: bytes, where: str):  # noqa: ANN201  (PIL.Image.Image)
+    """`open_image` (RGB, EXIF orientation applied: the policy of every loader), or one clear error naming
+    `where` for bytes that do not decode."""
+    try:
+        return open_image(data)
+    except decode_errors() as exc:
+        raise ViewpipeError(f"{where}: cannot decode image ({exc}); fix or remove the file") from None
+
+
 def _oriented_size(img) -> tuple[int, int]:  # noqa: ANN001  (PIL.Image.Image, opened, not decoded)
     """(height, width) after EXIF orientation, from the header alone."""
     w, h = img.size
