@@ -58,7 +58,7 @@ def test_vit_small_is_the_release_vit_s() -> None:
     w = net.conv_proj.weight
     assert 0.95 * bound < float(w.abs().max()) <= bound and float(net.conv_proj.bias.abs().sum()) == 0
     assert float(net.class_token.detach().abs().max()) < 1e-5
-    qkv = net.encoder.layers[0].self_attention.in_proj_weight  # Q, K, V each Xavier-uniform over (384, 384)
+    qkv = net.encoder.layers[0].self_attention.in_proj_weight.detach()  # Q, K, V each Xavier-uniform over (384, 384)
     assert float(qkv.abs().max()) <= (6.0 / 768) ** 0.5 and float(qkv.abs().max()) > 0.95 * (6.0 / 768) ** 0.5
 
 
