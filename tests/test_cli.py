@@ -180,3 +180,28 @@ def test_quality_table_runs_rows_writes_table_and_plot_and_resumes(tmp_path) -> 
     assert again.returncode == 0 and again.stdout.count("finished before") == 2
     bad = viewpipe("quality", "--data", str(data), "--out", str(out), "--rows", "mocov3")
     _assert_one_line_error(bad, "unknown row(s) mocov3")
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_pretrain_help_config_and_override_errors() -> None:
+    res = viewpipe("pretrain", "--help-config")
+    assert res.returncode == 0, res.stderr
+    assert "data.groups[].augment" in res.stdout and "data.crop.ratio" in res.stdout and "GLOBAL" in res.stdout
+    assert "mocov2_ccrop_cifar10" in res.stdout  # the shipped configs, by name
+    res = viewpipe("pretrain", "--config", "mocov2_ccrop_cifar10", "optim.lrr=0.3")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "viewpipe: error: override optim.lrr=0.3: unknown key lrr in optim; known: betas, final_lr_ratio, lr, "
+        "momentum, name, per_epoch, skip_nonfinite, warmup_epochs, weight_decay"], res.stderr
+
+
+def test_help_imports_no_torch() -> None:
+    from conftest import run_python
+
+    res = run_python("""
+        import sys
+        from viewpipe.tools import cli
+        cli.build_parser()
+        import viewpipe.tools.pretrain
+        print('torch' in sys.modules)
+        """, cwd="/")
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr

@@ -10,7 +10,7 @@ import zipfile
 from conftest import REPO, run_python
 
 
-def test_wheel_installs_namespaced_packages(tmp_path) -> None:
+def test_wheel_installs_namespaced_packages(tmp_path, image_folder) -> None:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
         check=True, capture_output=True, timeout=300,
@@ -36,6 +36,26 @@ def test_wheel_installs_namespaced_packages(tmp_path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().startswith(str(target))
+    # the shipped configs are package data: `viewpipe pretrain --config NAME` runs from the wheel, away from the repo
+    assert "viewpipe/configs/mocov2_ccrop_cifar10.yaml" in names
+    res = run_python(
+        f"""
+        import sys; sys.path.insert(0, {str(target)!r})
+        from viewpipe.trainers.config import find_config
+        from viewpipe.tools.cli import main
+        print(find_config("mocov2_ccrop_cifar10"))
+        code = main(["pretrain", "--config", "mocov2_ccrop_cifar10", "data.path={image_folder}", "data.backend=torch",
+                     "backbone=resnet_tiny", "device=cpu", "epochs=1", "max_steps=1", "data.batch_size=8",
+                     "data.workers=1", "knn_every=0", "ccrop.enabled=false", "method_args={{queue:64}}",
+                     "out={tmp_path / 'run'}"])
+        print("exit", code)
+        """,
+        cwd=tmp_path, timeout=240,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == str(target / "viewpipe" / "configs" / "mocov2_ccrop_cifar10.yaml") and lines[-1] == "exit 0"
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "last.pt").is_file()
 
 
 def test_editable_install_maps_packages() -> None:
