@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +311,65 @@ def test_cli_knn_and_linear_on_a_saved_checkpoint(tmp_path: Path, colours: tuple
     assert out["epochs"] == 3 and not out["augment"] and len(out["history"]) == 3 and out["batch_size"] == 512
     assert out["last_top1"] == out["history"][-1]["test_top1"]
     assert captured.err.count("linear epoch ") == 3  # with --json the epoch lines go to stderr
+
+
+# --------------------------------------------------------------------------- same set, read-only labels
+def npz_collection(path: Path, folders: dict[str, Path]) -> Path:
+    """A .npz JPEG collection (uncompressed: its arrays are memory-mapped read-only) with one split per folder."""
+    arrays: dict[str, np.ndarray] = {}
+    for split, folder in folders.items():
+        src = FolderSource(folder)
+        files = [src.read(i) for i in range(len(src))]
+        arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(files), np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(f) for f in files]).astype(np.int64)
+        arrays[f"{split}_labels"] = src.labels
+    arrays["class_names"] = np.array(FolderSource(next(iter(folders.values()))).classes)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_knn_refuses_the_same_set_unless_asked(tmp_path: Path, colours: tuple[Path, Path],
+                                               tiny: torch.nn.Module) -> None:
+    train, test = colours
+    opts = CleanOptions(16, workers=0, progress=False)
+    (tmp_path / "link").symlink_to(train)
+    # the same folder, spelt otherwise, through a link, or given as a Source: resolved paths are compared
+    for bank, queries in ((train, train), (train, train.parent / "." / train.name), (train, tmp_path / "link"),
+                          (FolderSource(train), str(train))):
+        with pytest.raises(ViewpipeError, match="the train set .* and the test set are the same") as err:
+            knn_accuracy(tiny, bank, queries, opts, k=1)
+        assert len(str(err.value).splitlines()) == 1 and "--allow-same-set" in str(err.value)
+    npz = npz_collection(tmp_path / "c.npz", {"train": train, "test": test})
+    with pytest.raises(ViewpipeError, match="are the same"):
+        knn_accuracy(tiny, npz, npz, opts, k=1, split_test="train")
+    # another split of the same .npz is another set
+    assert knn_accuracy(tiny, npz, npz, opts, k=5, split_test="test") >= 90.0
+    assert knn_accuracy(tiny, npz, npz, opts, k=1, split_test="train", allow_same_set=True) == 100.0
+
+
+def test_read_only_labels_raise_no_numpy_warning(tmp_path: Path, colours: tuple[Path, Path],
+                                                 tiny: torch.nn.Module) -> None:
+    import warnings
+
+    from viewpipe.sources import NpzSource
+
+    train, test = colours
+    npz = npz_collection(tmp_path / "c.npz", {"train": train, "test": test})
+    assert not NpzSource(npz, "train").labels.flags.writeable  # the condition that made torch warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (torch's "The given NumPy array is not writable") fails
+        assert knn_accuracy(tiny, npz, npz, CleanOptions(16, workers=0, progress=False), k=5) >= 90.0
+        cfg = LinearConfig(epochs=2, size=16, augment=False, workers=0, progress=False, lr=1.0)
+        linear_probe(tiny, npz, npz, cfg, "cpu", log=None)
+        linear_probe(tiny, npz, npz, replace(cfg, augment=True, batch_size=16), "cpu", log=None)
+
+
+def test_cli_knn_same_set_is_a_one_line_error(tmp_path: Path, colours: tuple[Path, Path],
+                                              tiny: torch.nn.Module) -> None:
+    train, _ = colours
+    ckpt = tmp_path / "last.pt"
+    torch.save({"backbone_name": "resnet_tiny", "backbone": tiny.state_dict(), "image_size": 16,
+                "mean": IMAGENET_MEAN, "std": IMAGENET_STD}, ckpt)
+    res = run_cli("eval", "knn", "--checkpoint", str(ckpt), "--train", str(train), "--test", str(train),
+                  "--workers", "0", "--device", "cpu", "--no-progress")
+    assert_one_line_error(res, "are the same", str(train), "--allow-same-set")
