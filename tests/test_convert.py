@@ -454,6 +454,27 @@ def _job_npz(base: Path) -> dict[str, Any]:
             "missing": missing, "missing_dst": base / "test"}
 
 
+# the max-side folder: (height, width) per image, one larger than the FFCV default on its longer side
+BIG_SIZES = [(420, 640), (120, 90), (530, 300)]
+
+
+def _job_max_side(base: Path) -> dict[str, Any]:
+    """Conversions of a folder with images above and below the FFCV default side: the default (both formats),
+    --max-side 0 (both formats), and a DALI-only one with the default; then a --resume of the finished
+    natural-size one without --max-side (it keeps the side it was started with)."""
+    src = base / "src"
+    (src / "a").mkdir(parents=True)
+    for i, (h, w) in enumerate(BIG_SIZES):
+        (src / "a" / f"{i}.jpg").write_bytes(_encode(_gradient(h, w, i)))
+    procs = {"default": start_viewpipe("convert", src, base / "default", "--workers", "1"),
+             "keep": start_viewpipe("convert", src, base / "keep", "--workers", "1", "--max-side", "0"),
+             "dali": start_viewpipe("convert", src, base / "dali", "--workers", "1", "--format", "dali")}
+    runs = {k: _finish(p) for k, p in procs.items()}
+    runs["resume_keep"] = viewpipe("convert", src, base / "keep", "--workers", "1", "--resume")
+    runs["negative"] = viewpipe("convert", src, base / "negative", "--max-side", "-1")
+    return {"base": base, "runs": runs}
+
+
 INTERRUPTS = [(signal.SIGINT, "shards"), (signal.SIGKILL, "ffcv")]
 
 
@@ -467,7 +488,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Expected]:
 def jobs(bad, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     src, _ = bad
     base = tmp_path_factory.mktemp("jobs")
-    for name in ("verify", "fatal", "npz"):
+    for name in ("verify", "fatal", "npz", "max_side"):
         (base / name).mkdir()
     j = Jobs()
     j.start("converted", viewpipe, "convert", src, base / "converted", *OPTS)  # the uninterrupted reference
@@ -477,6 +498,7 @@ def jobs(bad, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     j.start("disk", _job_disk_full, src, base / "disk", base / "disk_ref")
     j.start("fatal", _job_fatal, src, base / "fatal")
     j.start("npz", _job_npz, base / "npz")
+    j.start("max_side", _job_max_side, base / "max_side")
     j.base = base  # type: ignore[attr-defined]
     yield j
     j.join()
@@ -708,3 +730,66 @@ def test_npz_missing_split_is_one_line(jobs: Jobs) -> None:
     job = jobs.get("npz")
     _one_line_error(job["missing"], "no split 'test'", "train", "val")
     assert not job["missing_dst"].exists()
+
+
+# ---------------------------------------------------------------------------- 7. the FFCV default side, --help
+def test_ffcv_conversions_default_to_ffcv_imagenets_side(jobs: Jobs) -> None:
+    """A conversion that writes FFCV downscales to a longer side of 500 (ffcv-imagenet's max_resolution) by
+    default, in the FFCV file and the shards alike (one index, one size per sample); --max-side 0 keeps natural
+    size; a DALI-only conversion keeps natural size by default; --resume keeps the side it was started with."""
+    from viewpipe.convert import FFCV_MAX_SIDE
+
+    job = jobs.get("max_side")
+    base, runs = job["base"], job["runs"]
+    for name in ("default", "keep", "dali", "resume_keep"):
+        _ok(runs[name])
+    assert FFCV_MAX_SIDE == 500
+    natural = BIG_SIZES
+    scaled = [_scaled_to(h, w, FFCV_MAX_SIDE) for h, w in BIG_SIZES]
+    assert max(max(hw) for hw in scaled) == FFCV_MAX_SIDE and scaled[1] == natural[1]
+    for name, want, max_side in (("default", scaled, FFCV_MAX_SIDE), ("keep", natural, 0), ("dali", natural, 0)):
+        dst = base / name
+        index = DatasetIndex.load(dst)
+        assert list(zip(index.heights.tolist(), index.widths.tolist())) == want, name
+        assert _report(dst)["options"]["max_side"] == max_side, name
+        if name != "dali":
+            _, _, sizes = _ffcv_read(dst / "data.beton")
+            assert [tuple(hw) for hw in sizes.tolist()] == want, name
+        assert [img.shape[:2] for _, _, img in _dali_read(dst)] == want, name
+    assert not (base / "dali" / "data.beton").exists()
+    assert "converted" in runs["resume_keep"].stdout
+    _one_line_error(runs["negative"], "--max-side", "0 (keep natural size)")
+
+
+def _scaled_to(h: int, w: int, side: int) -> tuple[int, int]:
+    """FFCV's resizer (which --max-side follows): floor of ratio × size."""
+    r = side / max(h, w)
+    return (int(r * h), int(r * w)) if r < 1 else (h, w)
+
+
+def test_help_shows_every_default_and_the_ffcv_source() -> None:
+    """`viewpipe convert --help`: every option's help says its default; the FFCV side names its source."""
+    import argparse
+
+    from viewpipe.tools import convert as command
+
+    parser = argparse.ArgumentParser(prog="viewpipe")
+    command.add_parser(parser.add_subparsers())
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    options = [a for a in sub.choices["convert"]._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 11
+    for action in options:
+        assert "default" in (action.help or ""), action.option_strings
+    res = viewpipe("convert", "--help")
+    _ok(res)
+    text = " ".join(res.stdout.split())
+    assert "(default: 500 when an FFCV file is written" in text and "write_imagenet.sh 500 0.50 90" in text
+    assert "(default: 90, as ffcv-imagenet)" in text and "(default: both)" in text
+
+
+def test_the_command_modules_import_without_torch() -> None:
+    """`viewpipe convert` and `viewpipe bench` parse their arguments without importing torch, DALI or ffcv."""
+    res = subprocess.run([sys.executable, "-c", "import sys, viewpipe.tools.convert, viewpipe.tools.bench; "
+                          "print(sorted(m for m in ('torch', 'nvidia.dali', 'ffcv') if m in sys.modules))"],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", (res.stdout, res.stderr)
