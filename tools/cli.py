@@ -74,6 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(argv: list[str], resume: str) -> str:
+    """The command line that continues an interrupted `viewpipe` run: its arguments with `--resume RESUME` in
+    place of any --resume given, under the same torchrun launch when it ran under torchrun."""
+    import os
+    import shlex
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    args += ["--resume", resume]
+    launch = ["viewpipe"]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1) or 1)
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        launch = ["torchrun", *(["--nnodes", str(nodes)] if nodes > 1 else []), "--nproc-per-node", per_node,
+                  "--no-python", "viewpipe"]
+    return shlex.join(launch + args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -81,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except ViewpipeError as exc:
         print(f"viewpipe: error: {_worker_error(exc) or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("viewpipe: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        resume = getattr(exc, "resume", None)  # (viewpipe.trainers.engine.TrainingInterrupted)
+        if resume is None:
+            print("viewpipe: interrupted", file=sys.stderr)
+        elif getattr(exc, "main", True):
+            command = resume_command(sys.argv[1:] if argv is None else argv, resume)
+            print(f"viewpipe: {exc}; resume with: {command}", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # DataLoader re-raises some worker errors as another type
         if message := _worker_error(exc):

@@ -244,3 +244,50 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[dict, P
     step = f" (step {ckpt['step']})" if isinstance(ckpt.get("step"), int) else ""
     warnings = [f"{first}; resuming from the previous checkpoint {prev}{step} instead"]
     return ckpt, prev, warnings + ([note] if note else [])
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+RUN_FILES = ("last.pt", "last.prev.pt", "log.jsonl")
+
+
+def run_files(out: Path) -> list[str]:
+    """The names of the files in `out` that show a run has used it (a checkpoint, a non-empty log.jsonl): a new
+    run there would append to that run's log and replace its checkpoints, so it needs --resume."""
+    out = Path(out)
+    found = []
+    for name in RUN_FILES:
+        p = out / name
+        try:
+            if p.is_file() and (name != "log.jsonl" or p.stat().st_size > 0):
+                found.append(name)
+        except OSError:
+            found.append(name)
+    return found
+
+
+def trim_log(path: Path, step: int) -> int:
+    """Drop the records of JSONL log `path` after `step` (those whose "step" is larger), so that a run resumed
+    from the checkpoint of `step` does not log the steps it runs again twice. Written atomically; lines that
+    are not JSON (a line cut by a kill) are dropped too. Returns the number of lines removed."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        s = record.get("step") if isinstance(record, dict) else None
+        if isinstance(s, int) and s > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped

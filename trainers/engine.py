@@ -11,6 +11,8 @@ saved."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,8 +28,8 @@ from viewpipe.sources import open_source
 from viewpipe.state import SampleState
 from viewpipe.trainers.base import build_method, broadcast_bn_stats
 from viewpipe.trainers.ccrop import BoxUpdater
-from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove_stale_tmp, rng_state,
-                                          save_checkpoint, seed_all, set_rng_state, warn)
+from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove_stale_tmp, rng_state, run_files,
+                                          save_checkpoint, seed_all, set_rng_state, trim_log, warn)
 from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.config import (TrainConfig, build_augment, build_crop, build_groups, effective_workers,
                                       save_config, to_dict, validate)
@@ -44,6 +46,16 @@ class NonFiniteError(ViewpipeError):
     """A non-finite loss (or weights) stopped the run; the last good checkpoint is left as it was."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during `fit`: the message says where the run stopped and what a resume starts from;
+    `resume` is the --resume value that continues it ("auto", or a checkpoint outside the run folder) and
+    `main` whether this process is rank 0 (the one that tells the user)."""
+
+    def __init__(self, message: str, resume: str, main: bool = True) -> None:
+        super().__init__(message)
+        self.resume, self.main = resume, main
+
+
 class Trainer:
     """One pretraining run of `cfg` in this process (one rank under torchrun). `fit()` trains from the start or
     from `resume` (a checkpoint path; "auto": `out/last.pt` when it or `out/last.prev.pt` exists) and returns the
@@ -58,6 +70,7 @@ class Trainer:
         self.main = self.rank == 0
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "last.pt"
+        self._check_run_folder(resume)  # (before anything is written into it)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out)  # the resolved config: `viewpipe pretrain --config OUT/config.yaml` reruns it
@@ -121,7 +134,21 @@ class Trainer:
             except BaseException:
                 self.close()
                 raise
+        if self.main and resume:  # the steps after the checkpoint run again: their old records go
+            trim_log(self.out / "log.jsonl", self.step)
+        self._resumed_from = str(self._good[0]) if ckpt is not None and self._good else None
         self._log = open(self.out / "log.jsonl", "a") if self.main else None
+        self._tb: Any = None  # rank 0's TensorBoard writer, opened by fit()
+        # a batch job (stdout not a terminal) gets a line per log point instead of the progress bar
+        self._console = self.main and not sys.stdout.isatty()
+
+    def _check_run_folder(self, resume: str | None) -> None:
+        """Refuse (one line, on every rank) to start a new run in a folder another run has used, unless resuming:
+        it would append to that run's log and replace its checkpoints."""
+        found = gather_objects(run_files(self.out) if self.main else None)[0]
+        if found and not resume:
+            raise ViewpipeError(f"{self.out} already holds a run ({', '.join(found)}): pass --resume auto to "
+                                f"continue it, or choose another out=... for a new run")
 
     # ------------------------------------------------------------------ sample state and loader
     def _sample_state(self) -> SampleState:
@@ -283,16 +310,83 @@ class Trainer:
             self._log.write(json.dumps(record) + "\n")
             self._log.flush()
 
+    def _open_tensorboard(self) -> None:
+        """Rank 0's TensorBoard writer: event files in the run folder beside log.jsonl. A resumed run hides the
+        old file's events after its checkpoint's step (purge_step), as it trims log.jsonl."""
+        if not self.main or self._tb is not None:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            warn("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
+            self._tb = False
+            return
+        self._tb = SummaryWriter(logdir=str(self.out), purge_step=self.step + 1 if self.step else None)
+
+    def _scalars(self, prefix: str, record: dict, step: int, skip: tuple[str, ...] = ()) -> None:
+        """The numeric fields of `record` as TensorBoard scalars `prefix/<name>` at `step` (rank 0)."""
+        if not self._tb:
+            return
+        for k, v in record.items():
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def _epoch_to_tensorboard(self, record: dict) -> None:
+        """An epoch's record: its scalars (the epoch mean loss, updater fields, the kNN accuracy: the kNN curve)
+        at x = epochs done, and the ContrastiveCrop box grid (its PNG) as an image."""
+        if not self._tb:
+            return
+        done = record["epoch"] + 1
+        self._scalars("epoch", record, done, skip=("epoch", "step"))
+        grid = record.get("box_grid")
+        if grid and Path(grid).is_file():
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(grid) as img:
+                self._tb.add_image("ccrop/boxes", np.asarray(img.convert("RGB")), done, dataformats="HWC")
+        self._tb.flush()
+
+    def _console_line(self, r: dict, steps: int) -> None:
+        """One compact line on stdout (batch jobs: stdout is not a terminal, so no progress bar)."""
+        print(f"epoch {r['epoch']} step {r['step']} (batch {r['batch']}/{steps})  loss {r['loss']:.4f}  "
+              f"lr {r['lr']:.4g}  images/s {r['images_per_s']:.1f}  data wait {100 * r['data_wait']:.0f}%",
+              flush=True)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """What Ctrl-C during `fit` tells the user: where the run stopped, the checkpoint a resume starts from,
+        and the --resume value that continues it."""
+        where = (f"interrupted after {self._where(self.step)}" if self._pos[2] else
+                 f"interrupted after step {self.step}" if self.step else "interrupted before the first step")
+        if self._good is None:
+            return TrainingInterrupted(f"{where}; no checkpoint of this run yet: a resume starts again from step 0",
+                                       "auto", self.main)
+        path, step = self._good
+        inside = Path(path).parent.resolve() == self.out.resolve()
+        return TrainingInterrupted(f"{where}; the last checkpoint is {path} (step {step}): a resume starts "
+                                   f"there", "auto" if inside else str(path), self.main)
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
+        """Train from where the trainer stands (step 0 or the resumed checkpoint) to the end or `max_steps`;
+        returns the final metrics. Ctrl-C raises TrainingInterrupted, which says how to resume."""
         cfg = self.cfg
         from tqdm import tqdm
 
+        self._first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=self.device)
+        self._bad_loss = torch.zeros((), device=self.device)
+        self._open_tensorboard()
+        self.log({"event": "start", "step": self.step, "epoch": self.epoch, "world": self.world,
+                  "resumed_from": self._resumed_from})
+        try:
+            return self._fit(cfg, tqdm)
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+
+    def _fit(self, cfg: TrainConfig, tqdm: Any) -> dict:
         steps_this_run, stop = 0, False
         last: dict = {}
         skip = cfg.optim.skip_nonfinite
-        self._first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=self.device)
-        self._bad_loss = torch.zeros((), device=self.device)
         while self.epoch < cfg.epochs and not stop:
             epoch = self.epoch
             resume = self._resume_loader if self._resume_loader and self._resume_loader["epoch"] == epoch else None
@@ -314,7 +408,7 @@ class Trainer:
                                     f"data.batch_size")
             total = cfg.epochs * steps
             bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}", unit="step", leave=False,
-                       disable=None if self.main else True)
+                       disable=True if not self.main or self._console else None)
             wait = busy = 0.0
             images = 0
             loss_sum, loss_n = torch.zeros((), device=self.device), 0
@@ -354,6 +448,9 @@ class Trainer:
                         if skip:
                             last["skipped_nonfinite"] = self.skipped_nonfinite
                         self.log(last)
+                        self._scalars("train", last, self.step, skip=("step", "epoch", "batch"))
+                        if self._console:
+                            self._console_line(last, steps)
                         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}",
                                         wait=f"{100 * last['data_wait']:.0f}%")
                         wait = busy = 0.0
@@ -385,6 +482,7 @@ class Trainer:
                 print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                                 if v is not None), flush=True)
             self.log({"event": "epoch", **record})
+            self._epoch_to_tensorboard(record)
             self.save({"epoch": self.epoch, "batch": 0})
         return {"epoch": self.epoch, "step": self.step, "history": self.history, "last": last}
 
@@ -444,6 +542,8 @@ class Trainer:
             self._loader.close()
         if self._log is not None:
             self._log.close()
+        if getattr(self, "_tb", None):
+            self._tb.close()
         self.state.close()
 
 
