@@ -128,6 +128,22 @@ def pooled_features(backbone: nn.Module, data: Source | str | os.PathLike[str], 
         return dataset_outputs(fn, data, options, desc=desc)
 
 
+def check_knn_sets(train_data: Source | str | os.PathLike[str], test_data: Source | str | os.PathLike[str],
+                   split_train: str = "train", split_test: str = "test",
+                   allow_same_set: bool = False) -> tuple[Source, Source]:
+    """The kNN bank and test sources, opened, after the checks `knn_accuracy` makes (cheap: no image is read):
+    both labelled, and not the same set unless `allow_same_set`; each failure one ViewpipeError line. A
+    trainer can call it before training so that its kNN monitor cannot fail late in a run."""
+    if not allow_same_set and same_set(train_data, test_data, split_train, split_test):
+        raise ViewpipeError(f"kNN: the train set (the bank) and the test set are the same "
+                            f"({set_identity(train_data, split_train)[0]}), so every test image finds itself "
+                            "and the accuracy is meaningless; give a held-out test set (or allow_same_set / "
+                            "--allow-same-set to measure it anyway)")
+    train, test = as_source(train_data, split_train), as_source(test_data, split_test)
+    require_labelled("kNN", train=(train_data, train, split_train), test=(test_data, test, split_test))
+    return train, test
+
+
 def knn_accuracy(backbone: nn.Module, train_data: Source | str | os.PathLike[str],
                  test_data: Source | str | os.PathLike[str], options: CleanOptions, k: int = 200, t: float = 0.1,
                  split_test: str = "test", allow_same_set: bool = False) -> float:
@@ -136,13 +152,7 @@ def knn_accuracy(backbone: nn.Module, train_data: Source | str | os.PathLike[str
     `split_test`). The backbone is put in eval mode and its mode restored. Distributed: every rank takes part
     and gets the same accuracy. Both sets must be labelled; the same set as bank and test (every query finds
     itself: about 100%, meaningless) is refused unless `allow_same_set`."""
-    if not allow_same_set and same_set(train_data, test_data, options.split, split_test):
-        raise ViewpipeError(f"kNN: the train set (the bank) and the test set are the same "
-                            f"({set_identity(train_data, options.split)[0]}), so every test image finds itself "
-                            "and the accuracy is meaningless; give a held-out test set (or allow_same_set / "
-                            "--allow-same-set to measure it anyway)")
-    train, test = as_source(train_data, options.split), as_source(test_data, split_test)
-    require_labelled("kNN", train=(train_data, train, options.split), test=(test_data, test, split_test))
+    train, test = check_knn_sets(train_data, test_data, options.split, split_test, allow_same_set)
     bank = pooled_features(backbone, train, options, normalise=True, desc="kNN bank")
     queries = pooled_features(backbone, test, options, normalise=True, desc="kNN test")
     pred = knn_predict(queries, bank, _labels(train), _num_classes(train, test), k, t)
