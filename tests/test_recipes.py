@@ -55,8 +55,8 @@ def test_vit_small_is_the_release_vit_s() -> None:
     assert not net.encoder.pos_embedding.requires_grad
     assert not net.conv_proj.weight.requires_grad and not net.conv_proj.bias.requires_grad
     bound = (6.0 / (3 * 16 * 16 + 384)) ** 0.5
-    w = net.conv_proj.weight
-    assert 0.95 * bound < float(w.abs().max()) <= bound and float(net.conv_proj.bias.abs().sum()) == 0
+    w = net.conv_proj.weight.detach()
+    assert 0.95 * bound < float(w.abs().max()) <= bound and float(net.conv_proj.bias.detach().abs().sum()) == 0
     assert float(net.class_token.detach().abs().max()) < 1e-5
     qkv = net.encoder.layers[0].self_attention.in_proj_weight.detach()  # Q, K, V each Xavier-uniform over (384, 384)
     assert float(qkv.abs().max()) <= (6.0 / 768) ** 0.5 and float(qkv.abs().max()) > 0.95 * (6.0 / 768) ** 0.5
@@ -104,10 +104,10 @@ def test_zero_init_residual_through_backbone_args() -> None:
                              "method_args={dim: 32, pred_hidden: 8}"])
     backbone = build_method(cfg).backbone
     blocks = [b for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4) for b in layer]
-    assert blocks and all(float(b.bn2.weight.abs().sum()) == 0 for b in blocks)
+    assert blocks and all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in blocks)
     r50 = build_backbone("resnet50", zero_init_residual=True)
-    assert all(float(b.bn3.weight.abs().sum()) == 0 for b in r50.layer1)
-    assert all(float(b.bn2.weight.abs().sum()) > 0 for b in build_backbone("resnet_tiny").layer1)
+    assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for b in r50.layer1)
+    assert all(float(b.bn2.weight.detach().abs().sum()) > 0 for b in build_backbone("resnet_tiny").layer1)
     with pytest.raises(ViewpipeError, match="backbone_args for resnet_tiny: unknown heads"):
         build_method(load_config(None, ["backbone=resnet_tiny", "backbone_args={heads: 6}"]))
 
