@@ -61,11 +61,14 @@ def test_nested_override_values_need_no_space_after_the_colon(tmp_path: Path) ->
     assert cfg.method_args == {"queue": 1024, "tau": 0.2, "name": "a:b"}
     assert cfg.data.crop.scale == (0.1, 0.5) and cfg.optim.lr == 0.3 and cfg.optim.betas == (0.8, 0.9)
     assert [(g.count, g.size) for g in cfg.data.groups] == [(2, 16), (1, 0)]
-    # a mapping override merges into the file's mapping key by key
+    # a value replaces what was there (a whole mapping, or one of its keys); a section merges field by field
     f = tmp_path / "c.yaml"
-    f.write_text("method_args: {dim: 64, queue: 65536}\n")
-    assert load_config(f, ["method_args={queue:1024}"]).method_args == {"dim": 64, "queue": 1024}
+    f.write_text("method_args: {dim: 64, queue: 65536}\noptim: {lr: 0.1, momentum: 0.5}\n")
+    assert load_config(f, ["method_args={queue:1024}"]).method_args == {"queue": 1024}
     assert load_config(f, ["method_args.queue=8"]).method_args == {"dim": 64, "queue": 8}
+    assert load_config(f, ["method_args={queue: 1}", "method_args={dim: 2}"]).method_args == {"dim": 2}
+    optim = load_config(f, ["optim={lr: 0.3}"]).optim
+    assert (optim.lr, optim.momentum) == (0.3, 0.5)
     assert parse_value("{a:{b:[1, {c:x}]}, d: ${data.size}}") == {"a": {"b": [1, {"c": "x"}]}, "d": "${data.size}"}
     assert parse_value("0.3") == 0.3 and parse_value("text") == "text" and parse_value("null") is None
 

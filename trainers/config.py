@@ -527,17 +527,15 @@ def parse_override(item: str) -> dict:
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """`key.sub=value` strings applied to a nested dict (mappings merged key by key, other values replaced)."""
-
-    def merge(into: dict, new: dict) -> None:
-        for k, v in new.items():
-            if isinstance(v, dict) and isinstance(into.get(k), dict):
-                merge(into[k], v)
-            else:
-                into[k] = v
-
+    """`key.sub=value` strings applied to a nested dict (the value at `key.sub` replaced)."""
     for item in overrides:
-        merge(values, parse_override(item))
+        node, new = values, parse_override(item)
+        *parents, last = item.partition("=")[0].strip().split(".")
+        for p in parents:
+            node, new = node.setdefault(p, {}), new[p]
+            if not isinstance(node, dict):
+                raise ViewpipeError(f"override {item!r}: {p} is not a section")
+        node[last] = new[last]
     return values
 
 
@@ -581,6 +579,16 @@ def _first_line(exc: BaseException) -> str:
     return (str(getattr(exc, "msg", "") or exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _schema_type(key: str) -> Any:
+    """The type the schema gives dotted `key` (Any inside a mapping such as method_args)."""
+    tp: Any = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return Any
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] = ()) -> TrainConfig:
     """A TrainConfig: the defaults, merged with the YAML file `path` (a path, or a shipped config's name:
     `find_config`), then with each `key=value` override in turn, as OmegaConf structured configs (the
@@ -600,6 +608,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     for label, values in layers:
         _from_dict(TrainConfig, values, label, "")  # unknown keys and types, named as the user wrote them
         try:
+            key = label.partition("=")[0].removeprefix("override ").strip()
+            empty = {list: [], dict: {}}.get(typing.get_origin(_schema_type(key))) if label != where else None
+            if empty is not None:
+                # a list or mapping (method_args) is replaced whole, not merged into; a section merges
+                OmegaConf.update(cfg, key, empty, merge=False)
             cfg = OmegaConf.merge(cfg, values)
         except OmegaConfBaseException as exc:
             raise ViewpipeError(f"{_at(label, getattr(exc, 'full_key', '') or '')}: {_first_line(exc)}") from None
