@@ -124,6 +124,10 @@ class NeighbourMiner(StateUpdater):
         state.set_neighbours(result)
 
     def report(self, result: np.ndarray, data: DataContext, epoch: int) -> dict[str, Any]:
+        from viewpipe.sources import is_labelled
+
+        if not is_labelled(data.source):  # unlabelled data: agreement of -1 with -1 would read 1.0
+            return {}
         labels = np.asarray(data.source.labels)
         return {"nn_label_agreement": float(np.mean(labels[result] == labels[:, None]))}
 
