@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps demo test bench clean
+.PHONY: setup system-deps demo test bench clean quality-kit
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,17 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the CIFAR-10 quality table on a lent GPU machine (no network there): .dkq/ holds the data and the wheels it lacks;
+# carry .dkq and run `bash docs/quality-on-gpu.sh` there (see docs/quality.md)
+CIFAR ?= ../shared/data/cifar10_jpeg/cifar10_jpeg.npz
+quality-kit:
+	mkdir -p .dkq/wheels && cp $(CIFAR) .dkq/
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform any -d .dkq/wheels omegaconf tensorboardX pyyaml tqdm
+	rm -f .dkq/wheels/numpy-*  # the machine has its own, which its torch was built against
+	@grep -qx '/.dkq/' .git/info/exclude 2>/dev/null || echo '/.dkq/' >> .git/info/exclude
+	@du -sh .dkq
 
 clean:
 	$(VENV)/bin/viewpipe state clean 2>/dev/null || true
