@@ -255,3 +255,17 @@ def test_torchrun_launches_the_viewpipe_command(image_folder: Path, tmp_path: Pa
     ckpt = read_checkpoint(out / "last.pt")[0]
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seeded seed + rank: two processes
+
+
+def test_resume_command_replaces_resume_and_keeps_the_torchrun_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from viewpipe.tools.cli import resume_command
+
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    argv = ["pretrain", "--config", "c.yaml", "--resume", "old/last.pt", "out=runs/a b", "--resume=x"]
+    assert resume_command(argv, "auto") == "viewpipe pretrain --config c.yaml 'out=runs/a b' --resume auto"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert resume_command(["pretrain", "epochs=3"], "auto") == (
+        "torchrun --nnodes 2 --nproc-per-node 4 --no-python viewpipe pretrain epochs=3 --resume auto")

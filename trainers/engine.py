@@ -11,7 +11,6 @@ saved."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
