@@ -156,3 +156,19 @@ def test_cli_eval_on_an_unlabelled_set_is_one_line(tmp_path: Path, flat: Path, i
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("viewpipe: error: linear probe: the train set "), res.stderr
     assert "has no labels" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_a_knn_monitor_on_unlabelled_or_training_data_is_refused_before_training(tmp_path: Path, flat: Path,
+                                                                                image_folder: Path) -> None:
+    """The pretraining engine checks its kNN monitor's sets when it starts, not at the first kNN epoch: an
+    unlabelled test set, or the training set itself as the test set, is one line before any step."""
+    from viewpipe.trainers.engine import Trainer
+
+    with pytest.raises(ViewpipeError, match="labelled") as unlabelled:
+        Trainer(tiny_run(image_folder, tmp_path / "a", f"data.test_path={flat}", "knn_every=1"))
+    assert "\n" not in str(unlabelled.value) and not (tmp_path / "a" / "log.jsonl").exists()
+    with pytest.raises(ViewpipeError, match="the same") as same:
+        Trainer(tiny_run(image_folder, tmp_path / "b", f"data.test_path={image_folder}", "data.test_split=train",
+                         "knn_every=1"))
+    assert "\n" not in str(same.value)
+    Trainer(tiny_run(flat, tmp_path / "c", f"data.test_path={flat}", "knn_every=0")).close()  # monitor off: no check

@@ -78,6 +78,10 @@ class Trainer:
 
         d = cfg.data
         self.source = open_source(d.path, d.split)
+        if d.test_path and cfg.knn_every:  # the kNN monitor's sets: labelled and distinct, checked before training
+            from viewpipe.trainers.eval import check_knn_sets
+
+            check_knn_sets(self.source, d.test_path, d.split, d.test_split)
         self.n = len(self.source)
         if d.batch_size % self.world:
             raise ViewpipeError(f"data.batch_size {d.batch_size} is not divisible by the {self.world} ranks")
@@ -102,7 +106,7 @@ class Trainer:
         self.method = build_method(cfg).to(self.device)
         if cfg.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        if cfg.sync_bn and self.world > 1:
+        if cfg.sync_bn and self.world > 1 and self.device.type == "cuda":  # (torch's SyncBN is GPU-only)
             self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         self.model: nn.Module = self.method
         if self.world > 1:
