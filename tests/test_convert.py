@@ -431,14 +431,12 @@ def _job_disk_full(src: Path, dst: Path, ref: Path) -> dict[str, Any]:
 
 
 def _job_fatal(src: Path, base: Path) -> dict[str, Any]:
-    flat = base / "flat"
-    flat.mkdir()
-    (flat / "a.jpg").write_bytes(_encode(_gradient(16, 16, 1)))
     (base / "a_file").write_text("x")
     (base / "readonly").mkdir()
     os.chmod(base / "readonly", 0o555)
-    cases = {"missing": (base / "nowhere", base / "o1"), "no classes": (flat, base / "o2"),
-             "dst under a file": (src, base / "a_file" / "out"), "dst read-only": (src, base / "readonly" / "out")}
+    # (a folder without class folders is no longer fatal: an unlabelled source, tests/test_unlabelled.py)
+    cases = {"missing": (base / "nowhere", base / "o1"), "dst under a file": (src, base / "a_file" / "out"),
+             "dst read-only": (src, base / "readonly" / "out")}
     procs = {k: start_viewpipe("convert", s, d, *OPTS, "--format", "dali") for k, (s, d) in cases.items()}
     return {k: (_finish(p), cases[k][1]) for k, p in procs.items()}
 
@@ -649,7 +647,6 @@ def test_interrupt_then_resume_equals_uninterrupted(jobs: Jobs, converted: Path,
 # ---------------------------------------------------------------------------- 4. fatal conditions
 @pytest.mark.parametrize("case, needles", [
     ("missing", ["nowhere", "no such file or folder"]),
-    ("no classes", ["flat", "no class folders"]),
     ("dst under a file", ["a_file/out", "cannot write there", "Not a directory"]),
     ("dst read-only", ["readonly/out", "cannot write there", "Permission denied"]),
 ])
@@ -777,7 +774,7 @@ def test_help_shows_every_default_and_the_ffcv_source() -> None:
     command.add_parser(parser.add_subparsers())
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     options = [a for a in sub.choices["convert"]._actions if a.option_strings and a.dest != "help"]
-    assert len(options) == 11
+    assert len(options) == 10
     for action in options:
         assert "default" in (action.help or ""), action.option_strings
     res = viewpipe("convert", "--help")

@@ -358,7 +358,8 @@ def _chain_convert_verify(base: Path) -> dict[str, Any]:
     big = np.random.default_rng(1).integers(0, 256, (1800, 2800, 3), dtype=np.uint8)
     (src / "a" / "zz_large.jpg").write_bytes(_jpeg(big, 95))
     ref = base / "ref"
-    res = _run("convert", src, ref, "--workers", "2", "--shard-size", "4", "--jpeg-quality", "100")
+    # --max-side 0: natural size (FFCV conversions downscale to 500 by default)
+    res = _run("convert", src, ref, "--workers", "2", "--shard-size", "4", "--jpeg-quality", "100", "--max-side", "0")
     if res.returncode != 0:
         return {"res": res}
     index = DatasetIndex.load(ref)

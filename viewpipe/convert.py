@@ -176,9 +176,22 @@ class _Workers:
             except (EOFError, OSError):
                 proc.join(1)
             if not proc.is_alive():
-                proc.join(1)
-                raise ViewpipeError(f"a {self.stage} worker process (pid {proc.pid}) {_exit_reason(proc.exitcode)}"
-                                    " (out of memory? killed?); rerun with --resume")
+                raise self._died(w)
+
+    def _died(self, w: int) -> ViewpipeError:
+        """The one-line error for worker `w`, which died."""
+        proc = self.procs[w]
+        proc.join(1)
+        return ViewpipeError(f"a {self.stage} worker process (pid {proc.pid}) {_exit_reason(proc.exitcode)}"
+                             " (out of memory? killed?); rerun with --resume")
+
+    def _send(self, w: int, msg: tuple) -> None:
+        """Send worker `w` a chunk; a worker that died meanwhile (its pipe broken) is the same one-line error
+        as when it dies while working, not the pipe's error."""
+        try:
+            self.conns[w].send(msg)
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._died(w) from None
 
     def imap(self, fn: Callable[[Any], Any], items: list, chunksize: int = 16) -> Iterator[Any]:
         """fn(item) for every item, in order; chunks go round-robin, at most two queued per worker."""
@@ -186,11 +199,11 @@ class _Workers:
         n_workers = len(self.procs)
         ahead = 2 * n_workers
         for j in range(min(ahead, len(chunks))):
-            self.conns[j % n_workers].send((fn, chunks[j]))
+            self._send(j % n_workers, (fn, chunks[j]))
         for j in range(len(chunks)):
             ok, value = self._recv(j % n_workers)
             if j + ahead < len(chunks):
-                self.conns[(j + ahead) % n_workers].send((fn, chunks[j + ahead]))
+                self._send((j + ahead) % n_workers, (fn, chunks[j + ahead]))
             if not ok:
                 raise value
             yield from value
