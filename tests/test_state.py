@@ -240,9 +240,16 @@ def test_no_torn_rows_under_a_hammering_writer(state_name: str, tmp_path) -> Non
 
 def test_hammer_catches_reads_without_the_protocol(state_name: str, tmp_path) -> None:
     """Control: without the final generation check the same hammer does see mixed tables, so the test
-    above is strong enough to catch a broken protocol."""
-    res = _hammer(state_name, tmp_path, "unprotected")
-    assert res["mixed"] > 0, res
+    above is strong enough to catch a broken protocol. A mixed read needs the reader and the writer running at
+    the same time; on a loaded 2-core machine they may take turns for a whole hammer, so it gets three, longer
+    each time."""
+    tries = []
+    for attempt in range(3):
+        (where := tmp_path / f"try{attempt}").mkdir()  # (its own stop file)
+        tries.append(_hammer(f"{state_name}-{attempt}", where, "unprotected", seconds=2.0 * (attempt + 1)))
+        if tries[-1]["mixed"] > 0:
+            break
+    assert tries[-1]["mixed"] > 0, tries
 
 
 _OWNER = """

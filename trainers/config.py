@@ -153,11 +153,11 @@ class DataConfig:
 class CCropConfig:
     """ContrastiveCrop (Peng et al., CVPR 2022; `trainers/ccrop.py`): plain RandomResizedCrop until the first box
     update, which runs after epoch `warmup`, then after every epoch e with e % interval == 0 (never after the
-    last)."""
+    last); epochs counted from 1, as the release counts them (the log counts from 0)."""
 
     enabled: bool = doc(True, "ContrastiveCrop boxes on (false: plain RandomResizedCrop)")
     alpha: float = bounded(0.1, 0.0, lo_open=True, help="Beta(α, α) of the crop centre within the box")
-    warmup: int = bounded(100, 0, help="the first box update runs after this epoch")
+    warmup: int = bounded(100, 0, help="the first box update runs after this epoch (counted from 1)")
     interval: int = bounded(100, 1, help="then a box update after every epoch e with e % interval == 0")
     threshold: float = bounded(0.1, 0.0, 1.0, help="heatmap threshold that makes a box")
     size: int = bounded(0, 0, help="side of the clean images of the box pass (0: data.size)")
