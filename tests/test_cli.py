@@ -174,6 +174,10 @@ def test_quality_table_runs_rows_writes_table_and_plot_and_resumes(tmp_path) -> 
     assert "| MoCo v2 | resnet_tiny |" in table and "| CsMl (the release: last stage only) | resnet_tiny |" in table
     assert "48 test images" in table
     assert Image.open(out / "knn_per_epoch.png").size == (900, 540)
+    import yaml
+
+    row_cfg = yaml.safe_load(Path(report["rows"][0]["out"], "config.yaml").read_text())
+    assert row_cfg["optim"]["lr"] == pytest.approx(0.5 * 16 / 512)  # the config's lr at its batch 512, scaled
     last = json.loads(Path(report["rows"][1]["out"], "log.jsonl").read_text().splitlines()[-1])
     assert "nn_label_agreement" in last  # mined before epoch 1 too: interval 5 of 500 epochs scaled to 1
     again = viewpipe(*args, timeout=400)

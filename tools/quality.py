@@ -8,7 +8,7 @@ table), quality.json and knn_per_epoch.png.
 
 Shorter runs than the configs' 500 epochs scale every schedule counted in epochs (ContrastiveCrop's warm-up and
 box interval, CsMl's weight switch and mining interval, the lr warm-up) by epochs / 500, at least 1, so that each
-method's schedule keeps its shape. On a subset (`--train-images N`) MoCo's and CsMl's queues and SNCLR's bank
+method's schedule keeps its shape; another batch size than the configs' scales the learning rate linearly. On a subset (`--train-images N`) MoCo's and CsMl's queues and SNCLR's bank
 are capped at N keys: longer, they would hold keys of the randomly initialised network for the whole run.
 Each row is its own run folder: an interrupted table resumes where it stopped.
 """
@@ -112,7 +112,8 @@ def config_path(row: str) -> Path:
 
 def row_config(row: str, q: QualityConfig, train: Path, test: Path, workers: int) -> Any:
     """The row's TrainConfig: its config file at the table's epochs, batch, data and device, with the schedules
-    counted in epochs scaled by epochs / the config's epochs (at least 1)."""
+    counted in epochs scaled by epochs / the config's epochs (at least 1) and the learning rate by the batch
+    size / the config's (the linear scaling rule the configs' recipes use)."""
     from viewpipe.trainers.config import load_config
 
     base = load_config(config_path(row))
@@ -127,7 +128,8 @@ def row_config(row: str, q: QualityConfig, train: Path, test: Path, workers: int
     over = [f"epochs={q.epochs}", f"data.batch_size={q.batch_size}", f"data.path={train}", f"data.test_path={test}",
             "data.test_split=test", f"data.workers={workers}", f"knn_every={q.knn_every}", f"device={q.device}",
             f"ccrop.warmup={scale(base.ccrop.warmup)}", f"ccrop.interval={scale(base.ccrop.interval)}",
-            f"optim.warmup_epochs={base.optim.warmup_epochs * f}", f"method_args={json.dumps(args)}",
+            f"optim.warmup_epochs={base.optim.warmup_epochs * f}",
+            f"optim.lr={base.optim.lr * q.batch_size / base.data.batch_size}", f"method_args={json.dumps(args)}",
             f"out={Path(q.out) / row}", "ccrop.grid=0"]
     over += [f"data.backend={q.backend}"] if q.backend else []
     over += [f"backbone={q.backbone}"] if q.backbone else []
@@ -250,6 +252,7 @@ def plot_knn(rows: list[dict], path: Path, title: str, width: int = 900, height:
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
     y0 = max(0.0, math.floor(min(ys) / 10) * 10)
     y1 = min(100.0, max(y0 + 10, math.ceil(max(ys) / 10) * 10))
+    y0 = min(y0, y1 - 10)  # (every score 100: the axis still spans 10 points)
     px = lambda e: left + (e - x0) / (x1 - x0) * (right - left)  # noqa: E731
     py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
     d.rectangle([left, top, right, bottom], outline="black")
