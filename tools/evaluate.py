@@ -48,7 +48,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Pretrained:
     to do)."""
     import torch
 
-    from viewpipe.trainers.models import BACKBONES, build_backbone
+    from viewpipe.trainers.models import restore_backbone
 
     path = Path(path)
     if not path.is_file():
@@ -63,21 +63,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Pretrained:
         raise ViewpipeError(f"{path}: not a viewpipe checkpoint (a {type(ckpt).__name__}, not a dict); {_FIX}")
     if missing := [k for k in REQUIRED_KEYS if k not in ckpt]:
         raise ViewpipeError(f"{path}: not a viewpipe checkpoint (missing {', '.join(missing)}); {_FIX}")
-    name = ckpt["backbone_name"]
-    if name not in BACKBONES:
-        raise ViewpipeError(f"{path}: unknown backbone {name!r} (available: {', '.join(BACKBONES)}); "
-                            "was it written by a newer viewpipe?")
-    config = ckpt.get("config")
-    args = config.get("backbone_args") if isinstance(config, dict) else None
-    try:  # the constructor's arguments of pretraining (ViT heads change no weight's shape, only the outputs)
-        backbone = build_backbone(name, **(args if isinstance(args, dict) else {}))
-    except TypeError as exc:
-        raise ViewpipeError(f"{path}: backbone_args {args} do not fit {name!r} ({exc}); {_FIX}") from None
-    try:
-        backbone.load_state_dict(ckpt["backbone"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise ViewpipeError(f"{path}: the backbone weights do not fit {name!r} ({reason}); {_FIX}") from None
+    backbone, name = restore_backbone(ckpt, path, _FIX), ckpt["backbone_name"]
     try:
         size, mean, std = int(ckpt["image_size"]), tuple(float(v) for v in ckpt["mean"]), tuple(float(v) for v in ckpt["std"])
     except (TypeError, ValueError) as exc:

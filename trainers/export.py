@@ -33,7 +33,7 @@ import torch
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.trainers.checkpoint import load_checkpoint
-from viewpipe.trainers.models import BACKBONES, ViT, build_backbone
+from viewpipe.trainers.models import ViT, restore_backbone
 
 FORMATS = ("torchvision", "timm")
 CKPT = "last.pt"
@@ -158,21 +158,8 @@ def load_backbone(run_or_ckpt: str | os.PathLike[str]) -> tuple[torch.nn.Module,
     read, warnings)."""
     path = checkpoint_path(run_or_ckpt)
     ckpt, used, warnings = load_checkpoint(path, required=("backbone_name", "backbone"))
+    backbone = restore_backbone(ckpt, used)
     name = ckpt["backbone_name"]
-    if name not in BACKBONES:
-        raise ViewpipeError(f"{used}: unknown backbone {name!r} (available: {', '.join(BACKBONES)}); "
-                            "was it written by a newer viewpipe?")
-    config = ckpt.get("config")
-    args = config.get("backbone_args") if isinstance(config, dict) else None
-    try:
-        backbone = build_backbone(name, **(args if isinstance(args, dict) else {}))
-    except TypeError as exc:
-        raise ViewpipeError(f"{used}: backbone_args {args} do not fit {name!r} ({exc})") from None
-    try:
-        backbone.load_state_dict(ckpt["backbone"])
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0]
-        raise ViewpipeError(f"{used}: the backbone weights do not fit {name!r} ({reason})") from None
     return backbone, name, used, warnings
 
 

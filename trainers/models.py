@@ -231,3 +231,26 @@ def mlp(dims: list[int], hidden_bn: bool = True, last_bn: bool = False, last_bn_
     if last_bn:
         layers.append(nn.BatchNorm1d(dims[-1], affine=last_bn_affine))
     return nn.Sequential(*layers)
+
+
+def restore_backbone(ckpt: dict, where: str | object, hint: str = "") -> Backbone:
+    """The backbone a pretraining checkpoint names, built with its run's `backbone_args` (ViT heads change no
+    weight's shape, only the outputs) and loaded with its weights. A name, arguments or weights that do not fit
+    are one ViewpipeError line naming `where`, then `hint` (what to do), if given."""
+    fix = f"; {hint}" if hint else ""
+    name = ckpt["backbone_name"]
+    if name not in BACKBONES:
+        raise ViewpipeError(f"{where}: unknown backbone {name!r} (available: {', '.join(BACKBONES)}); "
+                            "was it written by a newer viewpipe?")
+    config = ckpt.get("config")
+    args = config.get("backbone_args") if isinstance(config, dict) else None
+    try:
+        backbone = build_backbone(name, **(args if isinstance(args, dict) else {}))
+    except TypeError as exc:
+        raise ViewpipeError(f"{where}: backbone_args {args} do not fit {name!r} ({exc}){fix}") from None
+    try:
+        backbone.load_state_dict(ckpt["backbone"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ViewpipeError(f"{where}: the backbone weights do not fit {name!r} ({reason}){fix}") from None
+    return backbone
