@@ -217,3 +217,11 @@ def view_params(n: int, **kw):  # noqa: ANN003, ANN201  (viewpipe.augment.ViewPa
     )
     base.update(kw)
     return ViewParams(**base)
+
+
+def tiny_run_args(data: Path, out: Path, *extra: str, backend: str = "torch", workers: int = 0) -> list[str]:
+    """The overrides of a tiny CPU run: resnet_tiny on 24 px views, batches of 16 (96 images: 6 steps an epoch),
+    2 epochs, no boxes, no kNN, a log line every step; `extra` overrides come last."""
+    return [f"data.path={data}", f"data.backend={backend}", "backbone=resnet_tiny", "epochs=2", "data.batch_size=16",
+            f"data.workers={workers}", "data.size=24", "method_args={queue: 64}", "ccrop.enabled=false", f"out={out}",
+            "log_every=1", "optim.lr=0.05", "device=cpu", "channels_last=false", "knn_every=0", *extra]

@@ -24,6 +24,8 @@ from viewpipe.trainers.checkpoint import read_checkpoint, trim_log
 from viewpipe.trainers.config import TrainConfig, load_config
 from viewpipe.trainers.engine import Trainer, TrainingInterrupted, pretrain
 
+from conftest import tiny_run_args  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VIEWPIPE = [sys.executable, "-m", "viewpipe.tools"]
@@ -31,10 +33,8 @@ BIN = Path(sys.executable).parent
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    """96 images in batches of 16: 6 steps an epoch, decoded in the main process (the torch backend)."""
-    return [f"data.path={data}", "data.backend=torch", "backbone=resnet_tiny", "epochs=2", "data.batch_size=16",
-            "data.workers=0", "data.size=24", "method_args={queue: 64}", "ccrop.enabled=false", f"out={out}",
-            "log_every=1", "optim.lr=0.05", "device=cpu", "channels_last=false", "knn_every=0", *extra]
+    """96 images in batches of 16: 6 steps an epoch (the torch backend, decoded in the main process)."""
+    return tiny_run_args(data, out, *extra)
 
 
 def tiny(data: Path, out: Path, *extra: str) -> TrainConfig:

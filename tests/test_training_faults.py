@@ -21,6 +21,8 @@ from viewpipe.trainers.checkpoint import (CheckpointError, load_checkpoint, prev
 from viewpipe.trainers.config import TrainConfig, load_config, validate
 from viewpipe.trainers.engine import NonFiniteError, Trainer, pretrain
 
+from conftest import tiny_run_args  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VIEWPIPE = [sys.executable, "-m", "viewpipe.tools"]
@@ -28,9 +30,7 @@ VIEWPIPE = [sys.executable, "-m", "viewpipe.tools"]
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
     """96 images in batches of 16: 6 steps an epoch."""
-    return [f"data.path={data}", "data.backend=dali", "backbone=resnet_tiny", "epochs=2", "data.batch_size=16",
-            "data.workers=1", "data.size=24", "method_args={queue: 64}", "ccrop.enabled=false", f"out={out}",
-            "log_every=1", "optim.lr=0.05", "device=cpu", "channels_last=false", "knn_every=0", *extra]
+    return tiny_run_args(data, out, *extra, backend="dali", workers=1)
 
 
 def tiny(data: Path, out: Path, *extra: str) -> TrainConfig:

@@ -91,12 +91,10 @@ def test_a_flat_folder_converts_to_an_unlabelled_dataset(tmp_path: Path, flat: P
 
 
 def tiny_run(data: Path, out: Path, *extra: str):  # noqa: ANN201  (TrainConfig)
+    from conftest import tiny_run_args
     from viewpipe.trainers.config import load_config
 
-    return load_config(None, [f"data.path={data}", "data.backend=torch", "backbone=resnet_tiny", "epochs=1",
-                              "data.batch_size=8", "data.workers=0", "data.size=24", "method_args={queue: 64}",
-                              "ccrop.enabled=false", f"out={out}", "log_every=1", "optim.lr=0.05", "device=cpu",
-                              "channels_last=false", "knn_every=0", "max_steps=2", *extra])
+    return load_config(None, tiny_run_args(data, out, "epochs=1", "data.batch_size=8", "max_steps=2", *extra))
 
 
 def test_pretraining_on_a_flat_folder_then_export(tmp_path: Path, flat: Path) -> None:
