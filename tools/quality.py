@@ -235,7 +235,8 @@ def markdown(rows: list[dict], q: QualityConfig, machine: str, n_train: int, n_t
     return "\n".join(lines) + "\n"
 
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (23, 190, 207), (127, 127, 127)]  # one per row (tab10's)
 
 
 def plot_knn(rows: list[dict], path: Path, title: str, width: int = 900, height: int = 540) -> None:
