@@ -170,3 +170,27 @@ def test_a_knn_monitor_on_unlabelled_or_training_data_is_refused_before_training
                          "knn_every=1"))
     assert "\n" not in str(same.value)
     Trainer(tiny_run(flat, tmp_path / "c", f"data.test_path={flat}", "knn_every=0")).close()  # monitor off: no check
+
+
+@pytest.mark.parametrize("backend", ["memory", "dali"])
+def test_the_other_backends_deliver_unlabelled_batches(tmp_path: Path, flat: Path, backend: str) -> None:
+    """An unlabelled folder through the memory backend (decoded from the folder) and the DALI backend (from its
+    conversion): batches of views whose labels are all -1, and two steps of pretraining on them."""
+    from viewpipe.convert import convert
+    from viewpipe.trainers.engine import Trainer
+
+    data = flat
+    if backend == "dali":
+        data = tmp_path / "converted"
+        convert(flat, data, formats=("dali",), workers=1)
+    t = Trainer(tiny_run(data, tmp_path / "run", f"data.backend={backend}"))
+    try:
+        loader = t.loader(0)
+        loader.set_epoch(0)
+        batch = next(iter(loader))
+        assert len(batch.views) == 2 and batch.views[0].shape[1:] == (3, 24, 24)
+        assert (batch.labels == UNLABELLED).all()
+        result = t.fit()
+        assert result["step"] == 2 and np.isfinite(result["last"]["loss"])
+    finally:
+        t.close()
