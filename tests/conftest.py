@@ -225,3 +225,11 @@ def tiny_run_args(data: Path, out: Path, *extra: str, backend: str = "torch", wo
     return [f"data.path={data}", f"data.backend={backend}", "backbone=resnet_tiny", "epochs=2", "data.batch_size=16",
             f"data.workers={workers}", "data.size=24", "method_args={queue: 64}", "ccrop.enabled=false", f"out={out}",
             "log_every=1", "optim.lr=0.05", "device=cpu", "channels_last=false", "knn_every=0", *extra]
+
+
+def fit(trainer) -> dict:  # noqa: ANN001  (viewpipe.trainers.engine.Trainer)
+    """`trainer.fit()`, the trainer closed after it whatever happens (its shared memory, loaders, log)."""
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -24,7 +24,7 @@ from viewpipe.trainers.checkpoint import read_checkpoint, trim_log
 from viewpipe.trainers.config import TrainConfig, load_config
 from viewpipe.trainers.engine import Trainer, TrainingInterrupted, pretrain
 
-from conftest import tiny_run_args  # noqa: E402
+from conftest import fit, tiny_run_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,13 +75,6 @@ def scalars(folder: Path) -> dict[str, dict[int, float]]:
             if v.HasField("simple_value"):
                 out.setdefault(v.tag, {})[e.step] = v.simple_value
     return out
-
-
-def fit(trainer: Trainer) -> dict:
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
 
 
 def interrupt_at(trainer: Trainer, call: int) -> None:

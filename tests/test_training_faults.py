@@ -21,7 +21,7 @@ from viewpipe.trainers.checkpoint import (CheckpointError, load_checkpoint, prev
 from viewpipe.trainers.config import TrainConfig, load_config, validate
 from viewpipe.trainers.engine import NonFiniteError, Trainer, pretrain
 
-from conftest import tiny_run_args  # noqa: E402
+from conftest import fit, tiny_run_args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,13 +69,6 @@ def inject(trainer: Trainer, bad: dict[int, float], after=None) -> list[int]:  #
 
     trainer.method.forward = patched
     return calls
-
-
-def fit(trainer: Trainer) -> dict:
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
 
 
 @pytest.fixture(scope="module")
