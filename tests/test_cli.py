@@ -171,6 +171,9 @@ def test_quality_table_runs_rows_writes_table_and_plot_and_resumes(tmp_path) -> 
         assert r["synthetic_images_per_s"] > 0 and r["of_synthetic"] == r["images_per_s"] / r["synthetic_images_per_s"]
     table = (out / "quality.md").read_text()
     assert f"| {report['rows'][0]['linear']['last']:.2f} |" in table and "× synthetic" in table
+    mocov2, csml = report["rows"]  # the budget each row had: CsMl's schedule scaled to 2 epochs (switch at 1 of 500)
+    assert mocov2["schedule"] == "–" and csml["schedule"] == "neighbours mined 2×; weights switched after epoch 2"
+    assert f"| {csml['schedule']} |" in table
     assert "| MoCo v2 | resnet_tiny |" in table and "| CsMl (the release: last stage only) | resnet_tiny |" in table
     assert "48 test images" in table
     assert Image.open(out / "knn_per_epoch.png").size == (900, 540)
@@ -209,3 +212,14 @@ def test_help_imports_no_torch() -> None:
         print('torch' in sys.modules)
         """, cwd="/")
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_quality_row_schedule_states_the_box_updates_of_its_budget() -> None:
+    """A ContrastiveCrop row's schedule names the epochs (from 1) after which its boxes were updated."""
+    from viewpipe.tools.quality import schedule
+    from viewpipe.trainers.config import load_config
+
+    cfg = load_config("mocov2_ccrop_cifar10")
+    history = [{"epoch": 1}, {"epoch": 2, "box_update": 1}, {"epoch": 5, "box_update": 2}]
+    assert schedule(cfg, history) == "boxes after epochs 3, 6"
+    assert schedule(cfg, [{"epoch": 0}]) == "no box update"
