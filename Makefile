@@ -43,7 +43,6 @@ quality-kit:
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform any -d .dkq/wheels omegaconf tensorboardX pyyaml tqdm
 	rm -f .dkq/wheels/numpy-*  # the machine has its own, which its torch was built against
-	@grep -qx '/.dkq/' .git/info/exclude 2>/dev/null || echo '/.dkq/' >> .git/info/exclude
 	@du -sh .dkq
 
 clean:
