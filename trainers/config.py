@@ -312,12 +312,6 @@ def _from_dict(cls: type, values: dict, label: str, path: str) -> Any:
     return cls(**{k: _coerce(v, hints[k], label, _join(path, k)) for k, v in values.items()})
 
 
-def from_dict(cls: type, values: dict, where: str = "config") -> Any:
-    """A config dataclass from a (nested) dict; unknown keys and badly typed values are one-line errors naming
-    the key (`where`: the file, "config", or `override KEY=VALUE`); ranges: `validate`."""
-    return _from_dict(cls, values, where, "")
-
-
 def _describe(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, integer: bool) -> str:
     what = "an integer" if integer else "a number"
     if lo is not None and hi is not None:
@@ -526,19 +520,6 @@ def parse_override(item: str) -> dict:
     return value
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """`key.sub=value` strings applied to a nested dict (the value at `key.sub` replaced)."""
-    for item in overrides:
-        node, new = values, parse_override(item)
-        *parents, last = item.partition("=")[0].strip().split(".")
-        for p in parents:
-            node, new = node.setdefault(p, {}), new[p]
-            if not isinstance(node, dict):
-                raise ViewpipeError(f"override {item!r}: {p} is not a section")
-        node[last] = new[last]
-    return values
-
-
 # ------------------------------------------------------------------------------------------------ loading
 def config_names() -> list[str]:
     """The configs shipped with viewpipe (the `viewpipe.configs` package data), by name."""
@@ -598,18 +579,17 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     from omegaconf.errors import OmegaConfBaseException
 
     where = "config"
-    layers: list[tuple[str, dict]] = []
+    layers: list[tuple[str, str | None, dict]] = []  # (label in errors, the override's key, values)
     if path is not None:
         p = find_config(path)
         where = str(path) if Path(path).is_file() else p.name
-        layers.append((where, _read_yaml(p)))
-    layers += [(f"override {item}", parse_override(item)) for item in overrides]
+        layers.append((where, None, _read_yaml(p)))
+    layers += [(f"override {item}", item.partition("=")[0].strip(), parse_override(item)) for item in overrides]
     cfg = OmegaConf.structured(TrainConfig)
-    for label, values in layers:
+    for label, key, values in layers:
         _from_dict(TrainConfig, values, label, "")  # unknown keys and types, named as the user wrote them
         try:
-            key = label.partition("=")[0].removeprefix("override ").strip()
-            empty = {list: [], dict: {}}.get(typing.get_origin(_schema_type(key))) if label != where else None
+            empty = {list: [], dict: {}}.get(typing.get_origin(_schema_type(key))) if key else None
             if empty is not None:
                 # a list or mapping (method_args) is replaced whole, not merged into; a section merges
                 OmegaConf.update(cfg, key, empty, merge=False)
