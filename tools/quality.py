@@ -136,30 +136,24 @@ def row_config(row: str, q: QualityConfig, train: Path, test: Path, workers: int
     return load_config(config_path(row), over + list(q.overrides))
 
 
-def synthetic_speed(cfg: Any, steps: int) -> float | None:
-    """Images/s of the row's training steps on synthetic views already on the device (no loader): the speed the
-    GPU would reach if data cost nothing, against which the row's real speed is judged. None when steps = 0."""
-    import dataclasses
+def synthetic_speed(trainer: Any, steps: int) -> float | None:
+    """Images/s of the row's training steps on one of its own batches reused from device memory (no loader
+    work): the speed the GPU would reach if data cost nothing, against which the row's real speed is judged.
+    Run on the row's trainer once it is done (the steps change its weights). None when steps = 0."""
     import itertools
-    import tempfile
 
     from viewpipe.tools.bench import time_steps
-    from viewpipe.trainers.engine import Trainer
 
     if steps <= 0:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Trainer(dataclasses.replace(cfg, out=str(Path(tmp) / "run"), knn_every=0))
-        try:
-            loader = t.loader(0)
-            loader.set_epoch(0)
-            first = next(iter(loader))  # one real batch (views, companions, groups as the row has them), reused
-            own = lambda x: x.clone() if hasattr(x, "clone") else x  # noqa: E731  (loaders may reuse buffers)
-            fixed = first._replace(views=[own(v) for v in first.views], **{k: own(getattr(first, k)) for k in
-                                                                           first._fields if k != "views"})
-            return time_steps(t, itertools.repeat(fixed), steps, f"{cfg.method} on synthetic views").images_per_s
-        finally:
-            t.close()
+    loader = trainer.loader(trainer.epoch)  # (the last epoch's loader: no rebuild)
+    loader.set_epoch(0)
+    first = next(iter(loader))  # one real batch (views, companions, groups as the row has them), reused
+    own = lambda x: x.clone() if hasattr(x, "clone") else x  # noqa: E731  (loaders may reuse buffers)
+    fixed = first._replace(views=[own(v) for v in first.views], **{k: own(getattr(first, k)) for k in
+                                                                   first._fields if k != "views"})
+    return time_steps(trainer, itertools.repeat(fixed), steps, f"{trainer.cfg.method} on synthetic views"
+                      ).images_per_s
 
 
 def probe(backbone: Any, cfg: Any, epochs: int) -> dict | None:
@@ -204,13 +198,13 @@ def run_row(row: str, cfg: Any, q: QualityConfig | None = None) -> dict:
                                                                                cfg.data.path):
             print(f"{ROWS[row]}: finished before, read from {summary_path}")
             return done
-    synthetic = synthetic_speed(cfg, q.synthetic_steps)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume="auto")
     try:
         result = trainer.fit()
         minutes = (time.perf_counter() - t0) / 60
         linear = probe(trainer.method.backbone, cfg, q.linear_epochs)
+        synthetic = synthetic_speed(trainer, q.synthetic_steps)  # (after the probe: its steps change the weights)
     finally:
         trainer.close()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (
