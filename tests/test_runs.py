@@ -250,6 +250,37 @@ def test_torchrun_launches_the_viewpipe_command(image_folder: Path, tmp_path: Pa
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seeded seed + rank: two processes
 
 
+TEARDOWN_SCRIPT = """
+import sys, torch.distributed as dist
+from viewpipe import dist as vdist
+own = sys.argv[1] == "own"
+if not own:
+    dist.init_process_group("gloo")  # the caller's group: teardown leaves it
+vdist.setup("cpu")
+assert vdist.several()
+vdist.teardown()
+print("on after teardown:", vdist.is_on())
+if not own:
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("who", ["own", "caller"])
+def test_teardown_destroys_only_the_group_setup_made(who: str) -> None:
+    """Under torchrun's variables `setup` creates the gloo group and `teardown` destroys it after a barrier (left
+    to interpreter exit, gloo's threads can abort a rank); a group the caller made stays."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", TEARDOWN_SCRIPT, who], env=base | {"RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == f"on after teardown: {who == 'caller'}"
+
+
 def test_resume_command_replaces_resume_and_keeps_the_torchrun_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     from viewpipe.tools.cli import resume_command
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from viewpipe.dist import all_reduce_min, barrier, gather_objects, gather_ranks, setup
+from viewpipe.dist import all_reduce_min, barrier, gather_objects, gather_ranks, setup, teardown
 from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import Batch, LoaderConfig, get_backend
 from viewpipe.sources import open_source
@@ -552,8 +552,14 @@ class Trainer:
 
 def pretrain(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Train `cfg` to its end (or `max_steps`) and return the final metrics."""
-    trainer = Trainer(cfg, resume)
+    finished = False
     try:
-        return trainer.fit()
+        trainer = Trainer(cfg, resume)
+        try:
+            result = trainer.fit()
+            finished = True
+            return result
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        teardown(wait=finished)  # the process group setup() made, before the interpreter exits

@@ -19,6 +19,9 @@ import torch.distributed as dist
 from viewpipe.errors import ViewpipeError
 
 
+_owned = False  # whether `setup` initialised the process group (and `teardown` should destroy it)
+
+
 def is_on() -> bool:
     """Whether torch.distributed is initialised in this process (even with a world of one)."""
     return dist.is_available() and dist.is_initialized()
@@ -51,14 +54,31 @@ def setup(device: str) -> tuple[torch.device, int, int, int]:
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ViewpipeError("device=cuda but torch sees no GPU; use device=auto or cpu")
+    global _owned
     local = local_rank()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_on():
         dist.init_process_group("nccl" if want_cuda else "gloo")
+        _owned = True
     rank, world = rank_world()
     if want_cuda:
         torch.cuda.set_device(local)
         return torch.device("cuda", local), rank, world, local
     return torch.device("cpu"), rank, world, local
+
+
+def teardown(wait: bool = True) -> None:
+    """Destroy the process group if `setup` created it; with `wait` after a barrier, so that no rank leaves
+    while another still talks to it (after an error, without: the other ranks may never reach it). Left to
+    interpreter exit, gloo's worker threads can abort the process ("terminate called without an active
+    exception"). A group the caller initialised itself is left alone."""
+    global _owned
+    if _owned and is_on():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    _owned = False
 
 
 # ---------------------------------------------------------------------------------------------- collectives
