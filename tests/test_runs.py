@@ -77,14 +77,16 @@ def scalars(folder: Path) -> dict[str, dict[int, float]]:
     return out
 
 
-def interrupt_at(trainer: Trainer, call: int) -> None:
-    """Send this process a real SIGINT (Ctrl-C) during forward call `call` (1-based: step `call` of a fresh run)."""
+def interrupt_at(trainer: Trainer, call: int, times: int = 1) -> None:
+    """Send this process `times` real SIGINTs (Ctrl-C) during forward call `call` (1-based: step `call` of a
+    fresh run)."""
     forward, calls = trainer.method.forward, [0]
 
     def hooked(views, batch):  # noqa: ANN001, ANN202
         calls[0] += 1
         if calls[0] == call:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
         return forward(views, batch)
 
     trainer.method.forward = hooked
@@ -114,13 +116,40 @@ def test_a_used_run_folder_is_refused_without_resume(image_folder: Path, tmp_pat
     Trainer(tiny(image_folder, out)).close()
 
 
-def test_interrupted_then_resumed_logs_every_step_once(image_folder: Path, tmp_path: Path) -> None:
-    """Ctrl-C at step 9 (the last checkpoint: step 6, the end of epoch 0) stops the run with a message naming
-    that checkpoint; the resumed run replaces the records of steps 7 and 8 rather than appending them again,
-    and TensorBoard's events after the checkpoint are purged on resume (purge_step)."""
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(image_folder: Path, tmp_path: Path,
+                                                            capfd: pytest.CaptureFixture) -> None:
+    """One Ctrl-C during step 9 lets that step finish, saves a checkpoint there and stops (saying so); the
+    resumed run logs the same losses at steps 10.. as an uninterrupted run and ends with the same weights; the
+    Ctrl-C handler is Python's default again after the run."""
+    full = pretrain(tiny(image_folder, tmp_path / "full"))
     out = tmp_path / "run"
     trainer = Trainer(tiny(image_folder, out))
     interrupt_at(trainer, 9)
+    with pytest.raises(TrainingInterrupted) as info:
+        fit(trainer)
+    assert str(info.value) == (f"interrupted after step 9 (epoch 1, batch 3 of 6); the last checkpoint is "
+                               f"{out / 'last.pt'} (step 9): a resume starts there")
+    assert "stopping after this step with a checkpoint (Ctrl-C again to stop now)" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ckpt = read_checkpoint(out / "last.pt")[0]
+    assert ckpt["step"] == 9 and ckpt["loader"] == {"epoch": 1, "batch": 3} and logged_steps(out) == list(range(1, 10))
+
+    assert pretrain(tiny(image_folder, out), resume="auto")["step"] == full["step"] == 12
+    assert logged_steps(out) == list(range(1, 13))
+    expect, got = ({r["step"]: r["loss"] for r in records(o) if "event" not in r} for o in (tmp_path / "full", out))
+    assert [got[s] for s in range(10, 13)] == pytest.approx([expect[s] for s in range(10, 13)], rel=1e-5, abs=1e-6)
+    a, b = (read_checkpoint(o / "last.pt")[0]["model"] for o in (out, tmp_path / "full"))
+    for k, v in b.items():
+        torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_then_resumed_logs_every_step_once(image_folder: Path, tmp_path: Path) -> None:
+    """Ctrl-C twice at step 9 (stop now; the last checkpoint: step 6, the end of epoch 0) stops the run with a
+    message naming that checkpoint; the resumed run replaces the records of steps 7 and 8 rather than appending
+    them again, and TensorBoard's events after the checkpoint are purged on resume (purge_step)."""
+    out = tmp_path / "run"
+    trainer = Trainer(tiny(image_folder, out))
+    interrupt_at(trainer, 9, times=2)
     with pytest.raises(TrainingInterrupted) as info:
         fit(trainer)
     msg = str(info.value)
@@ -150,18 +179,21 @@ def test_trim_log_keeps_what_the_checkpoint_has_seen(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_on_the_command_names_the_resume_command(image_folder: Path, tmp_path: Path) -> None:
-    """`viewpipe pretrain` with stdout a pipe prints a line per log point; SIGINT there exits 130 with one line
-    naming the command that resumes it; that command finishes the run with every step logged once; the same
-    command without --resume is refused in one line."""
+    """`viewpipe pretrain` with stdout a pipe prints a line per log point; SIGINT there finishes the step,
+    saves a checkpoint at it and exits 130 with one line naming the command that resumes it; that command
+    finishes the run with every step logged once; the same command without --resume is refused in one line.
+    The SIGINT goes to the whole process group, as a terminal's Ctrl-C does: the loader's 2 worker processes get
+    it too, and the message comes once."""
     out = tmp_path / "run"
-    cmd = ["pretrain", *args(image_folder, out, "epochs=30", "log_every=2")]
-    proc = subprocess.Popen([*VIEWPIPE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = ["pretrain", *tiny_run_args(image_folder, out, "epochs=30", "log_every=2", workers=2)]
+    proc = subprocess.Popen([*VIEWPIPE, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     lines = []
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             if line.startswith("epoch 1 step 8 "):
-                proc.send_signal(signal.SIGINT)
+                os.killpg(proc.pid, signal.SIGINT)
                 break
         _, err = proc.communicate(timeout=120)
     finally:
@@ -172,21 +204,24 @@ def test_ctrl_c_on_the_command_names_the_resume_command(image_folder: Path, tmp_
     assert step_lines[0].startswith("epoch 0 step 2 (batch 2/6)  loss ") and "images/s" in step_lines[0]
     last = err.strip().splitlines()[-1]
     prefix = "viewpipe: interrupted after step "
-    assert last.startswith(prefix) and f"the last checkpoint is {out / 'last.pt'} (step 6)" in last, err[-3000:]
+    assert last.startswith(prefix), err[-3000:]
+    assert err.count("stopping after this step with a checkpoint") == 1, err[-3000:]
     resume = shlex.split(last.split("; resume with: ", 1)[1])
     assert resume == ["viewpipe", *cmd, "--resume", "auto"]
     stopped = int(last[len(prefix):].split()[0])
-    assert stopped >= 8 and logged_steps(out) == list(range(2, stopped + 1, 2))
+    assert f"the last checkpoint is {out / 'last.pt'} (step {stopped})" in last, err[-3000:]
+    assert stopped >= 8 and read_checkpoint(out / "last.pt")[0]["step"] == stopped
+    assert logged_steps(out) == list(range(2, stopped + 1, 2))
 
     again = subprocess.run([*VIEWPIPE, *cmd], capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
-        f"viewpipe: error: {out} already holds a run (last.pt, log.jsonl): pass --resume auto to "
+        f"viewpipe: error: {out} already holds a run (last.pt, last.prev.pt, log.jsonl): pass --resume auto to "
         f"continue it, or choose another out=... for a new run"], again.stderr[-3000:]
 
-    done = subprocess.run([*VIEWPIPE, *resume[1:-2], "max_steps=6", *resume[-2:]], capture_output=True, text=True,
+    done = subprocess.run([*VIEWPIPE, *resume[1:-2], "max_steps=4", *resume[-2:]], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert logged_steps(out) == list(range(2, 13, 2))  # steps 7.. ran again, each logged once
+    assert logged_steps(out) == list(range(2, stopped + 5, 2))  # each step logged once
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard

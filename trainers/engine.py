@@ -10,12 +10,16 @@ saved."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -91,6 +95,7 @@ class Trainer:
         # what save_checkpoint knows of the file at ckpt_path: "drop" (another run's, or none), "verify", "keep"
         self._previous = "drop"
         self._good: tuple[Path, int] | None = None  # this run's last good checkpoint and its step
+        self._stop_asked = False  # a first Ctrl-C: finish the step, save, stop (`_ctrl_c_finishes_the_step`)
         self._first_bad: torch.Tensor | None = None  # device-side: the first step with a non-finite loss
         self._bad_loss: torch.Tensor | None = None
         self._pos = (0, 0, 0, 0)  # (epoch, batch, batches in the epoch, steps before the epoch's batch 0)
@@ -382,15 +387,61 @@ class Trainer:
         self.log({"event": "start", "step": self.step, "epoch": self.epoch, "world": self.world,
                   "resumed_from": self._resumed_from})
         try:
-            return self._fit(cfg, tqdm)
+            with self._ctrl_c_finishes_the_step():
+                result = self._fit(cfg, tqdm)
+            if self._stop_asked:
+                raise KeyboardInterrupt
+            return result
         except KeyboardInterrupt:
             raise self._interrupted() from None
+
+    @contextlib.contextmanager
+    def _ctrl_c_finishes_the_step(self) -> Iterator[None]:
+        """On a single process, a first Ctrl-C lets the step in progress finish, saves a checkpoint there and
+        stops the run (`fit` then raises TrainingInterrupted); a second stops at once, from the last checkpoint.
+        Under torchrun the ranks could not agree on the step to stop at without a collective per step, so there
+        Ctrl-C stops at once. Left alone where SIGINT is not Python's default (ignored, or the caller's own)."""
+        if (self.world > 1 or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+
+        owner = os.getpid()
+
+        def asked(signum: int, frame: Any) -> None:
+            if os.getpid() != owner:  # a forked loader worker: it serves on until the trainer stops it
+                return
+            self._stop_asked = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C stops at once
+            print("\nviewpipe: Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, asked)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _batches(self, loader: Any) -> Iterator[Batch]:
+        """`loader`'s batches; after a first Ctrl-C, a loader failing to deliver the next batch (its worker
+        processes got the SIGINT too) ends the epoch's batches instead of the run: the steps done are whole."""
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception:
+                if self._stop_asked:
+                    return
+                raise
+            yield batch
 
     def _fit(self, cfg: TrainConfig, tqdm: Any) -> dict:
         steps_this_run, stop = 0, False
         last: dict = {}
         skip = cfg.optim.skip_nonfinite
-        while self.epoch < cfg.epochs and not stop:
+        while self.epoch < cfg.epochs and not stop and not self._stop_asked:
             epoch = self.epoch
             resume = self._resume_loader if self._resume_loader and self._resume_loader["epoch"] == epoch else None
             before = self.update_state(epoch, before_epoch=True) if resume is None or resume["batch"] == 0 else {}
@@ -419,7 +470,7 @@ class Trainer:
             t_prev = time.perf_counter()
             b = start
             try:
-                for batch in loader:
+                for batch in self._batches(loader):
                     t_data = time.perf_counter()
                     lr = lr_at(cfg, epoch, b, steps)
                     loss, logs = self.train_step(batch, lr, (self.step + 1) / total)
@@ -440,7 +491,7 @@ class Trainer:
                     bar.update(1)
                     log_now = self.step % cfg.log_every == 0 or b == steps
                     save_now = cfg.save_every and self.step % cfg.save_every == 0 and b < steps
-                    stop = bool(cfg.max_steps and steps_this_run >= cfg.max_steps)
+                    stop = bool(cfg.max_steps and steps_this_run >= cfg.max_steps) or self._stop_asked
                     if log_now or save_now or stop:
                         self._check_finite()  # stops at the first check after a non-finite loss, naming its step
                     if log_now:
@@ -467,6 +518,7 @@ class Trainer:
             if skipped and skipped == b - start:
                 raise NonFiniteError(f"every step of epoch {epoch} ({skipped}) had a non-finite loss and was "
                                      f"skipped: training stopped; {self._kept()}; lower optim.lr or check the data")
+            stop = stop or self._stop_asked  # (also when Ctrl-C came while waiting for a batch)
             if stop and b < steps:
                 self.save({"epoch": epoch, "batch": b})
                 break
