@@ -33,6 +33,12 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     ("data.crop.scale=[0.2]", "override data.crop.scale=[0.2]: data.crop.scale: expected a list [float, float]"),
     ("optim.lr.x=1", "override optim.lr.x=1: optim.lr: expected float, got {'x': 1}"),
     ("method_args={queue: 1", "override method_args={queue: 1: cannot read '{queue: 1': expected ',' or '}'"),
+    ("data.groups[0].size=96", "override data.groups[0].size=96: data.groups has 0 entries (indices from 0); "
+                               "give the whole list: data.groups=[...]"),
+    ("data.crop.scale[2]=0.5", "override data.crop.scale[2]=0.5: data.crop.scale has 2 entries (indices from 0)"),
+    ("optim.lr[0]=1", "override optim.lr[0]=1: optim.lr is not a list"),
+    ("data.groups[x].size=1", "override 'data.groups[x].size=1': expected key=value, e.g. optim.lr=0.3 or "
+                              "data.groups[1].size=96"),
 ])
 def test_override_errors_name_the_override(override: str, message: str) -> None:
     with pytest.raises(ViewpipeError) as info:
@@ -53,6 +59,27 @@ def test_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ override values
+def test_overrides_index_into_lists(tmp_path: Path) -> None:
+    """`data.groups[1].size=112` (or `data.groups.1.size`) changes one entry of a list, the rest kept as the file
+    gave them; an index into a tuple field too; an entry's unknown key or bad value names the override."""
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  groups:\n    - {count: 2, size: 224, augment: {blur: 1.0}}\n"
+                 "    - {count: 6, size: 96, scale: [0.05, 0.2]}\n")
+    cfg = load_config(f, ["data.groups[1].size=112", "data.groups.0.augment.blur=0.5", "data.groups[1].scale[1]=0.3",
+                          "data.crop.scale[0]=0.1"])
+    g = cfg.data.groups
+    assert [(x.count, x.size, x.scale) for x in g] == [(2, 224, None), (6, 112, (0.05, 0.3))]
+    assert g[0].augment.blur == 0.5 and cfg.data.crop.scale == (0.1, 1.0)
+    with pytest.raises(ViewpipeError) as info:
+        load_config(f, ["data.groups[1].sise=3"])
+    assert one_line(info).startswith("override data.groups[1].sise=3: unknown key sise in data.groups[1]; known: ")
+    with pytest.raises(ViewpipeError) as info:
+        load_config(f, ["data.groups[1].size=big"])
+    assert one_line(info) == "override data.groups[1].size=big: data.groups[1].size: expected int, got 'big'"
+    assert [x.count for x in load_config("mocov2_multicrop_ccrop_imagenet", ["data.groups[1].count=4"]).data.groups] \
+        == [2, 4]
+
+
 def test_nested_override_values_need_no_space_after_the_colon(tmp_path: Path) -> None:
     cfg = load_config(None, ["method_args={queue:1024}"])
     assert cfg.method_args == {"queue": 1024}

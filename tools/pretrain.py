@@ -125,7 +125,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--help-config", action="store_true",
                    help="list every config key with its type, default and meaning, and the shipped configs; exit")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (OUT/last.pt when it exists)")
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=0.3 data.backend=dali")
+    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. optim.lr=0.3 data.backend=dali "
+                   "'method_args={queue:1024}' data.groups[1].size=96")
     p.set_defaults(func=pretrain_main)
 
     d = sub.add_parser("demo", help="the main job on generated images: pretrain, update boxes, score them",

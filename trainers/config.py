@@ -505,19 +505,75 @@ def parse_value(raw: str) -> Any:
     return _Flow(text).read() if text[:1] in ("{", "[") else _scalar(raw)
 
 
-def parse_override(item: str) -> dict:
-    """`a.b.c=value` as the nested mapping {a: {b: {c: value}}}."""
+def key_path(key: str, item: str) -> list[str | int]:
+    """An override's key as its steps: `data.groups[1].size` (or `data.groups.1.size`) is
+    ["data", "groups", 1, "size"]."""
+    steps: list[str | int] = []
+    for part in key.split("."):
+        name, _, rest = part.partition("[")
+        indices = rest[:-1].split("][") if rest else []
+        if (not name and not (steps and indices)) or (rest and not rest.endswith("]")) \
+                or any(not i.isdigit() for i in indices):
+            raise ViewpipeError(f"override {item!r}: expected key=value, e.g. optim.lr=0.3 or "
+                                f"data.groups[1].size=96")
+        if name:
+            steps.append(int(name) if name.isdigit() else name)
+        steps += [int(i) for i in indices]
+    return steps
+
+
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """`a.b.c=value` as its key's steps (`key_path`) and its value (`parse_value`)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
-    if not sep or not key or any(not p for p in key.split(".")):
+    if not sep or not key:
         raise ViewpipeError(f"override {item!r}: expected key=value, e.g. optim.lr=0.3")
+    steps = key_path(key, item)
+    if isinstance(steps[0], int):
+        raise ViewpipeError(f"override {item!r}: a key starts with a name, e.g. data.groups[1].size=96")
     try:
         value = parse_value(raw)
     except ViewpipeError as exc:
         raise ViewpipeError(f"override {item}: {exc}") from None
-    for part in reversed(key.split(".")):
-        value = {part: value}
+    return steps, value
+
+
+def _nest(steps: list[str], value: Any) -> dict:
+    """{a: {b: {c: value}}} for steps [a, b, c]."""
+    for step in reversed(steps):
+        value = {step: value}
     return value
+
+
+def _lists(value: Any) -> Any:
+    """`value` with every tuple (OmegaConf's tuple fields) turned into a list, so that an entry can be set."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
+def _set_in(container: Any, steps: list[str | int], value: Any, item: str, where: str) -> None:
+    """`value` put at `steps` inside the plain `container` (lists and mappings); an index beyond a list is
+    one line naming the override and the list's length."""
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        if isinstance(step, int):
+            if not isinstance(container, list):
+                raise ViewpipeError(f"override {item}: {where} is not a list")
+            if step >= len(container):
+                raise ViewpipeError(f"override {item}: {where} has {len(container)} entr"
+                                    f"{'y' if len(container) == 1 else 'ies'} (indices from 0)"
+                                    + (f"; give the whole list: {where}=[...]" if not container else ""))
+        elif not isinstance(container, dict):
+            raise ViewpipeError(f"override {item}: {where} is not a section or mapping")
+        if last:
+            container[step] = value
+            return
+        if isinstance(step, str) and container.get(step) is None:
+            container[step] = {}
+        container, where = container[step], f"{where}[{step}]" if isinstance(step, int) else f"{where}.{step}"
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -579,14 +635,27 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     from omegaconf.errors import OmegaConfBaseException
 
     where = "config"
-    layers: list[tuple[str, str | None, dict]] = []  # (label in errors, the override's key, values)
+    layers: list[tuple[str, str | None, Any]] = []  # (label in errors, the override's key, values)
     if path is not None:
         p = find_config(path)
         where = str(path) if Path(path).is_file() else p.name
         layers.append((where, None, _read_yaml(p)))
-    layers += [(f"override {item}", item.partition("=")[0].strip(), parse_override(item)) for item in overrides]
+    layers += [(f"override {item}", item, parse_override(item)) for item in overrides]
     cfg = OmegaConf.structured(TrainConfig)
-    for label, key, values in layers:
+    for label, item, values in layers:
+        key = None
+        if item is not None:
+            steps, value = values
+            first = next((i for i, s in enumerate(steps) if isinstance(s, int)), len(steps))
+            names = [str(s) for s in steps[:first]]
+            if first < len(steps):  # into a list: the list as it stands with the entry changed replaces it
+                current = OmegaConf.select(cfg, ".".join(names))
+                if current is None:
+                    raise ViewpipeError(f"{label}: {'.'.join(names)} is not a list (or is empty)")
+                whole = _lists(OmegaConf.to_container(current) if OmegaConf.is_config(current) else current)
+                _set_in(whole, steps[first:], value, item, ".".join(names))
+                value = whole
+            key, values = ".".join(names), _nest(names, value)
         _from_dict(TrainConfig, values, label, "")  # unknown keys and types, named as the user wrote them
         try:
             empty = {list: [], dict: {}}.get(typing.get_origin(_schema_type(key))) if key else None
