@@ -115,10 +115,10 @@ def test_multicrop_recipe_trains(image_folder: Path, dataset: Path, tmp_path: Pa
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "mocov2_multicrop_ccrop_imagenet.yaml", [])
-    assert cfg.data.multicrop and sum(g.count for g in parse_views(cfg.data.multicrop)) == 8
+    assert [(g.count, g.size, g.scale) for g in cfg.data.groups] == [(2, 224, (0.14, 1.0)), (6, 96, (0.05, 0.14))]
     cfg = load_config(repo / "configs" / "mocov2_multicrop_ccrop_imagenet.yaml", [
         f"data.path={dataset}", "data.backend=memory", "backbone=resnet_tiny", "data.size=32",
-        "data.multicrop=2x32@0.14-1,3x16@0.05-0.14", "data.batch_size=16", "data.workers=1", "epochs=1",
+        "data.groups[0].size=32", "data.groups[1].size=16", "data.groups[1].count=3", "data.batch_size=16", "data.workers=1", "epochs=1",
         "max_steps=3", "method_args={queue: 64, hidden: 32}", f"out={tmp_path / 'run'}", "device=cpu"])
     t = Trainer(cfg)
     try:
