@@ -199,8 +199,8 @@ class StockFfcvLoader(FfcvLoader):
         from ffcv.pipeline.pipeline_spec import PipelineSpec
 
         cfg, groups = self.cfg, self.cfg.view_groups()
-        rrc = [RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=groups[g].scale, ratio=cfg.crop.ratio)
-               for g in cfg.group_of_views()]
+        rrc = [RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=groups[g].scale,
+                                                ratio=cfg.group_crop(g).ratio) for g in cfg.group_of_views()]
         pipelines = {"image": PipelineSpec("image", decoder=rrc[0]),
                      "label": PipelineSpec("label", decoder=ops.IntDecoder())}
         pipelines |= {f"image_{v}": PipelineSpec("image", decoder=rrc[v]) for v in range(1, cfg.views)}
@@ -315,8 +315,7 @@ class StockDaliLoader:
         dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
         from nvidia.dali import fn, types
 
-        cfg, aug = self.cfg, self.cfg.augment
-        mean, std = [255.0 * m for m in aug.mean], [255.0 * s for s in aug.std]
+        cfg = self.cfg
 
         @dali.pipeline_def(batch_size=cfg.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                            prefetch_queue_depth=self.prefetch, seed=cfg.seed)
@@ -330,10 +329,12 @@ class StockDaliLoader:
             else:
                 images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
                                            hw_decoder_load=self.hw_decoder_load)
-            groups, group = cfg.view_groups(), cfg.group_of_views()  # (multi-crop: each view its group's size)
-            views = [_view(fn, types, images, aug.views[v % len(aug.views)], groups[group[v]].size,
-                           groups[group[v]].scale, cfg.crop.ratio, cfg.group_augment(group[v]).kernel_size, mean, std)
-                     for v in range(cfg.views)]
+            views = []
+            for v, g in enumerate(cfg.group_of_views()):  # each view with its group's crop and augmentation
+                crop, aug = cfg.group_crop(g), cfg.group_augment(g)
+                mean, std = [255.0 * m for m in aug.mean], [255.0 * s for s in aug.std]
+                views.append(_view(fn, types, images, aug.views[v % len(aug.views)], aug.size, crop.scale,
+                                   crop.ratio, aug.kernel_size, mean, std))
             return (*views, meta)
 
         pipe = stock()

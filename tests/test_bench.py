@@ -82,6 +82,25 @@ def test_stock_dali_baseline_batches_on_the_cpu(converted: dict[str, Path], name
     loader.close()
 
 
+def test_stock_dali_baseline_gives_each_group_its_own_size_and_augmentation(converted: dict[str, Path]) -> None:
+    """Multi-crop: each view of the stock graph has its group's size and its group's augmentation (here the
+    small views normalised by their own mean 0 and std 100/255, so they stay in [0, 2.55])."""
+    from dataclasses import replace
+
+    from viewpipe.pipelines import ViewGroup
+    from viewpipe.pipelines.baselines import stock_dali_loader
+
+    small = replace(preset("mocov2", size=16), mean=(0.0, 0.0, 0.0), std=(100 / 255,) * 3)
+    groups = (ViewGroup(2, 32, (0.2, 1.0)), ViewGroup(3, 16, (0.05, 0.2), ratio=(1.0, 1.0), augment=small))
+    cfg = LoaderConfig(views=5, batch_size=8, augment=preset("mocov2", size=32), groups=groups, workers=1)
+    loader = stock_dali_loader(converted["dali"], cfg)
+    views, _ = next(iter(loader))
+    loader.close()
+    assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
+    assert all(v.min() < -0.5 for v in views[:2])  # ImageNet's normalisation
+    assert all(0 <= v.min() and v.max() <= 2.55 + 1e-4 for v in views[2:])
+
+
 def test_stock_dali_baseline_needs_shards(converted: dict[str, Path]) -> None:
     from viewpipe.pipelines.baselines import stock_dali_loader
 
