@@ -120,7 +120,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(image_folder: Path, 
                                                             capfd: pytest.CaptureFixture) -> None:
     """One Ctrl-C during step 9 lets that step finish, saves a checkpoint there and stops (saying so); the
     resumed run logs the same losses at steps 10.. as an uninterrupted run and ends with the same weights; the
-    Ctrl-C handler is Python's default again after the run."""
+    Ctrl-C handler is Python's default again after the run. Ctrl-C in the last step lets the run end normally."""
     full = pretrain(tiny(image_folder, tmp_path / "full"))
     out = tmp_path / "run"
     trainer = Trainer(tiny(image_folder, out))
@@ -141,6 +141,10 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(image_folder: Path, 
     a, b = (read_checkpoint(o / "last.pt")[0]["model"] for o in (out, tmp_path / "full"))
     for k, v in b.items():
         torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5)
+
+    last = Trainer(tiny(image_folder, tmp_path / "last"))  # Ctrl-C in the last step: the run is done, not stopped
+    interrupt_at(last, 12)
+    assert fit(last)["step"] == 12 and read_checkpoint(tmp_path / "last" / "last.pt")[0]["step"] == 12
 
 
 def test_interrupted_then_resumed_logs_every_step_once(image_folder: Path, tmp_path: Path) -> None:

@@ -389,7 +389,7 @@ class Trainer:
         try:
             with self._ctrl_c_finishes_the_step():
                 result = self._fit(cfg, tqdm)
-            if self._stop_asked:
+            if self._stop_asked and self.epoch < cfg.epochs:  # (not when Ctrl-C came after the last epoch's steps)
                 raise KeyboardInterrupt
             return result
         except KeyboardInterrupt:
