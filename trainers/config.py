@@ -635,7 +635,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     from omegaconf.errors import OmegaConfBaseException
 
     where = "config"
-    layers: list[tuple[str, str | None, Any]] = []  # (label in errors, the override's key, values)
+    layers: list[tuple[str, str | None, Any]] = []  # (label in errors, the override (None: the file), values)
     if path is not None:
         p = find_config(path)
         where = str(path) if Path(path).is_file() else p.name
