@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from viewpipe.errors import ViewpipeError
+from viewpipe.formats import write_atomic
 
 MAGIC = b"\nviewpipe-checkpoint sha256:"
 _TRAILER = re.compile(rb"\nviewpipe-checkpoint sha256:([0-9a-f]{64}) bytes:([0-9]{16})\n\Z")
@@ -287,7 +288,5 @@ def trim_log(path: Path, step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(f"{line}\n" for line in kept))
     return dropped

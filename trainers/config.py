@@ -686,10 +686,10 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, folder: str | os.PathLike[str]) -> Path:
     """`folder/config.yaml`: the resolved config of a run (written whole, then renamed into place)."""
+    from viewpipe.formats import write_atomic
+
     out = Path(folder) / "config.yaml"
-    tmp = out.with_name(f".config.yaml.{os.getpid()}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, out)
+    write_atomic(out, to_yaml(cfg))
     return out
 
 

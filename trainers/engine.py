@@ -85,7 +85,7 @@ class Trainer:
         if d.test_path and cfg.knn_every:  # the kNN monitor's sets: labelled and distinct, checked before training
             from viewpipe.trainers.eval import check_knn_sets
 
-            check_knn_sets(self.source, d.test_path, d.split, d.test_split)
+            self._knn_test = check_knn_sets(self.source, d.test_path, d.split, d.test_split)[1]
         self.n = len(self.source)
         if d.batch_size % self.world:
             raise ViewpipeError(f"data.batch_size {d.batch_size} is not divisible by the {self.world} ranks")
@@ -588,9 +588,8 @@ class Trainer:
     def knn(self) -> float:
         from viewpipe.trainers.eval import knn_accuracy
 
-        d = self.cfg.data
-        test = open_source(d.test_path, d.test_split)
-        return knn_accuracy(self.method.backbone, self.source, test, self.clean, k=self.cfg.knn_k, t=self.cfg.knn_t)
+        return knn_accuracy(self.method.backbone, self.source, self._knn_test, self.clean, k=self.cfg.knn_k,
+                            t=self.cfg.knn_t)
 
     def close(self) -> None:
         if self._loader is not None and hasattr(self._loader, "close"):

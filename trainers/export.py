@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from viewpipe.errors import ViewpipeError
-from viewpipe.trainers.checkpoint import load_checkpoint
-from viewpipe.trainers.models import ViT, restore_backbone
+from viewpipe.trainers.checkpoint import load_checkpoint, previous_path
+from viewpipe.trainers.models import ViT, backbone_family, restore_backbone
 
 FORMATS = ("torchvision", "timm")
 CKPT = "last.pt"
@@ -45,11 +45,15 @@ class ExportInfo:
 
     backbone: str  # viewpipe's backbone name
     format: str
-    family: str  # "resnet" or "vit"
     source: Path  # the checkpoint file read
     num_classes: int  # rows of the zero classifier (0: none written)
     heads: int = 0  # a ViT's attention heads (0 for a ResNet)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        """"resnet" or "vit"."""
+        return backbone_family(self.backbone)
 
     def how_to_load(self) -> str:
         """One line of Python that builds the stock model this export loads into with strict=True."""
@@ -68,10 +72,6 @@ class ExportInfo:
                 if self.backbone == "vit_small" else \
                 f"timm's VisionTransformer with this backbone's image/patch size, width, depth and num_heads={self.heads}"
         return f"torchvision.models.VisionTransformer(...) with num_heads={self.heads} and num_classes={n}"
-
-
-def _family(name: str) -> str:
-    return "vit" if name.startswith("vit") else "resnet"
 
 
 def resnet_keys(key: str) -> str:
@@ -122,7 +122,7 @@ def convert_state_dict(backbone: torch.nn.Module, name: str, fmt: str, num_class
     if head and num_classes < 1:
         raise ViewpipeError(f"export: num_classes must be ≥ 1 for the classifier, got {num_classes} (or export "
                             "without the classifier)")
-    family = _family(name)
+    family = backbone_family(name)
     rename = resnet_keys if family == "resnet" else vit_timm_key if fmt == "timm" else vit_torchvision_key
     out: dict[str, torch.Tensor] = {}
     for key, value in backbone.state_dict().items():
@@ -142,7 +142,7 @@ def checkpoint_path(run_or_ckpt: str | os.PathLike[str]) -> Path:
     """A run folder → its `last.pt`; a file → itself."""
     path = Path(run_or_ckpt)
     if path.is_dir():
-        if not (path / CKPT).exists() and not (path / "last.prev.pt").exists():
+        if not (path / CKPT).exists() and not previous_path(path / CKPT).exists():
             raise ViewpipeError(f"{path}: no {CKPT} in this folder; give a run folder of `viewpipe pretrain` "
                                 "(runs/<name>) or a checkpoint file")
         return path / CKPT
@@ -166,8 +166,7 @@ def load_backbone(run_or_ckpt: str | os.PathLike[str]) -> tuple[torch.nn.Module,
 def vit_heads(backbone: torch.nn.Module) -> int:
     """A ViT backbone's attention heads (not in its weights: the loading model must be told)."""
     if isinstance(backbone, ViT):
-        layer = next(iter(backbone.net.encoder.layers))
-        return int(getattr(backbone, "num_heads", layer.self_attention.num_heads))
+        return backbone.num_heads
     return 0
 
 
@@ -187,5 +186,5 @@ def export(run_or_ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fmt
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ViewpipeError(f"{out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
-    return ExportInfo(backbone=name, format=fmt, family=_family(name), source=used,
+    return ExportInfo(backbone=name, format=fmt, source=used,
                       num_classes=num_classes if head else 0, heads=vit_heads(backbone), warnings=warnings)

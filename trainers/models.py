@@ -97,6 +97,8 @@ class ViT(Backbone):
             raise ViewpipeError(f"ViT init {init!r}: expected mocov3 (MoCo v3, SNCLR) or torchvision")
         if width % heads:
             raise ViewpipeError(f"ViT heads = {heads} must divide the width {width}; pick a divisor of {width}")
+        if pos_embed == "sincos" and width % 4:
+            raise ViewpipeError(f"ViT pos_embed sincos needs a width divisible by 4, got {width}")
         self.net = VisionTransformer(image_size, patch_size, layers, heads, width, 4 * width)
         self.net.heads = nn.Identity()
         self.grid = image_size // patch_size
@@ -105,8 +107,6 @@ class ViT(Backbone):
         if init == "mocov3":
             self._mocov3_init(patch_size, width)
         if pos_embed == "sincos":
-            if width % 4:
-                raise ViewpipeError(f"ViT pos_embed sincos needs a width divisible by 4, got {width}")
             with torch.no_grad():
                 self.net.encoder.pos_embedding.copy_(sincos_pos_embed(self.grid, width))
             self.net.encoder.pos_embedding.requires_grad_(False)
@@ -206,12 +206,17 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 BACKBONE_ARGS = {"resnet": ("zero_init_residual",), "vit": ("heads", "pos_embed", "stop_grad_conv1", "init")}
 
 
+def backbone_family(name: str) -> str:
+    """"vit" or "resnet": the family of backbone `name` (its BACKBONE_ARGS, its export layout)."""
+    return "vit" if name.startswith("vit") else "resnet"
+
+
 def build_backbone(name: str, **args: object) -> Backbone:
     """A freshly initialised backbone from the registry, its constructor given `args` (the config's
     backbone_args); an unknown name or argument is a one-line error listing what is known."""
     if name not in BACKBONES:
         raise ViewpipeError(f"unknown backbone {name!r}; available: {', '.join(BACKBONES)}")
-    known = BACKBONE_ARGS["vit" if name.startswith("vit") else "resnet"]
+    known = BACKBONE_ARGS[backbone_family(name)]
     if unknown := sorted(set(args) - set(known)):
         raise ViewpipeError(f"backbone_args for {name}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     return BACKBONES[name](**args)
