@@ -22,7 +22,6 @@ roughly (DALI's colour operators, all samples drawing each op's parameters). It 
 from __future__ import annotations
 
 import os
-from functools import cache
 from typing import Iterator
 
 import numpy as np
@@ -144,12 +143,8 @@ class FfcvDecodeLoader(FfcvLoader):
                  state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003  (FfcvLoader's keywords)
         super().__init__(data, cfg, state, **(kwargs | {"fused": False}))
 
-    def _pipelines(self, ops) -> tuple[dict, object | None]:  # noqa: ANN001
-        from ffcv.pipeline.pipeline_spec import PipelineSpec
-
-        decoder = ops.ViewDecoder(self._n_images, 0, False, self.cfg.view_groups()[0].size)  # no views
-        return {"image": PipelineSpec("image", decoder=decoder),
-                "label": PipelineSpec("label", decoder=ops.IntDecoder())}, decoder
+    def _decoded_views(self) -> int:
+        return 0  # no views
 
     def _plan(self, epoch: int, start: int):  # noqa: ANN202, ARG002
         return lambda b_ix, indices, storage: None  # no windows or companions to plan
@@ -162,24 +157,6 @@ def ffcv_decode_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderC
                        **kwargs) -> FfcvDecodeLoader:  # noqa: ANN003
     """The FFCV decode ceiling over a converted dataset folder or a .beton (see `FfcvDecodeLoader`)."""
     return FfcvDecodeLoader(data, cfg, None, **kwargs)
-
-
-@cache
-def _index_decoder() -> type:
-    """An FFCV decoder over any scalar field that emits the batch's sample indices (made on first use: ffcv
-    is imported lazily)."""
-    from ffcv.fields.basics import IntDecoder
-
-    class IndexDecoder(IntDecoder):
-        def generate_code(self):  # noqa: ANN202
-            def decoder(indices, destination, metadata, storage_state):  # noqa: ANN001, ANN202
-                for ix in range(len(indices)):
-                    destination[ix, 0] = indices[ix]
-                return destination[: len(indices)]
-
-            return decoder
-
-    return IndexDecoder
 
 
 class StockFfcvLoader(FfcvLoader):
@@ -199,12 +176,14 @@ class StockFfcvLoader(FfcvLoader):
         from ffcv.pipeline.pipeline_spec import PipelineSpec
 
         cfg, groups = self.cfg, self.cfg.view_groups()
-        rrc = [RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=groups[g].scale,
-                                                ratio=cfg.group_crop(g).ratio) for g in cfg.group_of_views()]
+        rrc = []
+        for g in cfg.group_of_views():
+            crop = cfg.group_crop(g)
+            rrc.append(RandomResizedCropRGBImageDecoder((groups[g].size,) * 2, scale=crop.scale, ratio=crop.ratio))
         pipelines = {"image": PipelineSpec("image", decoder=rrc[0]),
                      "label": PipelineSpec("label", decoder=ops.IntDecoder())}
         pipelines |= {f"image_{v}": PipelineSpec("image", decoder=rrc[v]) for v in range(1, cfg.views)}
-        pipelines["index"] = PipelineSpec("label", decoder=_index_decoder()())
+        pipelines["index"] = PipelineSpec("label", decoder=ops.IndexDecoder())
         return pipelines, None
 
     def _failures(self, result: tuple) -> dict[int, str]:  # noqa: ARG002
@@ -316,6 +295,7 @@ class StockDaliLoader:
         from nvidia.dali import fn, types
 
         cfg = self.cfg
+        decode = decode_graph(fn, types, self.device_id, self.hw_decoder_load)
 
         @dali.pipeline_def(batch_size=cfg.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                            prefetch_queue_depth=self.prefetch, seed=cfg.seed)
@@ -324,11 +304,7 @@ class StockDaliLoader:
                 paths=self.paths, index_paths=self.index_paths, ext=["jpg;png", "meta"],
                 dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
                 random_shuffle=cfg.shuffle, name="Reader")
-            if self.device_id is None:
-                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-            else:
-                images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
-                                           hw_decoder_load=self.hw_decoder_load)
+            images = decode(jpegs)
             views = []
             for v, g in enumerate(cfg.group_of_views()):  # each view with its group's crop and augmentation
                 crop, aug = cfg.group_crop(g), cfg.group_augment(g)

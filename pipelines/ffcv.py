@@ -196,10 +196,13 @@ class FfcvLoader(EpochPosition):
         fills (None: no buffers to fill)."""
         from ffcv.pipeline.pipeline_spec import PipelineSpec
 
-        cfg = self.cfg
-        decoder = ops.ViewDecoder(self._n_images, cfg.views, self.fused, cfg.view_groups()[0].size)
+        decoder = ops.ViewDecoder(self._n_images, self._decoded_views(), self.fused, self.cfg.view_groups()[0].size)
         return {"image": PipelineSpec("image", decoder=decoder),
                 "label": PipelineSpec("label", decoder=ops.IntDecoder())}, decoder
+
+    def _decoded_views(self) -> int:
+        """The views `ViewDecoder` is made for (its windows buffer; with `fused`, the views it cuts)."""
+        return self.cfg.views
 
     # ------------------------------------------------------------------ the producer side (FFCV's thread)
     def _plan(self, epoch: int, start: int):  # noqa: ANN202

@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 import numba
 from numba import prange
-from ffcv.fields.basics import IntDecoder  # noqa: F401  (the label decoder: `ops.IntDecoder` in the loaders)
+from ffcv.fields.basics import IntDecoder  # (the label decoder: `ops.IntDecoder` in the loaders)
 from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 from ffcv.loader.epoch_iterator import EpochIterator, select_buffer
 from ffcv.pipeline.allocation_query import AllocationQuery
@@ -146,6 +146,18 @@ class ViewDecoder(Operation):
             return images[: len(batch_indices)]
 
         return decode
+
+class IndexDecoder(IntDecoder):
+    """An FFCV decoder over any scalar field that emits the batch's sample indices (the stock FFCV baseline's
+    indices, `viewpipe.pipelines.baselines.StockFfcvLoader`)."""
+
+    def generate_code(self):  # noqa: ANN202
+        def decoder(indices, destination, metadata, storage_state):  # noqa: ANN001, ANN202
+            for ix in range(len(indices)):
+                destination[ix, 0] = indices[ix]
+            return destination[: len(indices)]
+
+        return decoder
 
 class EpochOrder(TraversalOrder):
     """`epoch_batches` as an FFCV traversal order. FFCV's own orders shard with torch's

@@ -285,7 +285,7 @@ def main(args: argparse.Namespace) -> int:
 
     from viewpipe.augment import preset
     from viewpipe.crop import CropConfig
-    from viewpipe.pipelines import BACKENDS, LoaderConfig, ViewGroup, parse_views
+    from viewpipe.pipelines import LoaderConfig, ViewGroup, parse_views
     from viewpipe.sources import open_source
 
     if not torch.cuda.is_available():
@@ -293,7 +293,7 @@ def main(args: argparse.Namespace) -> int:
         # threads: one torch thread avoids oversubscription (DataLoader workers already use one each)
         torch.set_num_threads(1)
     data = Path(args.data) if args.data else generated_data()
-    backends = args.backend or sorted(BACKENDS)
+    backends = args.backend or list(BACKEND_NAMES)
     hw = args.hw_decoder_load
     if hw is not None and not 0.0 <= hw <= 1.0:
         raise ViewpipeError(f"--hw-decoder-load must be in [0, 1], got {hw}")

@@ -185,11 +185,10 @@ def schedule(cfg: Any, history: list[dict]) -> str:
     return "; ".join(parts) or "–"
 
 
-def run_row(row: str, cfg: Any, q: QualityConfig | None = None) -> dict:
+def run_row(row: str, cfg: Any, q: QualityConfig) -> dict:
     """Train one row (resuming its run folder), probe it, and return its summary; a finished row is read back."""
     from viewpipe.trainers.engine import Trainer
 
-    q = q or QualityConfig()
     out = Path(cfg.out)
     summary_path = out / "quality_row.json"
     if summary_path.is_file():
