@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import mmap
@@ -34,18 +35,13 @@ import numpy as np
 
 from viewpipe.errors import UnreadableFileError, ViewpipeError, import_optional
 from viewpipe.formats import (
-    BETON, CHECKSUM_DTYPE, DEFAULT_MAX_PIXELS, REPORT, DatasetIndex, Probe, ShardWriter, open_image, probe,
-    sample_checksum, shard_bytes, shard_paths, write_atomic,
+    BETON, CHECKSUM_DTYPE, DEFAULT_MAX_PIXELS, FFCV_MAX_SIDE, REPORT, DatasetIndex, Probe, ShardWriter, open_image,
+    probe, sample_checksum, shard_bytes, shard_paths, write_atomic,
 )
 from viewpipe.sources import FolderSource, NpzSource, Source
 
 WORK = ".work"
 CHUNK = 4096  # files per journaled probe chunk
-# The longer side of every image in a conversion that writes an FFCV file, unless `max_side` says otherwise:
-# 500, the max_resolution of FFCV's own ImageNet recipe (ffcv-imagenet: `./write_imagenet.sh 500 0.50 90`, the
-# datasets of its ResNet-50 results; also quality 90, viewpipe's default). At natural ImageNet size an FFCV file
-# took 4.2 GB per 1,000 images and loaded slower than stock FFCV. A DALI-only conversion keeps natural size.
-FFCV_MAX_SIDE = 500
 NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # errnos of a full disk (or quota, or file-size limit)
 
 
@@ -66,11 +62,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(source: Source, parent: int | None = None) -> None:
+def _init_worker(source: Source, parent: int) -> None:
     global _SOURCE
     _SOURCE = source
-    if parent is not None:
-        _die_with_parent(parent)
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
 
@@ -401,11 +396,12 @@ def default_max_side(formats: tuple[str, ...] | list[str]) -> int:
     return FFCV_MAX_SIDE if "ffcv" in formats else 0
 
 
-def _started_max_side(dst: Path) -> int | None:
-    """The max_side a conversion into `dst` was started (or finished) with, None if there is none."""
-    for path in (dst / REPORT, dst / WORK / "listing.json"):
+def _started_max_side(dst: Path, read_report: Callable[[], Any]) -> int | None:
+    """The max_side a conversion into `dst` was started (or finished) with, None if there is none: its report's
+    (`read_report()`, the parsed `dst/convert_report.json`), else its listing's."""
+    for read in (read_report, lambda: json.loads((dst / WORK / "listing.json").read_text())):
         try:
-            return int(json.loads(path.read_text())["options"]["max_side"])
+            return int(read()["options"]["max_side"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
@@ -428,8 +424,11 @@ def convert(
 
     `max_side`: downscale images whose longer side exceeds it (0: keep natural size); None: the side the
     resumed conversion was started with, else `default_max_side(formats)` (500 with FFCV, else natural)."""
+    # --resume reads the report for max_side and for whether it is finished: parse it once (a failed read or
+    # parse is not cached: it fails again, as it did, where it is read next)
+    read_report = functools.cache(lambda: json.loads((dst / REPORT).read_text()))
     if max_side is None:
-        max_side = (_started_max_side(dst) if resume else None)
+        max_side = (_started_max_side(dst, read_report) if resume else None)
         max_side = default_max_side(formats) if max_side is None else max_side
     if max_side < 0:
         raise ViewpipeError(f"max_side must be 0 (keep natural size) or a positive side in pixels, got {max_side}")
@@ -439,8 +438,8 @@ def convert(
                "ffcv_mode": ffcv_mode, "jpeg_quality": jpeg_quality, "shard_size": shard_size}
     work = dst / WORK
     report_path = dst / REPORT
-    if resume and report_path.exists() and json.loads(report_path.read_text()).get("complete"):
-        report = json.loads(report_path.read_text())
+    if resume and report_path.exists() and read_report().get("complete"):
+        report = read_report()
         if report["options"] != options:
             raise ViewpipeError(f"{dst}: already finished with other options ({report['options']})")
         return report  # nothing left to do
@@ -725,12 +724,14 @@ def _write_beton(source: Source, dst: Path, ids: np.ndarray, labels: np.ndarray,
     os.replace(tmp, dst / BETON)
 
 
-def _beton_checksums(path: Path, n: int) -> np.ndarray:
+def _beton_checksums(path: Path, n: int, reader: Any = None) -> np.ndarray:
     """sample_checksum of each sample's stored image bytes in an FFCV file, from its allocation table (the
-    image is the only field ffcv stores outside the metadata; a sample's allocations in table order)."""
-    from ffcv.reader import Reader
+    image is the only field ffcv stores outside the metadata; a sample's allocations in table order).
+    `reader`: the file's ffcv `Reader` when the caller has one (its tables are not read again)."""
+    if reader is None:
+        from ffcv.reader import Reader
 
-    reader = Reader(str(path))
+        reader = Reader(str(path))
     table = reader.alloc_table
     if reader.num_samples != n:
         raise ViewpipeError(f"{path}: holds {reader.num_samples} samples, the index {n}; convert again")
@@ -953,7 +954,7 @@ def _verify_beton(dst: Path, index: DatasetIndex, problems: list[str]) -> int:
         problems.append(f"{path}: {_sample_name(index, k)} carries label {labels[k]}, the index says "
                         f"{index.labels[k]}; convert again")
     try:
-        got = _beton_checksums(path, len(index))
+        got = _beton_checksums(path, len(index), reader)
     except ViewpipeError as exc:
         problems.append(str(exc))
         return 0

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import UnreadableFileError, ViewpipeError
-from .formats import INDEX, DatasetIndex, header_failure, oriented_size, sample_checksum, shard_paths
+from .formats import INDEX, DatasetIndex, oriented_size, sample_checksum, shard_paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -342,7 +342,7 @@ class ImageSizes:
                 try:
                     self._sizes[k] = oriented_size(self.source.read(k))
                 except Exception as exc:  # noqa: BLE001  a damaged header can raise anything
-                    failed[k] = f"fails to decode: {header_failure(exc)}"
+                    failed[k] = f"fails to decode: cannot read the image header ({exc})"
         return failed
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:
