@@ -1,28 +1,18 @@
-"""What only `viewpipe bench` measures, never a training backend: the loaders it times beside the production
-backends (`viewpipe.pipelines.reference`, `.dali`, `.ffcv`), which carry no benchmark-only flag or branch.
-
-- the decode ceilings: `DecodeDataset` (PIL, read and decode only), `DaliDecodeLoader` (DALI's decoder over the
-  epoch's batches, `dali_decode_loader`) and `FfcvDecodeLoader` (the FFCV backend's compiled decoder without
-  views, `ffcv_decode_loader`);
-- `DaliCutLoader` (`dali_cut_loader`): the DALI backend's views as its graph cut them, without the photometric
-  ops (where the time goes);
-- the stock baselines: FFCV's own `RandomResizedCropRGBImageDecoder`, one decode per view (`stock_rrc_loader`,
-  the FFCV-SSL way), and a stock DALI two-view pipeline over a converted dataset's WebDataset shards
-  (`stock_dali_loader`).
-
-The stock DALI pipeline is what a DALI self-supervised example does (solo-learn's and DALI's own SSL examples):
-`fn.readers.webdataset`, one decode per image (nvJPEG with `device="mixed"` on a GPU, libjpeg-turbo in DALI's
-CPU mode), then per view `fn.random_resized_crop`, `fn.color_twist` gated with its probability, a random
-grayscale (`fn.hsv` with saturation 0), `fn.gaussian_blur` mixed in on a coin flip, a solarize lookup table
-when the preset has one, and `fn.crop_mirror_normalize` with a random mirror. The whole view is made in
-DALI's graph: no ContrastiveCrop boxes, no reproducible per-batch draws, and torchvision's semantics only
-roughly (DALI's colour operators, all samples drawing each op's parameters). It is the speed to beat.
-"""
+"""The loaders only `viewpipe bench` times beside the backends (each backend names its own in `baselines()`),
+all `Loader` subclasses: the DALI and FFCV decode ceilings (the backend's decoder over the same batches,
+nothing else), the DALI backend's views as its graph cut them (no photometric ops: where the time goes),
+FFCV's stock `RandomResizedCropRGBImageDecoder` with one decode per view (the FFCV-SSL way), and a stock DALI
+two-view pipeline as DALI's and solo-learn's SSL examples write it (`fn.readers.webdataset`, one decode,
+per view `random_resized_crop`, `color_twist`, grayscale, `gaussian_blur` on a coin flip, solarize,
+`crop_mirror_normalize`): no boxes, no reproducible draws, torchvision's semantics only roughly. The PIL
+decode ceiling is `DecodeDataset`, a plain Dataset for a DataLoader."""
 
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from dataclasses import replace
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,15 +21,13 @@ from torch.utils.data import Dataset
 from viewpipe.augment import ViewAugment
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import DatasetIndex, decode_rgb, shard_paths
-from viewpipe.pipelines import Batch, LoaderConfig
-from viewpipe.pipelines.dali import DaliLoader, _Callback, decode_graph
+from viewpipe.pipelines.base import Batch, Loader, Samples
+from viewpipe.pipelines.config import LoaderConfig
+from viewpipe.pipelines.dali import DaliLoader, _Callback, _to_torch, decode_graph
 from viewpipe.pipelines.ffcv import FfcvLoader
 from viewpipe.sources import Source
-from viewpipe.state import SampleState
 
-__all__ = ["DaliCutLoader", "DaliDecodeLoader", "DecodeDataset", "FfcvDecodeLoader", "StockDaliLoader",
-           "StockFfcvLoader", "dali_cut_loader", "dali_decode_loader", "ffcv_decode_loader", "stock_dali_loader",
-           "stock_rrc_loader"]
+STOCK_DALI = "stock DALI"  # how the stock DALI pipeline's bench row starts
 
 
 # ---------------------------------------------------------------------------- PIL: the decode ceiling
@@ -73,12 +61,13 @@ class _DecodeCallback(_Callback):
 
 class DaliDecodeLoader(DaliLoader):
     """The DALI backend's decode ceiling: the same batches as `DaliLoader` (same order, replacements, resume),
-    decoded by the same decoder and nothing else; batches `(None, labels, indices)`."""
+    decoded by the same decoder and nothing else; batches `Batch(None, labels, indices)`."""
 
-    def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003  (DaliLoader's keywords)
-        super().__init__(data, cfg, state, **kwargs)
-        self._source = _DecodeCallback(self.reader, self._source.planner)
+    def make_callback(self) -> _Callback:
+        return _DecodeCallback(self.reader, self.planner)
+
+    def bench_row(self) -> tuple[str, int]:
+        return f"{self.name}, decode only ({'nvJPEG' if self.device_id is not None else 'CPU'}, ceiling)", 1
 
     def _new_pipeline(self):  # noqa: ANN202  (a DALI Pipeline)
         dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
@@ -104,12 +93,6 @@ class DaliDecodeLoader(DaliLoader):
         return Batch(None, labels, indices)
 
 
-def dali_decode_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                       **kwargs) -> DaliDecodeLoader:  # noqa: ANN003
-    """The DALI decode ceiling over a converted dataset or any `Source` (see `DaliDecodeLoader`)."""
-    return DaliDecodeLoader(data, cfg, None, **kwargs)
-
-
 class _AsCut:
     """A view finisher that leaves the views as DALI's graph cut them (uint8 (B, S, S, 3))."""
 
@@ -121,27 +104,27 @@ class DaliCutLoader(DaliLoader):
     """`DaliLoader` without the photometric step: its views as the graph cut and resized them, uint8
     (B, S, S, 3) on the loader's device (what the graph alone costs)."""
 
-    def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003  (DaliLoader's keywords)
-        super().__init__(data, cfg, state, **kwargs)
-        self._finisher = _AsCut()
+    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(), state: Any = None,
+                 *, rank: int | None = None, world: int | None = None) -> None:
+        super().__init__(source, cfg, state, rank=rank, world=world)
+        self.finisher = _AsCut()
 
-
-def dali_cut_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                    state: SampleState | None = None, **kwargs) -> DaliCutLoader:  # noqa: ANN003
-    """The DALI backend's views without photometric ops (see `DaliCutLoader`)."""
-    return DaliCutLoader(data, cfg, state, **kwargs)
+    def bench_row(self) -> tuple[str, int]:
+        return f"{self.name}, {self.cfg.views} views, boxes, no photometric ops", self.cfg.views
 
 
 # ---------------------------------------------------------------------------- FFCV: decode only, stock decoder
 class FfcvDecodeLoader(FfcvLoader):
     """The FFCV backend's decode ceiling: the same batches as `FfcvLoader`, each image decoded once by the
     same compiled decoder (counted in `decodes`, damaged ones replaced), no views; batches
-    `(None, labels, indices)`."""
+    `Batch(None, labels, indices)`."""
 
-    def __init__(self, data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003  (FfcvLoader's keywords)
-        super().__init__(data, cfg, state, **(kwargs | {"fused": False}))
+    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(), state: Any = None,
+                 *, rank: int | None = None, world: int | None = None) -> None:
+        super().__init__(source, replace(cfg, ffcv=replace(cfg.ffcv, fused=False)), state, rank=rank, world=world)
+
+    def bench_row(self) -> tuple[str, int]:
+        return f"{self.name}, decode only (CPU threads, ceiling)", 1
 
     def _decoded_views(self) -> int:
         return 0  # no views
@@ -153,23 +136,20 @@ class FfcvDecodeLoader(FfcvLoader):
         return Batch(None, *self._decoded(result, expected))
 
 
-def ffcv_decode_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                       **kwargs) -> FfcvDecodeLoader:  # noqa: ANN003
-    """The FFCV decode ceiling over a converted dataset folder or a .beton (see `FfcvDecodeLoader`)."""
-    return FfcvDecodeLoader(data, cfg, None, **kwargs)
-
-
 class StockFfcvLoader(FfcvLoader):
     """FFCV's stock RandomResizedCropRGBImageDecoder, one JPEG decode per view (the FFCV-SSL way: V image
     pipelines over the same field), the FFCV backend's order and photometric augmentation on the device;
-    the sample indices from a pipeline over the label field. Batches `(views, labels, indices)`; no boxes,
-    windows or companions (this decoder cannot see sample indices)."""
+    the sample indices from a pipeline over the label field. Batches `Batch(views, labels, indices)`; no
+    boxes, windows or companions (this decoder cannot see sample indices)."""
 
-    def __init__(self, data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, **kwargs) -> None:  # noqa: ANN003, ARG002  (state is ignored)
-        if kwargs.get("companions") or kwargs.get("fused"):
+    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(), state: Any = None,
+                 *, rank: int | None = None, world: int | None = None) -> None:  # noqa: ARG002  (state is ignored)
+        if cfg.companions or cfg.ffcv.fused:
             raise ViewpipeError("the stock FFCV loader makes no companions or fused crops")
-        super().__init__(data, cfg, None, **kwargs)
+        super().__init__(source, cfg, None, rank=rank, world=world)
+
+    def bench_row(self) -> tuple[str, int]:
+        return f"{self.name} stock RandomResizedCrop, {self.cfg.views} decodes per image", self.cfg.views
 
     def _pipelines(self, ops) -> tuple[dict, object | None]:  # noqa: ANN001
         from ffcv.fields.decoders import RandomResizedCropRGBImageDecoder
@@ -194,15 +174,8 @@ class StockFfcvLoader(FfcvLoader):
         indices = torch.from_numpy(np.asarray(result[-2]).reshape(-1).astype(np.int64))
         gen = torch.Generator().manual_seed(seed)
         images = [result[0]] + list(result[2 : 2 + self.cfg.views - 1])
-        views = [self._finisher.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
+        views = [self.finisher.finish(self._to_device(x), v, gen, layout="hwc") for v, x in enumerate(images)]
         return Batch(views, labels, indices)
-
-
-def stock_rrc_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                     state: SampleState | None = None, **kwargs) -> StockFfcvLoader:  # noqa: ANN003
-    """FFCV's stock RandomResizedCropRGBImageDecoder, one decode per view: the benchmark's FFCV baseline (see
-    `StockFfcvLoader`; the state is ignored)."""
-    return StockFfcvLoader(data, cfg, state, **kwargs)
 
 
 # ---------------------------------------------------------------------------- DALI: the stock two-view pipeline
@@ -249,45 +222,33 @@ def _view(fn, types, images, v: ViewAugment, size: int, scale: tuple[float, floa
                                     output_layout="CHW", dtype=types.FLOAT)
 
 
-def _to_torch(tl, device: torch.device) -> torch.Tensor:  # noqa: ANN001  (a DALI TensorList)
-    """A dense DALI batch as a torch tensor on `device` (copied: DALI reuses its buffers)."""
-    from nvidia.dali.backend import TensorListGPU
+class StockDaliLoader(Loader):
+    """Batches `Batch(views, labels, indices)`: V float views (B, 3, S, S) normalised on the loader's device,
+    from a stock DALI graph over a converted dataset's WebDataset shards (see the module). Each epoch is
+    (epoch size // B) full batches of DALI's own reader, which runs on across epochs: the state, the order
+    and resume are not this pipeline's (it is the speed to beat). `cfg.device` and `cfg.dali` as `DaliLoader`."""
 
-    if isinstance(tl, TensorListGPU):
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    reads = "dali"
 
-        t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
-    return torch.from_numpy(np.array(tl.as_tensor()))
-
-
-class StockDaliLoader:
-    """Iterable of batches `(views, labels)`: V float views (B, 3, S, S) normalised on the loader's device
-    and int64 labels, from a stock DALI graph over `data`'s WebDataset shards (see the module). Each
-    iteration yields one epoch's worth of full batches (epoch size // B); the reader runs on across epochs.
-
-    `device_id="auto"`: the current CUDA device (decode `device="mixed"`, `hw_decoder_load` of the images
-    to the hardware JPEG decoder where there is one), else DALI's CPU mode (`device_id=None`)."""
-
-    def __init__(self, data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(), *,
-                 device_id: int | None | str = "auto", hw_decoder_load: float = 0.65, prefetch: int = 2,
-                 num_threads: int | None = None) -> None:
+    def open(self, source: str | os.PathLike[str] | Source) -> Samples:
         import_optional("nvidia.dali", "dali", "NVIDIA DALI")
-        index = DatasetIndex.load(data)
+        root = source if isinstance(source, (str, os.PathLike)) else source.root
+        index = DatasetIndex.load(root)
         if (index.shards < 0).any():
-            raise ViewpipeError(f"{data}: the dataset has no DALI shards; convert it with --format dali (or both)")
-        shards = [shard_paths(data, int(s)) for s in np.unique(index.shards)]
+            raise ViewpipeError(f"{root}: the dataset has no DALI shards; convert it with --format dali (or both)")
+        shards = [shard_paths(root, int(s)) for s in np.unique(index.shards)]
         self.paths, self.index_paths = [str(t) for t, _ in shards], [str(i) for _, i in shards]
-        if device_id == "auto":
-            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-        self.device_id = device_id
-        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        self.cfg, self.hw_decoder_load, self.prefetch = cfg, hw_decoder_load, prefetch
-        self.num_threads = num_threads or max(1, cfg.workers)
-        self.num_samples = len(index)
+        self.device_id = self.device.index if self.device.type == "cuda" else None
+        self.hw_decoder_load, self.num_threads = self.cfg.dali.hw_decoder_load, max(1, self.cfg.workers)
         self._pipe = None
+        sizes = np.stack([index.heights, index.widths], 1).astype(np.int64)
+        return Samples(len(index), lambda k: sizes[k], lambda k: f"{root} (sample {k})")
+
+    def planned_ahead(self) -> int:
+        return self.cfg.dali.prefetch_queue_depth
+
+    def bench_row(self) -> tuple[str, int]:
+        return f"{STOCK_DALI}, {self.cfg.views} views (RRC + DALI colour ops)", self.cfg.views
 
     def _build(self):  # noqa: ANN202  (a DALI Pipeline)
         """The graph: read, decode once, V views (see the module)."""
@@ -298,7 +259,7 @@ class StockDaliLoader:
         decode = decode_graph(fn, types, self.device_id, self.hw_decoder_load)
 
         @dali.pipeline_def(batch_size=cfg.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                           prefetch_queue_depth=self.prefetch, seed=cfg.seed)
+                           prefetch_queue_depth=cfg.dali.prefetch_queue_depth, seed=cfg.seed)
         def stock():  # noqa: ANN202
             jpegs, meta = fn.readers.webdataset(
                 paths=self.paths, index_paths=self.index_paths, ext=["jpg;png", "meta"],
@@ -317,21 +278,17 @@ class StockDaliLoader:
         pipe.build()
         return pipe
 
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    def pending(self) -> Iterator[tuple[int, Callable[[], Batch]]]:
         if self._pipe is None:
             self._pipe = self._build()
+        for b in range(self._next, len(self.batches())):
+            yield b, partial(self._batch, self._pipe.run())
+
+    def _batch(self, out: tuple) -> Batch:
         V = self.cfg.views
-        for _ in range(self.num_samples // self.cfg.batch_size):
-            out = self._pipe.run()
-            views = [_to_torch(out[v], self.device) for v in range(V)]
-            meta = np.array(out[V].as_tensor()).reshape(-1, 2)  # .meta: (sample index, label) int64
-            yield views, torch.from_numpy(meta[:, 1].copy())
+        views = [_to_torch(out[v], self.device) for v in range(V)]
+        meta = np.array(out[V].as_tensor()).reshape(-1, 2)  # .meta: (sample index, label) int64
+        return Batch(views, torch.from_numpy(meta[:, 1].copy()), torch.from_numpy(meta[:, 0].copy()))
 
     def close(self) -> None:
         self._pipe = None
-
-
-def stock_dali_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                      **kwargs) -> StockDaliLoader:  # noqa: ANN003
-    """The stock DALI two-view pipeline over a converted dataset folder: `viewpipe bench`'s DALI baseline."""
-    return StockDaliLoader(data, cfg, **kwargs)

@@ -3,7 +3,7 @@ CPU with `device_id=None`), its V ContrastiveCrop views cut and resized inside D
 augmentations in torch on the views' device.
 
 Data flow per batch (one `fn.external_source` callback in the main process, called by DALI up to
-`prefetch` batches ahead of the consumer):
+`cfg.dali.prefetch_queue_depth` batches ahead of the consumer):
 
 1. the batch's sample indices: a pure function of (seed, epoch, rank, world) — see `epoch_batches`;
 2. their encoded bytes, sliced out of the memory-mapped WebDataset tars (`ShardSource`);
@@ -14,7 +14,7 @@ Data flow per batch (one `fn.external_source` callback in the main process, call
    absolute ROI. DALI orders `roi_start`/`roi_end` like the tensor shape, so for HWC images they are (y, x).
 
 5. the views, uint8 (B, S, S, 3) as DALI made them, copied to torch and finished by the augmenter (the fused
-   kernels on a GPU), one batch ahead of the consumer on a side CUDA stream (`EpochPosition.hand_out`).
+   kernels on a GPU), one batch ahead of the consumer on a side CUDA stream (`Loader.hand_out`).
 
 A box or neighbour update published in the SampleState is used by every batch the consumer receives from
 the `prefetch`-th batch after the update on (`prefetch`: DALI's queue depth, plus one with the overlap's
@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from viewpipe.errors import import_optional
-from viewpipe.pipelines import (Batch, BatchPlan, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
-                                ViewFinisher, dist_rank_world, resolve_overlap, sample_check)
+from viewpipe.pipelines.base import Batch, Loader, Samples, register
+from viewpipe.pipelines.config import LoaderConfig
+from viewpipe.pipelines.plan import BatchPlan, Planner, sample_check
 from viewpipe.sources import ImageSizes, ShardSource, Source
-from viewpipe.state import SampleState
 
 
 class _Reader:
@@ -165,58 +165,54 @@ def _to_torch(tl, device: torch.device) -> torch.Tensor:  # noqa: ANN001  (a DAL
     from nvidia.dali.backend import TensorListGPU
 
     if isinstance(tl, TensorListGPU):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         t = tl.as_tensor()
-        out = torch.empty(t.shape(), dtype=torch.uint8, device=device)
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
         return out
     return torch.from_numpy(np.array(tl.as_tensor())).to(device)
 
 
-class DaliLoader(EpochPosition):
-    """Iterable of `Batch`es (views, labels, indices, neighbours, windows) on the loader's device; with
-    `companions` 2V views (views[:V] of each sample, views[V:] of one of its neighbours, drawn uniformly from
-    the SampleState's neighbour table) and the neighbours' indices.
+@register("dali")
+class DaliLoader(Loader):
+    """`Loader` whose images are decoded once by DALI and cut inside its graph (see the module), over a
+    converted dataset folder (its WebDataset shards) or any `Source` (read file by file). `cfg.device`: a CUDA
+    device decodes with nvJPEG (`device="mixed"`, `cfg.dali.hw_decoder_load` of it on the hardware decoder),
+    the CPU runs DALI's CPU-only mode; `cfg.workers` DALI threads. `prefetch`: DALI's queue depth
+    (`cfg.dali.prefetch_queue_depth`), plus one batch with overlap. A sample that fails to decode is replaced
+    by the next sample that decodes, for the rest of the run (the failed DALI pipeline is rebuilt)."""
 
-    `device_id="auto"`: the current CUDA device (nvJPEG via `device="mixed"`), or DALI's CPU-only mode
-    (`device_id=None`) without CUDA. `rank`/`world` default to torch.distributed's when it is initialised.
-    `prefetch`: DALI's queue depth (`queue_depth`); the attribute `prefetch` is the bound on how late a box or
-    neighbour update arrives (the queue, plus one batch with `overlap`). `overlap` (default: on with CUDA):
-    augment batch b + 1 on a side stream while the consumer has batch b. `hw_decoder_load`: the share of
-    the JPEG decoding given to the GPU's hardware decoder (the rest runs on CUDA cores).
-    One iterator at a time; starting a new one abandons the previous one. `state_dict()` /
-    `load_state_dict()` resume mid-epoch with the same batches, windows and augmentations. A sample that
-    fails to decode is replaced by the next sample that decodes, for the rest of the run, and counted
-    (`decode_failures`, a warning on stderr)."""
+    reads = "dali"
 
-    def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, *, device_id: int | None | str = "auto",
-                 hw_decoder_load: float = 0.65, rank: int | None = None, world: int | None = None,
-                 companions: bool = False, prefetch: int = 2,
-                 num_threads: int | None = None, overlap: bool | None = None) -> None:
-        import_optional("nvidia.dali", "dali", "NVIDIA DALI")
-        self.reader = _Reader(ShardSource(data) if isinstance(data, (str, os.PathLike)) else data)
-        check_state(state, len(self.reader), companions)
-        if device_id == "auto":
-            device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-        self.device_id = device_id
-        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        self.rank, self.world = dist_rank_world(rank, world)
-        self.cfg, self.state = cfg, state
-        self.hw_decoder_load, self.queue_depth = hw_decoder_load, prefetch
-        self.overlap = resolve_overlap(overlap, self.device)
-        self.prefetch = prefetch + int(self.overlap)  # the live-state bound: DALI's queue and the look-ahead
-        self.num_threads = num_threads or max(1, cfg.workers)
-        self.num_samples = len(self.reader)
-        EpochPosition.__init__(self)
-        self.substitutes = Substitutes(self.num_samples, self.reader.describe,
-                                       sample_check(self.reader.source, self.reader.sizes))
-        self._source = _Callback(self.reader, Planner(cfg, self.rank, state, self.substitutes, self.reader.sizes,
-                                                      companions))
-        self._finisher = ViewFinisher(cfg)
+    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                 state: Any = None, *, rank: int | None = None, world: int | None = None) -> None:
+        super().__init__(source, cfg, state, rank=rank, world=world)
+        self.device_id = self.device.index if self.device.type == "cuda" else None
+        self.hw_decoder_load, self.queue_depth = cfg.dali.hw_decoder_load, cfg.dali.prefetch_queue_depth
+        self.num_threads = max(1, cfg.workers)
+        self._source = self.make_callback()
         self._pipe = None
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
+
+    def open(self, source: str | os.PathLike[str] | Source) -> Samples:
+        import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+        self.reader = _Reader(ShardSource(source) if isinstance(source, (str, os.PathLike)) else source)
+        return Samples(len(self.reader), self.reader.sizes, self.reader.describe,
+                       sample_check(self.reader.source, self.reader.sizes))
+
+    def planned_ahead(self) -> int:
+        return self.cfg.dali.prefetch_queue_depth
+
+    @classmethod
+    def baselines(cls) -> tuple[type[Loader], ...]:
+        from viewpipe.pipelines.baselines import DaliDecodeLoader, DaliCutLoader, StockDaliLoader
+
+        return DaliDecodeLoader, DaliCutLoader, StockDaliLoader
+
+    def make_callback(self) -> _Callback:
+        """The external source feeding the graph."""
+        return _Callback(self.reader, self.planner)
 
     def _stop(self) -> None:
         """End the epoch in flight: the source stops at once, the batches DALI prefetched are collected, and
@@ -259,10 +255,7 @@ class DaliLoader(EpochPosition):
             raise error
         self.substitutes.add({k: f"fails to decode ({w})" for k, w in failed.items()})
 
-    def __iter__(self) -> Iterator[tuple]:
-        return self.hand_out(self.epoch, len(self.batches()), self._pending())
-
-    def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
+    def pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
         """(b, the function that makes batch b from DALI's outputs) for the rest of the epoch; DALI's outputs are
         copied by that function, which runs before the pipeline runs again."""
         src = self._source
@@ -291,7 +284,7 @@ class DaliLoader(EpochPosition):
         indices = torch.from_numpy(np.array(out[n_views + 1].as_tensor()).reshape(-1))
         gen = torch.Generator().manual_seed(seed)
         views = [_to_torch(out[v], self.device) for v in range(n_views)]  # uint8 (B, S, S, 3)
-        views = [self._finisher.finish(x, v, gen, layout="hwc") for v, x in enumerate(views)]
+        views = [self.finisher.finish(x, v, gen, layout="hwc") for v, x in enumerate(views)]
         neighbours = (torch.from_numpy(np.array(out[n_views + 3].as_tensor()).reshape(-1))
                       if self._source.companions else None)
         return Batch(views, labels, indices, neighbours, torch.from_numpy(np.array(out[n_views + 2].as_tensor())))
@@ -300,9 +293,3 @@ class DaliLoader(EpochPosition):
         self._pipe = None
         getattr(self.reader.source, "close", lambda: None)()
 
-
-def dali_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                state: SampleState | None = None, **kwargs) -> DaliLoader:  # noqa: ANN003
-    """A DALI loader over a converted dataset folder (its WebDataset shards), or over any `Source` (an image
-    folder or .npz collection, read file by file: for `viewpipe bench` and small data). See `DaliLoader`."""
-    return DaliLoader(data, cfg, state, **kwargs)

@@ -1,40 +1,14 @@
-"""The FFCV backend: each JPEG of a converted `.beton` decoded once on FFCV's CPU threads by a custom FFCV
-decoder, the V ContrastiveCrop windows of every sample from the core's numba kernel with the sample's box read
-live from the SampleState, crops, resizes and photometric augmentations in torch on the views' device (the
-GPU, or the CPU without one).
+"""The FFCV backend: each JPEG of a converted `.beton` decoded once on FFCV's CPU threads by a compiled
+decoder (`ffcv_ops.ViewDecoder`), the views cut, resized and augmented in torch on the views' device.
 
-Data flow per batch (FFCV's producer thread runs up to `batches_ahead` batches ahead of the consumer):
-
-1. the batch's sample indices: `epoch_batches(n, cfg, epoch, rank, world)`, a pure function of
-   (seed, epoch, rank, world), given to FFCV as a custom `TraversalOrder` (FFCV's `distributed=True` shards
-   with it) and decoded batch by batch as listed (FFCV alone would cut a flat order into full batches, which
-   cannot express the equal-count split of `epoch_batches` without drop_last);
-2. in Python, on FFCV's producer thread right before the batch is decoded: the batch's plan from the
-   `Planner` every backend shares (the crop draws from `default_rng([seed, epoch, rank, batch])`, the boxes
-   read from the SampleState: `state.boxes(indices)`, the seqlock-checked copy of the live table; with
-   companions, one neighbour per sample from `state.neighbours(indices)` and its windows). The windows and
-   companions go into the decoder's per-slot FFCV buffers, so the
-   compiled code captures no table: numba freezes a captured array into the compiled code (a copy up to
-   1 MB, a reference above), and a frozen copy would never see an update, nor would compiled code see the
-   double buffer switch of a referenced one;
-3. the compiled decoder (`_decode_batch`, `prange` over the batch on FFCV's threads): each sample's JPEG (and
-   its companion's) decoded once by libffcv's `imdecode` (libjpeg-turbo; raw samples are copied) into a
-   padded (Hmax, Wmax, 3) slot sized from the .beton metadata's largest height and width (as FFCV's own
-   decoders size theirs), its last row and column repeated once so that bilinear samples at the image's edge
-   never see padding. It records per image the index, size and number of decodes (`FfcvLoader.decodes`).
-   With `fused=True` it instead cuts and resizes every view to S×S from the decoded image (libffcv's
-   `resize`: OpenCV INTER_AREA, what FFCV's RandomResizedCropRGBImageDecoder does);
-4. in the consumer: the decoded uint8 slot goes to the device, every view is cut and resized from it
-   (`Augmenter.forward`: on a GPU Triton's crop kernel reads the uint8 slot with 64-bit offsets; on the CPU
-   roi_align) and finished with a `torch.Generator` seeded from (seed, epoch, rank, batch), one batch ahead of
-   the consumer on a side CUDA stream (`EpochPosition.hand_out`). (The first GPU run crashed with "illegal
-   memory access": the slot was converted to one float tensor of B×3×h×w values, over 2^31 for natural-size
-   images, which roi_align indexes with 32-bit integers.)
-
-Live state: a box or neighbour update published after the consumer received batch u is used by every batch
-from u + `prefetch` on, `prefetch = batches_ahead + 2 (+ 1 with the overlap's look-ahead)` (the batches already queued, the one FFCV's thread may
-be preparing, and the one it starts as soon as the consumer frees a place). The table's size does not matter.
-"""
+Per batch: the epoch's batches (`epoch_batches`) go to FFCV as a custom `TraversalOrder`; on FFCV's producer
+thread, right before a batch is decoded, the shared `Planner` makes its plan from the live SampleState and
+writes the windows and companions into the decoder's per-slot buffers (compiled code captures no table, so
+it sees every update); the decoder fills a padded (Hmax, Wmax, 3) slot per image, its last row and column
+repeated; the consumer uploads the slot and cuts every view from it (Triton on a GPU, roi_align on the CPU).
+A state update published after the consumer received batch u is used from batch u + `prefetch` on,
+`prefetch = batches_ahead + 2` (+ 1 with overlap): the queued batches, the one FFCV's thread may be
+preparing and the one it starts when the consumer frees a place."""
 
 from __future__ import annotations
 
@@ -42,16 +16,16 @@ import os
 import sys
 from functools import cache, partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from viewpipe.errors import ViewpipeError, import_optional
 from viewpipe.formats import BETON, INDEX
-from viewpipe.pipelines import (Batch, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
-                                ViewFinisher, dist_rank_world, resolve_overlap)
-from viewpipe.state import SampleState
+from viewpipe.pipelines.base import Batch, Loader, Samples, register
+from viewpipe.pipelines.config import LoaderConfig
+from viewpipe.sources import Source
 
 
 
@@ -118,78 +92,76 @@ def _beton(path: str | os.PathLike[str]) -> Path:
     return beton
 
 
-class FfcvLoader(EpochPosition):
-    """Iterable of `Batch`es (views, labels, indices, neighbours, windows) on the loader's device; with
-    `companions` 2V views (views[:V] of each sample, views[V:] of one of its neighbours, drawn uniformly from
-    the SampleState's neighbour table; view V + v uses view v's augmentation) and the neighbours' indices.
+@register("ffcv")
+class FfcvLoader(Loader):
+    """`Loader` over a converted dataset's `.beton` (its folder, the file, or the converted dataset's
+    `Source`), decoded on `cfg.workers` FFCV threads (see the module). Under torch.distributed FFCV runs with
+    `distributed=True` and this backend's order. `cfg.ffcv.batches_ahead`: FFCV's queue; `cfg.ffcv.fused`:
+    crop and resize on FFCV's threads as FFCV's own decoders do (OpenCV INTER_AREA), only the photometric
+    steps on the device. `decodes` counts, per sample, the images the compiled decoder produced."""
 
-    `device="auto"`: CUDA when available, else the CPU. `rank`/`world` default to torch.distributed's when it
-    is initialised (then FFCV runs with `distributed=True` and this backend's order). `batches_ahead`: FFCV's
-    queue; `prefetch = batches_ahead + 2`, plus one with `overlap`, bounds how late a box or neighbour update
-    arrives. `overlap` (default: on with CUDA): batch b + 1 is cut and augmented on a side stream while the
-    consumer has batch b. `fused`: crop and
-    resize on FFCV's CPU threads as FFCV's own decoders do (OpenCV INTER_AREA: an area average when
-    shrinking, close to the default path; blocky, nearest-neighbour-like, when enlarging), only the
-    photometric steps on the device.
-    `decodes` counts, per sample, the images the compiled decoder produced. One iterator at a time; starting a
-    new one ends the previous one. `state_dict()` / `load_state_dict()` resume mid-epoch with the same
-    batches, windows and augmentations."""
+    reads = "ffcv"
 
-    def __init__(self, data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, *, device: str | torch.device = "auto", rank: int | None = None,
-                 world: int | None = None, companions: bool = False,
-                 fused: bool = False, batches_ahead: int = 2, num_threads: int | None = None,
-                 overlap: bool | None = None) -> None:
-        _import_ffcv()
-        beton = _beton(data)
-        ops = _ffcv()
+    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
+                 state: Any = None, *, rank: int | None = None, world: int | None = None) -> None:
+        super().__init__(source, cfg, state, rank=rank, world=world)
         import numba
-        from ffcv.fields import RGBImageField
-        from ffcv.loader import Loader
+
+        self.fused, self.batches_ahead = cfg.ffcv.fused, cfg.ffcv.batches_ahead
+        self.num_threads = max(1, min(cfg.workers or 1, numba.config.NUMBA_NUM_THREADS))
+        self.decodes = np.zeros(self.num_samples, np.int64)
+        self._epoch = None
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        if self.fused and len({g.size for g in cfg.view_groups()}) > 1:
+            raise ViewpipeError("ffcv.fused=True cuts every view to one size on FFCV's threads; multi-crop view groups of "
+                                "several sizes need the default path (ffcv.fused=False)")
+        self._n_images = 2 if self.companions else 1
+        self._loader, self._node = self._ffcv_loader()
+
+    def _ffcv_loader(self) -> tuple[Any, int | None]:
+        """FFCV's `Loader` over the .beton with this backend's pipelines and order, and the graph node of the
+        decoder whose buffers `_plan` fills (None: none)."""
+        from ffcv.loader import Loader as FfcvDataLoader
         from ffcv.pipeline.graph import DecoderNode
+
+        ops, cfg = _ffcv(), self.cfg
+        pipelines, decoder = self._pipelines(ops)
+        threads = torch.get_num_threads()  # FFCV sets torch's threads to its own count: keep the caller's
+        try:
+            loader = FfcvDataLoader(str(self.beton), batch_size=cfg.batch_size, num_workers=self.num_threads,
+                                    os_cache=True, order=ops.EpochOrder(self), distributed=self.world > 1,
+                                    seed=cfg.seed, pipelines=pipelines, drop_last=cfg.drop_last,
+                                    batches_ahead=self.batches_ahead)
+        finally:
+            torch.set_num_threads(threads)
+        node = next((n.id for n in loader.graph.nodes if isinstance(n, DecoderNode) and n.decoder is decoder), None)
+        return loader, node if decoder is not None else None
+
+    def open(self, source: str | os.PathLike[str] | Source) -> Samples:
+        _import_ffcv()
+        from ffcv.fields import RGBImageField
         from ffcv.reader import Reader
 
+        self.beton = beton = _beton(source if isinstance(source, (str, os.PathLike)) else source.root)
         reader = Reader(str(beton))
         names = list(reader.handlers)
         if "image" not in names or not isinstance(reader.handlers["image"], RGBImageField) or "label" not in names:
             raise ViewpipeError(f"{beton}: expected the fields image (RGBImageField) and label, found {names}; "
                                 "convert it with viewpipe convert")
-        self.num_samples = int(reader.num_samples)
-        check_state(state, self.num_samples, companions)
         meta = reader.metadata[f"f{names.index('image')}"]
-        self._sizes = np.stack([meta["height"], meta["width"]], 1).astype(np.int64)  # (N, 2)
+        sizes = np.stack([meta["height"], meta["width"]], 1).astype(np.int64)  # (N, 2)
         self.max_size = (int(meta["height"].max()), int(meta["width"].max()))
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.rank, self.world = dist_rank_world(rank, world)
-        self.cfg, self.state, self.companions = cfg, state, companions
-        self.fused = fused
-        self.overlap = resolve_overlap(overlap, self.device)
-        self.batches_ahead, self.prefetch = batches_ahead, batches_ahead + 2 + int(self.overlap)
-        self.num_threads = max(1, min(num_threads or cfg.workers or 1, numba.config.NUMBA_NUM_THREADS))
-        EpochPosition.__init__(self)
-        self.decodes = np.zeros(self.num_samples, np.int64)
-        self.substitutes = Substitutes(self.num_samples, lambda k: f"{beton} (sample {k})")
-        self._planner = Planner(cfg, self.rank, state, self.substitutes, lambda k: self._sizes[k], companions)
-        self._finisher = ViewFinisher(cfg)
-        self._epoch = None
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        return Samples(int(reader.num_samples), lambda k: sizes[k], lambda k: f"{beton} (sample {k})")
 
-        if self.fused and len({g.size for g in cfg.view_groups()}) > 1:
-            raise ViewpipeError("fused=True cuts every view to one size on FFCV's threads; multi-crop view groups of "
-                                "several sizes need the default path (fused=False)")
-        self._n_images = 2 if companions else 1
-        pipelines, self._decoder = self._pipelines(ops)
-        self._order = ops.EpochOrder(self)
-        threads = torch.get_num_threads()  # FFCV sets torch's threads to its own count: keep the caller's
-        try:
-            self._loader = Loader(str(beton), batch_size=cfg.batch_size, num_workers=self.num_threads,
-                                  os_cache=True, order=self._order, distributed=self.world > 1, seed=cfg.seed,
-                                  pipelines=pipelines, drop_last=cfg.drop_last, batches_ahead=batches_ahead)
-        finally:
-            torch.set_num_threads(threads)
-        graph = self._loader.graph
-        self._node = next((n.id for n in graph.nodes if isinstance(n, DecoderNode) and n.decoder is self._decoder),
-                          None) if self._decoder is not None else None
+    def planned_ahead(self) -> int:
+        return self.cfg.ffcv.batches_ahead + 2
+
+    @classmethod
+    def baselines(cls) -> tuple[type[Loader], ...]:
+        from viewpipe.pipelines.baselines import FfcvDecodeLoader, StockFfcvLoader
+
+        return FfcvDecodeLoader, StockFfcvLoader
 
     def _pipelines(self, ops) -> tuple[dict, object | None]:  # noqa: ANN001  (viewpipe.pipelines.ffcv_ops)
         """FFCV's pipelines (image: the compiled `ViewDecoder`; label) and the decoder whose buffers `_plan`
@@ -211,7 +183,7 @@ class FfcvLoader(EpochPosition):
 
         def prepare(b_ix: int, indices: np.ndarray, storage: tuple) -> None:
             _, _, companion, _, windows = storage
-            plan = self._planner.plan(epoch, start + b_ix, indices)
+            plan = self.planner.plan(epoch, start + b_ix, indices)
             windows[:] = plan.windows
             if plan.neighbours is not None:
                 companion[:, 0] = plan.neighbours
@@ -244,12 +216,12 @@ class FfcvLoader(EpochPosition):
         V = self.cfg.views
         x = self._to_device(images)
         if self.fused:  # (B, n_views, S, S, 3), cut and resized on FFCV's threads
-            return [self._finisher.finish(x[:, v], v, gen, layout="hwc") for v in range(V * self._n_images)]
+            return [self.finisher.finish(x[:, v], v, gen, layout="hwc") for v in range(V * self._n_images)]
         Hp, Wp = self.max_size  # (B, n_images, Hmax, Wmax, 3)
         views = []
         for i in range(self._n_images):  # cut to the batch's largest image (+ the repeated row/column)
             h, w = min(Hp, int(decoded[:, i, 1].max()) + 1), min(Wp, int(decoded[:, i, 2].max()) + 1)
-            views += self._finisher.crop_and_finish(x[:, i, :h, :w], windows[:, i * V : (i + 1) * V], gen, "hwc")
+            views += self.finisher.crop_and_finish(x[:, i, :h, :w], windows[:, i * V : (i + 1) * V], gen, "hwc")
         return views
 
     def _record(self, decoded: np.ndarray) -> None:
@@ -264,10 +236,7 @@ class FfcvLoader(EpochPosition):
         return {int(k): f"fails to decode (libjpeg-turbo status {int(status)}: damaged data)"
                 for i in range(self._n_images) for k, status in decoded[np.flatnonzero(decoded[:, i, 4]), i][:, [0, 4]]}
 
-    def __iter__(self) -> Iterator[tuple]:
-        return self.hand_out(self.epoch, len(self.batches()), self._pending())
-
-    def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
+    def pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
         """(b, the function that makes batch b from FFCV's result) for the rest of the epoch. Each function
         runs before FFCV's next result is taken, while FFCV's thread keeps the slot it reads."""
         ops = _ffcv()
@@ -291,7 +260,7 @@ class FfcvLoader(EpochPosition):
                     batches = [self.substitutes(x) for x in self.batches(epoch)]
                     self._epoch = mine = ops.Epoch(self._loader, batches[b:], self._node, self._plan(epoch, b))
                     continue
-                yield b, partial(self._batch, result, batches[b], self._planner.seed(epoch, b))
+                yield b, partial(self._batch, result, batches[b], self.planner.seed(epoch, b))
                 b += 1
         finally:
             if self._epoch is mine:  # (an abandoned iterator never stops a newer one)
@@ -319,10 +288,4 @@ class FfcvLoader(EpochPosition):
 
     def close(self) -> None:
         self._stop()
-
-
-def ffcv_loader(data: str | os.PathLike[str], cfg: LoaderConfig = LoaderConfig(),
-                state: SampleState | None = None, **kwargs) -> FfcvLoader:  # noqa: ANN003
-    """An FFCV loader over a converted dataset folder (its `data.beton`) or a .beton file. See `FfcvLoader`."""
-    return FfcvLoader(data, cfg, state, **kwargs)
 

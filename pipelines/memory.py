@@ -5,7 +5,7 @@ on a GPU) — no decode per epoch and no host round trip.
 
 Data flow per batch: the shared `Planner` (samples, companions, windows from the live boxes, the photometric
 seed) → `images[indices]` on the device → `ViewFinisher.crop_and_finish` (crop-resize and augmentation of each
-view group) → `EpochPosition.hand_out` (one batch ahead on a side CUDA stream). Images of different sizes are
+view group) → `Loader.hand_out` (one batch ahead on a side CUDA stream). Images of different sizes are
 padded to the largest by repeating their last row and column, so a crop never sees the padding.
 """
 
@@ -21,10 +21,9 @@ import torch
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import open_image
-from viewpipe.pipelines import (Batch, BatchPlan, EpochPosition, LoaderConfig, Planner, Substitutes, ViewFinisher,
-                                check_state, dist_rank_world, resolve_overlap)
+from viewpipe.pipelines.base import Batch, Loader, Samples, register
+from viewpipe.pipelines.plan import BatchPlan
 from viewpipe.sources import Source, open_source
-from viewpipe.state import SampleState
 
 
 def _decode(source: Source, k: int) -> np.ndarray | str:
@@ -77,45 +76,30 @@ def _memory_limit(device: torch.device) -> int:
         return 1 << 62
 
 
-class MemoryLoader(EpochPosition):
-    """Iterable of `Batch`es (views, labels, indices, neighbours, windows) like every backend's, from a dataset
-    decoded once into device memory (see the module). `data`: a converted dataset, an image folder or a .npz
-    (`viewpipe.sources.open_source`). `device="auto"`: CUDA when available. `threads`: decoding threads at
-    start-up (default `cfg.workers`). A box or neighbour update is used from the `prefetch`-th batch after it
-    (1, plus one with `overlap`). Samples that do not decode are replaced for the whole run and reported."""
+@register("memory")
+class MemoryLoader(Loader):
+    """`Loader` over a dataset decoded once into device memory (see the module). `source`: a converted
+    dataset, an image folder or a .npz (`viewpipe.sources.open_source`, split `cfg.split`); decoded at start
+    in `cfg.workers` threads. A box or neighbour update is used from the `prefetch`-th batch after it (1,
+    plus one with overlap). Samples that do not decode are replaced for the whole run and reported."""
 
-    def __init__(self, data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, *, device: str | torch.device = "auto", rank: int | None = None,
-                 world: int | None = None, companions: bool = False, overlap: bool | None = None,
-                 threads: int | None = None, split: str = "train") -> None:
-        source = open_source(data, split) if isinstance(data, (str, os.PathLike)) else data
-        self.num_samples = len(source)
-        check_state(state, self.num_samples, companions)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.rank, self.world = dist_rank_world(rank, world)
-        self.cfg, self.state, self.companions = cfg, state, companions
-        self.overlap = resolve_overlap(overlap, self.device)
-        self.prefetch = 1 + int(self.overlap)
-        EpochPosition.__init__(self)
-        images, self.sizes, failed = decode_all(source, threads or cfg.workers)
+    def open(self, source: str | os.PathLike[str] | Source) -> Samples:
+        source = open_source(source, self.cfg.split) if isinstance(source, (str, os.PathLike)) else source
+        images, self.sizes, failed = decode_all(source, self.cfg.workers)
         if images.nbytes > _memory_limit(self.device):
             raise ViewpipeError(f"the decoded dataset takes {images.nbytes / 2**30:.1f} GiB, more than the "
                                 f"{self.device} can hold; use the dali or ffcv backend")
         self.images = torch.from_numpy(images).to(self.device)
         self.labels = torch.from_numpy(np.array(source.labels, dtype=np.int64))
-        self.substitutes = Substitutes(self.num_samples, source.describe)
-        if failed:
-            self.substitutes.add(failed)
-        self._planner = Planner(cfg, self.rank, state, self.substitutes, lambda k: self.sizes[k], companions)
-        self._finisher = ViewFinisher(cfg)
+        return Samples(len(source), lambda k: self.sizes[k], source.describe, failed=failed)
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self.hand_out(self.epoch, len(self.batches()), self._pending())
+    def planned_ahead(self) -> int:
+        return 1  # planned when the consumer asks for it
 
-    def _pending(self) -> Iterator[tuple[int, Callable[[], Batch]]]:
+    def pending(self) -> Iterator[tuple[int, Callable[[], Batch]]]:
         epoch, batches = self.epoch, self.batches()
         for b in range(self._next, len(batches)):
-            yield b, partial(self._batch, self._planner.plan(epoch, b, batches[b]))
+            yield b, partial(self._batch, self.planner.plan(epoch, b, batches[b]))
 
     def _batch(self, plan: BatchPlan) -> Batch:
         """The batch of `plan`: its images gathered on the device, cut and augmented there."""
@@ -126,18 +110,7 @@ class MemoryLoader(EpochPosition):
         for i, indices in enumerate(groups):
             x = self.images.index_select(0, torch.from_numpy(indices).to(self.device, non_blocking=True))
             h, w = (int(s) + 1 for s in self.sizes[indices].max(0))  # the batch's largest image + the repeated edge
-            views += self._finisher.crop_and_finish(x[:, :h, :w], plan.windows[:, i * V : (i + 1) * V], gen, "hwc")
+            views += self.finisher.crop_and_finish(x[:, :h, :w], plan.windows[:, i * V : (i + 1) * V], gen, "hwc")
         return Batch(views, self.labels[plan.indices], torch.from_numpy(plan.indices),
                      None if plan.neighbours is None else torch.from_numpy(plan.neighbours),
                      torch.from_numpy(plan.windows))
-
-
-    def close(self) -> None:
-        """Nothing runs between batches, so nothing to stop (as the other backends' `close`, the loader can be
-        iterated again after); the decoded dataset is freed with the loader."""
-
-
-def memory_loader(data: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                  state: SampleState | None = None, **kwargs) -> MemoryLoader:  # noqa: ANN003
-    """A loader over a dataset decoded once into device memory. See `MemoryLoader`."""
-    return MemoryLoader(data, cfg, state, **kwargs)

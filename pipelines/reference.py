@@ -11,7 +11,7 @@ as every backend), `set_epoch`, `state_dict` / `load_state_dict` for an exact mi
 2. a persistent worker builds the whole batch from it (`ReferenceBatches.__getitem__`): PIL decode (once per
    image, companions included), the crops resized by PIL and augmented by torchvision under the plan's torch
    seed, and the batch collated;
-3. the consumer hands the batches out through `EpochPosition.hand_out` (position, overlap).
+3. the consumer hands the batches out through `Loader.hand_out` (position, overlap).
 
 Unlike the official ContrastiveCrop code, boxes are read live for every batch, so updates reach persistent
 workers too (the official code needs its workers re-created).
@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from viewpipe.augment import AugmentConfig, ViewAugment
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import decode_errors, open_image
-from viewpipe.pipelines import (Batch, BatchPlan, EpochPosition, LoaderConfig, Planner, Substitutes, check_state,
-                                dist_rank_world, resolve_overlap, sample_check)
+from viewpipe.pipelines.base import Batch, Loader, Samples, register
+from viewpipe.pipelines.config import LoaderConfig
+from viewpipe.pipelines.plan import BatchPlan, Planner, sample_check
 from viewpipe.sources import ImageSizes, Source, open_source
-from viewpipe.state import SampleState
 
 
 def torchvision_view_transform(view: ViewAugment, cfg: AugmentConfig):  # noqa: ANN201  (a torchvision transform)
@@ -131,53 +131,45 @@ def _as_is(batch: tuple) -> tuple:
     return batch
 
 
-class ReferenceLoader(EpochPosition):
-    """Iterable of `Batch`es like `DaliLoader`'s, on the CPU by default; with `companions` 2V views
-    (views[:V] of each sample, views[V:] of one of its neighbours, drawn uniformly from the SampleState's
-    neighbour table, view V + v augmented like view v) and the neighbours' int64 indices.
+@register("torch")
+class ReferenceLoader(Loader):
+    """`Loader` of the papers' way, on the CPU workers of a DataLoader (see the module): `cfg.workers`
+    persistent worker processes (0: in this process). A box or neighbour update published after the consumer
+    received batch u is used by every batch from u + `prefetch` on (`prefetch = workers × prefetch_factor +
+    1`: the batches already handed to workers, plus the one handed out when batch u was received; 1 without
+    workers; one more with overlap). `cfg.device`: where the views are handed over; with overlap, batch b + 1
+    is copied there on a side stream while the consumer has batch b."""
 
-    Batches are `epoch_batches(n, cfg, epoch, rank, world)`; `rank`/`world` default to torch.distributed's.
-    Windows are the DALI backend's for the same seed, epoch, rank, batch and state. A box or neighbour
-    update published after the consumer received batch u is used by every batch from u + `prefetch` on
-    (`prefetch = workers × prefetch_factor + 1`: the batches already handed to workers, plus the one handed
-    out when batch u was received; 1 without workers; one more with `overlap`). Workers persist across
-    epochs. `device`: where the views are handed over ("cpu", "cuda" or "auto"); `overlap` (default: on
-    with CUDA) copies batch b + 1 there on a side stream while the consumer has batch b. One iterator at a
-    time: starting a new one ends the previous one."""
+    is_reference = True
 
-    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                 state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
-                 companions: bool = False, prefetch_factor: int = 2, device: str | torch.device = "cpu",
-                 overlap: bool | None = None) -> None:
-        source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
-        check_state(state, len(source), companions)
-        if prefetch_factor < 1:
-            raise ViewpipeError(f"prefetch_factor must be at least 1, got {prefetch_factor}")
-        self.source, self.cfg, self.state = source, cfg, state
-        self.rank, self.world = dist_rank_world(rank, world)
-        self.companions = companions
-        self.workers = max(0, int(cfg.workers))
-        self.prefetch_factor = prefetch_factor
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.overlap = resolve_overlap(overlap, self.device)
-        self.prefetch = self.workers * prefetch_factor + 1 + int(self.overlap)
-        self.num_samples = len(source)
-        EpochPosition.__init__(self)
-        self.dataset = ReferenceBatches(source, cfg)
+    def open(self, source: str | os.PathLike[str] | Source) -> Samples:
+        source = open_source(source, self.cfg.split) if isinstance(source, (str, os.PathLike)) else source
+        if self.cfg.reference.prefetch_factor < 1:
+            raise ViewpipeError(f"prefetch_factor must be at least 1, got {self.cfg.reference.prefetch_factor}")
+        self.source, self.workers = source, max(0, int(self.cfg.workers))
         sizes = ImageSizes(source)
-        self.substitutes = Substitutes(self.num_samples, source.describe, sample_check(source, sizes))
-        self.sampler = EpochSampler(Planner(cfg, self.rank, state, self.substitutes, sizes, companions))
+        return Samples(len(source), sizes, source.describe, sample_check(source, sizes))
+
+    def planned_ahead(self) -> int:
+        return self.workers * self.cfg.reference.prefetch_factor + 1
+
+    def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(), state: Any = None,
+                 *, rank: int | None = None, world: int | None = None) -> None:
+        super().__init__(source, cfg, state, rank=rank, world=world)
+        self.dataset, self.sampler = self.make_dataset(), EpochSampler(self.planner)
+        factor = cfg.reference.prefetch_factor
         self._loader = DataLoader(
             self.dataset, batch_size=None, sampler=self.sampler, collate_fn=_as_is, num_workers=self.workers,
-            persistent_workers=self.workers > 0, prefetch_factor=prefetch_factor if self.workers else None,
+            persistent_workers=self.workers > 0, prefetch_factor=factor if self.workers else None,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator(),  # (the DataLoader's worker seeds: not from the caller's global RNG)
         )
 
-    def __iter__(self) -> Iterator[tuple]:
-        return self.hand_out(self.epoch, len(self.batches()), self._pending())
+    def make_dataset(self) -> Dataset:
+        """What the workers make each planned batch with."""
+        return ReferenceBatches(self.source, self.cfg)
 
-    def _pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
+    def pending(self) -> Iterator[tuple[int, Callable[[], tuple]]]:
         """(b, the function that moves batch b to the loader's device) for the rest of the epoch."""
         epoch, batches, b = self.epoch, self.batches(), self._next
         if b >= len(batches):
@@ -213,11 +205,3 @@ class ReferenceLoader(EpochPosition):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
-
-def reference_loader(source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
-                     state: SampleState | None = None, *, rank: int | None = None, world: int | None = None,
-                     companions: bool = False, prefetch_factor: int = 2, **kwargs) -> ReferenceLoader:  # noqa: ANN003
-    """The reference loader over a `Source` or a path (`viewpipe.sources.open_source`: an image folder, a
-    .npz collection or a converted dataset). See `ReferenceLoader`."""
-    return ReferenceLoader(source, cfg, state, rank=rank, world=world, companions=companions,
-                           prefetch_factor=prefetch_factor, **kwargs)

@@ -68,6 +68,30 @@ def loader_cfg(**kw):  # noqa: ANN003, ANN201  (viewpipe.pipelines.LoaderConfig)
     return LoaderConfig(**(dict(views=2, batch_size=8, augment=preset("mocov2", size=32), workers=2, seed=3) | kw))
 
 
+def with_options(cfg, **options):  # noqa: ANN001, ANN003, ANN201  (viewpipe.pipelines.LoaderConfig)
+    """`cfg` with each option set where `LoaderConfig` keeps it: its own fields (device, companions, overlap,
+    split, ...) or a backend's settings (`cfg.dali.prefetch_queue_depth`, `cfg.ffcv.fused`, ...)."""
+    from dataclasses import fields, replace
+
+    for key, value in options.items():
+        if key in {f.name for f in fields(cfg)}:
+            cfg = replace(cfg, **{key: value})
+            continue
+        section = next((f.name for f in fields(cfg) if hasattr(getattr(cfg, f.name), "__dataclass_fields__")
+                        and key in getattr(cfg, f.name).__dataclass_fields__), None)
+        if section is None:
+            raise TypeError(f"LoaderConfig has no option {key!r}")
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{key: value})})
+    return cfg
+
+
+def build(cls, data, cfg=None, state=None, *, rank=None, world=None, **options):  # noqa: ANN001, ANN003, ANN201
+    """`cls(data, cfg with options, state, rank=, world=)`: a loader class built as every loader is."""
+    from viewpipe.pipelines import LoaderConfig
+
+    return cls(data, with_options(cfg if cfg is not None else LoaderConfig(), **options), state, rank=rank, world=world)
+
+
 def documented_windows(sizes: "np.ndarray", boxes: "np.ndarray", cfg,  # noqa: ANN001  (a LoaderConfig)
                        rng: "np.random.Generator") -> "np.ndarray":
     """(B, V, 4) windows from the loaders' documented draws: one `draw` of V·B on `rng` (view-major; a batch's

@@ -28,13 +28,13 @@ import torch
 import ffcv  # noqa: F401  (`make test` installs both: a missing backend fails, never skips)
 import nvidia.dali  # noqa: F401
 
-from conftest import (FfcvDecoded, check_batches, core_crop, documented_windows, loader_cfg, plain_augment,
+from conftest import (build, FfcvDecoded, check_batches, core_crop, documented_windows, loader_cfg, plain_augment,
                       random_boxes, same_batches)
 from viewpipe.augment import preset
 from viewpipe.crop import CropConfig, view_windows
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import DatasetIndex, open_image
-from viewpipe.pipelines import Batch, LoaderConfig, epoch_batches, epoch_order, get_backend
+from viewpipe.pipelines import Batch, Loader, LoaderConfig, backends, epoch_batches, epoch_order, get_backend
 from viewpipe.sources import ShardSource
 from viewpipe.state import SampleState
 
@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BACKENDS = ["torch", "dali", "ffcv", "memory"]
 # what each backend needs to run on the CPU (the reference runs on the CPU by default)
-ON_CPU: dict[str, dict] = {"torch": {}, "dali": {"device_id": None}, "ffcv": {"device": "cpu"}, "memory": {"device": "cpu"}}
+ON_CPU: dict[str, dict] = {"torch": {}, "dali": {"device": "cpu"}, "ffcv": {"device": "cpu"}, "memory": {"device": "cpu"}}
 # cfg.workers: DataLoader processes for the reference (none: the tests stay in one process unless they ask),
 # decoding threads for DALI and FFCV
 WORKERS = {"torch": 0, "dali": 2, "ffcv": 2, "memory": 2}
@@ -63,7 +63,8 @@ def make(converted: Path) -> Any:
     made: list = []
 
     def make(backend: str, cfg: LoaderConfig, state: SampleState | None = None, data: Any = None, **kw):  # noqa: ANN202
-        loader = get_backend(backend)(converted if data is None else data, cfg, state, **ON_CPU[backend], **kw)
+        loader = build(get_backend(backend), converted if data is None else data, cfg, state, **ON_CPU[backend], **kw)
+        assert isinstance(loader, Loader)
         made.append(loader)
         return loader
 
@@ -189,11 +190,32 @@ class ViewPixels:
 
 
 def test_registered(backend: str) -> None:
+    """Each backend is its module's `Loader` subclass, registered under its name."""
     import importlib
 
-    module, name = {"torch": ("reference", "reference_loader"), "dali": ("dali", "dali_loader"),
-                    "ffcv": ("ffcv", "ffcv_loader"), "memory": ("memory", "memory_loader")}[backend]
-    assert get_backend(backend) is getattr(importlib.import_module(f"viewpipe.pipelines.{module}"), name)
+    module, name = {"torch": ("reference", "ReferenceLoader"), "dali": ("dali", "DaliLoader"),
+                    "ffcv": ("ffcv", "FfcvLoader"), "memory": ("memory", "MemoryLoader")}[backend]
+    cls = get_backend(backend)
+    assert cls is getattr(importlib.import_module(f"viewpipe.pipelines.{module}"), name)
+    assert issubclass(cls, Loader) and cls.name == backend and sorted(backends()) == sorted(BACKENDS)
+
+
+def test_every_loader_builds_from_the_same_arguments(converted: Path, state_name: str) -> None:
+    """Every registered backend and every benchmark-only loader it names is built as `Cls(source, cfg, state,
+    rank=, world=)` from the same arguments, is a `Loader` (context manager, length, position) and yields
+    `Batch`es of the epoch's samples."""
+    cfg = cfg_("torch", device="cpu", workers=1, batch_size=16)
+    with SampleState.create(N, name=state_name) as st:
+        built = []
+        for cls in backends().values():
+            for kind in (cls, *cls.baselines()):
+                with kind(ShardSource(converted), cfg, st, rank=0, world=1) as loader:
+                    assert isinstance(loader, Loader) and len(loader) == N // 16
+                    batch = next(iter(loader))
+                    assert isinstance(batch, Batch) and len(batch.indices) == 16
+                    assert set(batch.indices.tolist()) <= set(range(N)) and loader.state_dict()["batch"] == 1
+                built.append(kind.__name__)
+    assert len(built) == len(BACKENDS) + 5  # (DALI's decode, cut and stock loaders; FFCV's decode and stock)
 
 
 def test_shapes_dtypes_labels_and_length(backend: str, make: Callable, index: DatasetIndex) -> None:
@@ -251,10 +273,10 @@ LIVE = [
     ("torch", {"prefetch_factor": 2}, 0, 1),  # workers × prefetch_factor + 1 (+ 1 with overlap)
     ("torch", {"prefetch_factor": 1}, 1, 2),
     ("torch", {"prefetch_factor": 2}, 2, 5),
-    ("dali", {"prefetch": 1, "overlap": False}, 2, 1),  # DALI's queue depth (+ 1 with overlap)
-    ("dali", {"prefetch": 2, "overlap": False}, 2, 2),
-    ("dali", {"prefetch": 3, "overlap": False}, 2, 3),
-    ("dali", {"prefetch": 2, "overlap": True}, 2, 3),
+    ("dali", {"prefetch_queue_depth": 1, "overlap": False}, 2, 1),  # DALI's queue depth (+ 1 with overlap)
+    ("dali", {"prefetch_queue_depth": 2, "overlap": False}, 2, 2),
+    ("dali", {"prefetch_queue_depth": 3, "overlap": False}, 2, 3),
+    ("dali", {"prefetch_queue_depth": 2, "overlap": True}, 2, 3),
     ("ffcv", {"batches_ahead": 1}, 2, 3),  # batches_ahead + 2 (+ 1 with overlap)
     ("ffcv", {"batches_ahead": 3}, 2, 5),
     ("memory", {"overlap": False}, 2, 1),  # planned when the consumer asks (+ 1 with overlap)
@@ -434,8 +456,9 @@ def gloo_runs(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         for name, kw in {ON_CPU!r}.items():
             seen, error = {{}}, None
             try:
-                cfg = LoaderConfig(batch_size=10, drop_last=False, augment=plain, workers=0 if name == "torch" else 1)
-                loader = get_backend(name)("{converted}", cfg, **kw)
+                cfg = LoaderConfig(batch_size=10, drop_last=False, augment=plain, workers=0 if name == "torch" else 1,
+                                   **kw)
+                loader = get_backend(name)("{converted}", cfg)
                 assert (loader.rank, loader.world) == (rank, 2)
                 if name == "ffcv":
                     assert loader._loader.distributed

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import loader_cfg, plain_augment
+from conftest import build, loader_cfg, plain_augment
 from viewpipe.augment import preset
 from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import LoaderConfig
@@ -63,16 +63,16 @@ def test_stock_dali_baseline_batches_on_the_cpu(converted: dict[str, Path], name
     """DALI's CPU mode: one epoch of full batches, V normalised float views (B, 3, S, S) and int64 labels of
     the dataset (every preset's ops build: blur, solarize, no blur)."""
     from viewpipe.formats import DatasetIndex
-    from viewpipe.pipelines.baselines import stock_dali_loader
+    from viewpipe.pipelines.baselines import StockDaliLoader
 
     cfg = LoaderConfig(views=2, batch_size=8, augment=preset(name, size=32), workers=1)
-    loader = stock_dali_loader(converted["dali"], cfg, hw_decoder_load=0.3)
+    loader = build(StockDaliLoader, converted["dali"], cfg, hw_decoder_load=0.3)
     assert loader.device_id is None and loader.hw_decoder_load == 0.3
     batches = list(loader)
     assert len(batches) == 96 // 8
     labels = set(DatasetIndex.load(converted["dali"]).labels.tolist())
-    for views, lab in batches:
-        assert len(views) == 2
+    for views, lab, indices, *_ in batches:
+        assert len(views) == 2 and indices.shape == (8,) and set(indices.tolist()) <= set(range(96))
         for v in views:
             assert v.shape == (8, 3, 32, 32) and v.dtype == torch.float32 and v.device.type == "cpu"
             assert torch.isfinite(v).all() and -2.5 < v.mean() < 2.5 and 0.1 < v.std() < 3
@@ -88,13 +88,13 @@ def test_stock_dali_baseline_gives_each_group_its_own_size_and_augmentation(conv
     from dataclasses import replace
 
     from viewpipe.pipelines import ViewGroup
-    from viewpipe.pipelines.baselines import stock_dali_loader
+    from viewpipe.pipelines.baselines import StockDaliLoader
 
     small = replace(preset("mocov2", size=16), mean=(0.0, 0.0, 0.0), std=(100 / 255,) * 3)
     groups = (ViewGroup(2, 32, (0.2, 1.0)), ViewGroup(3, 16, (0.05, 0.2), ratio=(1.0, 1.0), augment=small))
     cfg = LoaderConfig(views=5, batch_size=8, augment=preset("mocov2", size=32), groups=groups, workers=1)
-    loader = stock_dali_loader(converted["dali"], cfg)
-    views, _ = next(iter(loader))
+    loader = build(StockDaliLoader, converted["dali"], cfg)
+    views = next(iter(loader)).views
     loader.close()
     assert [tuple(v.shape) for v in views] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
     assert all(v.min() < -0.5 for v in views[:2])  # ImageNet's normalisation
@@ -102,10 +102,10 @@ def test_stock_dali_baseline_gives_each_group_its_own_size_and_augmentation(conv
 
 
 def test_stock_dali_baseline_needs_shards(converted: dict[str, Path]) -> None:
-    from viewpipe.pipelines.baselines import stock_dali_loader
+    from viewpipe.pipelines.baselines import StockDaliLoader
 
     with pytest.raises(ViewpipeError, match="no DALI shards"):
-        stock_dali_loader(converted["ffcv"], LoaderConfig(batch_size=8))
+        build(StockDaliLoader, converted["ffcv"], LoaderConfig(batch_size=8))
 
 
 # ------------------------------------------------------------------------------------ the other baselines
@@ -120,34 +120,36 @@ def test_production_backends_carry_no_benchmark_modes() -> None:
     assert not hasattr(reference, "DecodeDataset") and not hasattr(ffcv, "stock_rrc_loader")
 
 
-def test_bench_knows_every_backend() -> None:
-    """`--backend`'s choices (listed without importing torch) are the backends there are."""
-    from viewpipe.pipelines import BACKENDS
-    from viewpipe.tools.bench import BACKEND_NAMES
+def test_bench_knows_every_backend(image_folder: Path) -> None:
+    """`--backend` takes the registered backends (`viewpipe.pipelines.backends()`); another name is one line
+    listing them."""
+    from viewpipe.pipelines import BACKENDS, backends
 
-    assert BACKEND_NAMES == tuple(sorted(BACKENDS))
+    assert list(backends()) == sorted(BACKENDS) == ["dali", "ffcv", "memory", "torch"]
+    one_line_error(viewpipe("bench", "--data", str(image_folder), "--backend", "nosuch"), "unknown backend 'nosuch'",
+                   "available: dali, ffcv, memory, torch")
 
 
 def test_dali_decode_only_reads_every_sample_of_the_epoch(converted: dict[str, Path]) -> None:
     """The decode ceiling `viewpipe bench` reports: the same batches as the DALI loader, decoded and nothing else."""
-    from viewpipe.pipelines.baselines import dali_decode_loader
-    from viewpipe.pipelines.dali import dali_loader
+    from viewpipe.pipelines.baselines import DaliDecodeLoader
+    from viewpipe.pipelines.dali import DaliLoader
 
     cfg = loader_cfg(drop_last=False)
-    plain = [idx.tolist() for _, _, idx, *_ in dali_loader(converted["dali"], cfg, device_id=None)]
-    only = list(dali_decode_loader(converted["dali"], cfg, device_id=None))
+    plain = [idx.tolist() for _, _, idx, *_ in build(DaliLoader, converted["dali"], cfg, device="cpu")]
+    only = list(build(DaliDecodeLoader, converted["dali"], cfg, device="cpu"))
     assert [idx.tolist() for _, _, idx, *_ in only] == plain and all(v is None for v, *_ in only)
 
 
 def test_dali_cut_loader_gives_the_views_before_the_photometric_step(converted: dict[str, Path]) -> None:
     """bench's "no photometric ops" row: the DALI loader's own views (same batches and windows) as uint8
     (B, S, S, 3), which the photometric step (here plain: only / 255) turns into the loader's views."""
-    from viewpipe.pipelines.baselines import dali_cut_loader
-    from viewpipe.pipelines.dali import dali_loader
+    from viewpipe.pipelines.baselines import DaliCutLoader
+    from viewpipe.pipelines.dali import DaliLoader
 
     cfg = loader_cfg(augment=plain_augment(32), workers=1)
-    full = list(dali_loader(converted["dali"], cfg, device_id=None))
-    cut = list(dali_cut_loader(converted["dali"], cfg, device_id=None))
+    full = list(build(DaliLoader, converted["dali"], cfg, device="cpu"))
+    cut = list(build(DaliCutLoader, converted["dali"], cfg, device="cpu"))
     assert len(cut) == len(full) == 96 // 8
     for (va, la, ia, _, wa), (vb, lb, ib, _, wb) in zip(full, cut):
         assert torch.equal(ia, ib) and torch.equal(la, lb) and torch.equal(wa, wb)
@@ -159,9 +161,9 @@ def test_dali_cut_loader_gives_the_views_before_the_photometric_step(converted: 
 def test_ffcv_decode_only_yields_the_epochs_batches_without_views(converted: dict[str, Path]) -> None:
     """The FFCV decode ceiling `viewpipe bench` reports: the epoch's batches (here in index order), no views,
     each image decoded once by the backend's compiled decoder."""
-    from viewpipe.pipelines.baselines import ffcv_decode_loader
+    from viewpipe.pipelines.baselines import FfcvDecodeLoader
 
-    c = ffcv_decode_loader(converted["ffcv"], loader_cfg(shuffle=False, drop_last=False, augment=plain_augment(32)),
+    c = build(FfcvDecodeLoader, converted["ffcv"], loader_cfg(shuffle=False, drop_last=False, augment=plain_augment(32)),
                            device="cpu")
     c.set_epoch(4)
     batches = list(c)
@@ -174,11 +176,11 @@ def test_stock_ffcv_loader_decodes_per_view_and_reports_indices(converted: dict[
     """FFCV's RandomResizedCropRGBImageDecoder once per view; the sample indices come from a second
     pipeline over the label field, and match the epoch's batches and the labels."""
     from viewpipe.formats import DatasetIndex
-    from viewpipe.pipelines.baselines import stock_rrc_loader
+    from viewpipe.pipelines.baselines import StockFfcvLoader
 
     index = DatasetIndex.load(converted["ffcv"])
     cfg = loader_cfg(views=2)
-    loader = stock_rrc_loader(converted["ffcv"], cfg, device="cpu")
+    loader = build(StockFfcvLoader, converted["ffcv"], cfg, device="cpu")
     batches = list(loader)
     assert len(batches) == len(loader) == 12
     for (views, labels, indices, *_), expect in zip(batches, loader.batches(0)):
@@ -187,7 +189,7 @@ def test_stock_ffcv_loader_decodes_per_view_and_reports_indices(converted: dict[
         assert torch.equal(labels, torch.from_numpy(index.labels[expect]))
     del loader, batches
     with pytest.raises(ViewpipeError, match="no companions or fused crops"):
-        stock_rrc_loader(converted["ffcv"], cfg, device="cpu", companions=True)
+        build(StockFfcvLoader, converted["ffcv"], cfg, device="cpu", companions=True)
 
 
 # ------------------------------------------------------------------------------------ bench rows
@@ -205,12 +207,14 @@ def test_bench_dali_rows_from_a_cached_converted_copy(image_folder: Path) -> Non
     assert [r["name"] for r in rows] == [
         "decode only (PIL, ceiling)", "torch, 2 views, ContrastiveCrop boxes", "torch, 2 views, RandomResizedCrop",
         "dali, decode only (CPU, ceiling)",
-        "dali, 2 views, boxes, no photometric ops",
-        "augmenter alone (torch, cpu), 2 views",
-        "dali, 2 views, ContrastiveCrop boxes", "dali, 2 views, RandomResizedCrop", STOCK]
+        "dali, 2 views, boxes, no photometric ops", STOCK,
+        "dali, 2 views, ContrastiveCrop boxes", "dali, 2 views, RandomResizedCrop",
+        "augmenter alone (torch, cpu), 2 views"]
     assert any("augmenter alone (fused): omitted" in n for n in notes)  # (no GPU here)
-    stock = rows[-1]["images_per_s"]
-    assert rows[-1]["of_stock_dali"] == 1.0 and rows[-1]["views"] == 2
+    (stock_row,) = [r for r in rows if r["name"] == STOCK]
+    stock = stock_row["images_per_s"]
+    assert stock_row["of_stock_dali"] == 1.0 and stock_row["views"] == 2
+    assert [r["name"] for r in rows if r["reference"]] == [rows[1]["name"], rows[2]["name"]]
     for r in rows:
         assert r["images"] == 2 * 8 and r["images_per_s"] > 0
         assert r["of_stock_dali"] == pytest.approx(r["images_per_s"] / stock)
@@ -249,7 +253,8 @@ def test_bench_ffcv_on_an_ffcv_only_conversion(converted: dict[str, Path]) -> No
     out = json.loads(res.stdout)
     assert [r["name"] for r in out["rows"]] == [
         "ffcv, decode only (CPU threads, ceiling)", "ffcv stock RandomResizedCrop, 2 decodes per image",
-        "ffcv, 2 views, ContrastiveCrop boxes", "ffcv, 2 views, RandomResizedCrop"]
+        "ffcv, 2 views, ContrastiveCrop boxes", "ffcv, 2 views, RandomResizedCrop",
+        "augmenter alone (torch, cpu), 2 views"]
     assert all(r["images"] == 16 and r["of_stock_dali"] is None for r in out["rows"])
     assert out["images"] == 96 and any("decode only (PIL" in n and "no DALI shards" in n for n in out["notes"])
     from viewpipe.tools.bench import bench_source, converted_data

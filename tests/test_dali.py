@@ -1,4 +1,4 @@
-"""What only the DALI backend has, in DALI's CPU-only mode (`device_id=None`): the ROI axis order against PIL
+"""What only the DALI backend has, in DALI's CPU-only mode (`device="cpu"`): the ROI axis order against PIL
 crops, any `Source` read file by file, decode failures found by re-decoding, its errors.
 The loader contract every backend meets (shapes, windows, live updates, companions, ranks, order, resume) is
 tests/test_backends.py."""
@@ -14,12 +14,12 @@ import torch
 
 import nvidia.dali  # noqa: E402,F401  (`make test` installs it: a missing backend fails, never skips)
 
-from conftest import documented_windows, plain_augment, same_batches  # noqa: E402
+from conftest import build, documented_windows, plain_augment, same_batches  # noqa: E402
 from conftest import loader_cfg as cfg_  # noqa: E402
 from viewpipe.crop import CropConfig  # noqa: E402
 from viewpipe.formats import DatasetIndex, open_image, shard_paths  # noqa: E402
 from viewpipe.pipelines import epoch_order  # noqa: E402
-from viewpipe.pipelines.dali import dali_loader  # noqa: E402
+from viewpipe.pipelines.dali import DaliLoader  # noqa: E402
 from viewpipe.sources import ShardSource  # noqa: E402
 
 S = 32
@@ -46,7 +46,7 @@ def test_roi_axis_order_against_pil_crops(dataset: Path) -> None:
     index = DatasetIndex.load(dataset)
     assert (index.heights != index.widths).sum() > 48  # mostly non-square images
     cfg = cfg_(augment=PLAIN, crop=CropConfig(use_box=False))
-    loader = dali_loader(dataset, cfg, device_id=None)
+    loader = build(DaliLoader, dataset, cfg, device="cpu")
     loader.set_epoch(1)
     source = ShardSource(dataset)
     diffs, swapped, nonsquare = [], [], 0
@@ -82,7 +82,7 @@ def test_missing_shards_is_a_clear_error(dataset: Path, tmp_path: Path) -> None:
     from viewpipe.errors import ViewpipeError
 
     with pytest.raises(ViewpipeError, match="dataset index"):
-        dali_loader(tmp_path, cfg_(), device_id=None)
+        build(DaliLoader, tmp_path, cfg_(), device="cpu")
 
 
 def test_missing_dali_is_a_clear_error(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,7 +90,7 @@ def test_missing_dali_is_a_clear_error(dataset: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ViewpipeError, match=r"NVIDIA DALI is not installed.*viewpipe\[dali\]"):
-        dali_loader(dataset, cfg_(), device_id=None)
+        build(DaliLoader, dataset, cfg_(), device="cpu")
 
 
 def test_a_source_gives_the_same_batches_as_its_shards(dataset: Path, image_folder: Path) -> None:
@@ -98,8 +98,8 @@ def test_a_source_gives_the_same_batches_as_its_shards(dataset: Path, image_fold
     from viewpipe.sources import open_source
 
     cfg = cfg_(augment=PLAIN)
-    a = list(dali_loader(dataset, cfg, device_id=None))
-    b = list(dali_loader(open_source(image_folder), cfg, device_id=None))
+    a = list(build(DaliLoader, dataset, cfg, device="cpu"))
+    b = list(build(DaliLoader, open_source(image_folder), cfg, device="cpu"))
     assert len(a) == len(b) == 12
     same_batches(a, b)
 
@@ -126,8 +126,8 @@ def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tm
         f.seek(int(index.offsets[bad]))
         f.write(b"\0" * 64)
     cfg = cfg_(augment=PLAIN)
-    good = list(dali_loader(dataset, cfg, device_id=None))
-    loader = dali_loader(damaged, cfg, device_id=None)
+    good = list(build(DaliLoader, dataset, cfg, device="cpu"))
+    loader = build(DaliLoader, damaged, cfg, device="cpu")
     got = list(loader)
     assert len(got) == len(good)
     assert list(loader.decode_failures) == [bad]
@@ -142,7 +142,7 @@ def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tm
             assert all(torch.equal(x, y) for x, y in zip(va, vb))
     # the replacement is part of the loader's state: a resumed run does not need to find it again
     sd = loader.state_dict()
-    again = dali_loader(damaged, cfg, device_id=None)
+    again = build(DaliLoader, damaged, cfg, device="cpu")
     again.load_state_dict(sd | {"epoch": 0, "batch": 1})
     assert [idx.tolist() for _, _, idx, *_ in again] == [idx.tolist() for _, _, idx, *_ in got[1:]]
     assert "fails to decode" not in capfd.readouterr().err

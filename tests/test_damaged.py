@@ -14,6 +14,7 @@ import pytest
 
 import nvidia.dali  # noqa: F401  (`make test` installs it: a missing backend fails, never skips)
 
+from conftest import build
 from viewpipe.augment import preset
 from viewpipe.formats import DatasetIndex, shard_paths
 from viewpipe.pipelines import LoaderConfig, get_backend
@@ -43,10 +44,10 @@ def test_the_source_names_the_damaged_sample(damaged: Path) -> None:
     assert src.damaged(np.arange(len(src))) == {BAD: src.damaged(np.array([BAD]))[BAD]}  # good ones checked once
 
 
-@pytest.mark.parametrize("backend,kw", [("torch", {}), ("dali", {"device_id": None}), ("memory", {})])
+@pytest.mark.parametrize("backend,kw", [("torch", {}), ("dali", {"device": "cpu"}), ("memory", {})])
 def test_every_backend_replaces_it(damaged: Path, backend: str, kw: dict, capfd: pytest.CaptureFixture) -> None:
     cfg = LoaderConfig(views=2, batch_size=16, augment=preset("mocov2", size=24), workers=1, drop_last=False)
-    loader = get_backend(backend)(damaged, cfg, **kw)
+    loader = build(get_backend(backend), damaged, cfg, **kw)
     seen = [k for batch in loader for k in batch.indices.tolist()]
     err = capfd.readouterr().err
     assert err.count("is damaged") == 1 and f"sample {BAD} " in err and f"replaced by sample {BAD + 1}" in err

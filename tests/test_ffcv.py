@@ -19,14 +19,14 @@ import torch
 
 import ffcv  # noqa: E402,F401  (`make test` installs it: a missing backend fails, never skips)
 
-from conftest import FfcvDecoded as Decoded  # noqa: E402
+from conftest import build, FfcvDecoded as Decoded  # noqa: E402
 from conftest import core_crop, documented_windows, plain_augment, random_boxes  # noqa: E402
 from conftest import loader_cfg as cfg_  # noqa: E402
 from viewpipe.crop import CropConfig  # noqa: E402
 from viewpipe.errors import ViewpipeError  # noqa: E402
 from viewpipe.formats import BETON  # noqa: E402
 from viewpipe.pipelines import LoaderConfig  # noqa: E402
-from viewpipe.pipelines.ffcv import ffcv_loader  # noqa: E402
+from viewpipe.pipelines.ffcv import FfcvLoader  # noqa: E402
 from viewpipe.state import SampleState  # noqa: E402
 
 S = 32
@@ -95,7 +95,7 @@ def pixels(view: torch.Tensor) -> torch.Tensor:
 def test_one_decode_per_image_companions_included(dataset: Path, state_name: str) -> None:
     """The compiled decoder counts each imdecode call: 3 views per image, one decode per image; with
     companions, one decode per image in a batch (the sample's and its neighbour's); the stated bound."""
-    loader = ffcv_loader(dataset, cfg_(views=3, batch_size=10), device="cpu")
+    loader = build(FfcvLoader, dataset, cfg_(views=3, batch_size=10), device="cpu")
     assert loader.prefetch == loader.batches_ahead + 2
     seen = [k for batch in loader for k in batch.indices.tolist()]
     assert len(seen) == 90
@@ -105,7 +105,7 @@ def test_one_decode_per_image_companions_included(dataset: Path, state_name: str
     N, k = 96, 3
     with SampleState.create(N, name=state_name, neighbours=k) as st:
         st.set_neighbours(np.stack([(np.arange(N) + 7 * (j + 1)) % N for j in range(k)], 1).astype(np.int32))
-        loader = ffcv_loader(dataset, cfg_(augment=PLAIN), st, device="cpu", companions=True)
+        loader = build(FfcvLoader, dataset, cfg_(augment=PLAIN), st, device="cpu", companions=True)
         appearances = np.zeros(N, np.int64)
         for _, _, idx, nb, _ in loader:
             np.add.at(appearances, idx.numpy(), 1)
@@ -116,7 +116,7 @@ def test_one_decode_per_image_companions_included(dataset: Path, state_name: str
 def test_ranks_run_ffcv_distributed(dataset: Path) -> None:
     """With several ranks FFCV runs with `distributed=True` and the backend's order (the partition itself:
     tests/test_backends.py)."""
-    assert ffcv_loader(dataset, cfg_(), device="cpu", rank=1, world=2)._loader.distributed
+    assert build(FfcvLoader, dataset, cfg_(), device="cpu", rank=1, world=2)._loader.distributed
 
 
 def check_update(loader, st: SampleState, sizes, n: int, cfg: LoaderConfig,  # noqa: ANN001
@@ -151,11 +151,11 @@ def test_box_update_with_a_large_table_and_exact_pixels_of_raw_samples(big_datas
     sizes = lambda idx: np.array([big_image(k).shape[:2] for k in idx.tolist()])  # noqa: E731
     with SampleState.create(BIG_N, name=state_name) as st:
         assert st.boxes().nbytes > 10**6
-        loader = ffcv_loader(big_dataset, cfg, st, device="cpu", batches_ahead=2)
+        loader = build(FfcvLoader, big_dataset, cfg, st, device="cpu", batches_ahead=2)
         check_update(loader, st, sizes, BIG_N, cfg, stop=9)
         views, labels, indices, _, windows = next(iter(loader))  # the loader is reusable after a break
         assert torch.equal(labels, indices % 7)
-        fused = ffcv_loader(big_dataset, cfg, st, device="cpu", fused=True)
+        fused = build(FfcvLoader, big_dataset, cfg, st, device="cpu", fused=True)
         fused.load_state_dict(loader.state_dict() | {"batch": loader.state_dict()["batch"] - 1})
         fviews, _, findices, _, fwindows = next(iter(fused))
         assert torch.equal(indices, findices) and torch.equal(windows, fwindows)
@@ -179,8 +179,8 @@ def test_fused_crops_match_the_unfused_path(dataset: Path, state_name: str) -> N
     cfg = cfg_(views=4, augment=PLAIN, crop=CropConfig(alpha=0.6))
     with SampleState.create(96, name=state_name) as st:
         st.set_boxes(random_boxes(96, 2))
-        unfused = list(ffcv_loader(dataset, cfg, st, device="cpu"))
-        loader = ffcv_loader(dataset, cfg, st, device="cpu", fused=True)
+        unfused = list(build(FfcvLoader, dataset, cfg, st, device="cpu"))
+        loader = build(FfcvLoader, dataset, cfg, st, device="cpu", fused=True)
         fused = list(loader)
     assert loader.decodes.sum() == 96 and loader.decodes.max() == 1  # 4 views, still one decode per image
     up, down = [], []
@@ -209,12 +209,12 @@ def test_stale_ffcv_dispatchers_are_collected_quietly(dataset: Path) -> None:
         import gc, weakref
         from viewpipe.pipelines import LoaderConfig
         from viewpipe.augment import preset
-        from viewpipe.pipelines.ffcv import ffcv_loader
-        from viewpipe.pipelines.baselines import stock_rrc_loader
-        cfg = LoaderConfig(batch_size=8, augment=preset("mocov2", size=8), workers=1)
-        loader = stock_rrc_loader({str(dataset)!r}, cfg, device="cpu")
+        from viewpipe.pipelines.ffcv import FfcvLoader
+        from viewpipe.pipelines.baselines import StockFfcvLoader
+        cfg = LoaderConfig(batch_size=8, augment=preset("mocov2", size=8), workers=1, device="cpu")
+        loader = StockFfcvLoader({str(dataset)!r}, cfg)
         next(iter(loader)); loader.close(); del loader
-        ffcv_loader({str(dataset)!r}, cfg, device="cpu").close()
+        FfcvLoader({str(dataset)!r}, cfg).close()
         gc.collect()
         class Other: pass
         o = Other(); weakref.finalize(o, lambda: 1 / 0); del o  # any other unraisable error still shows
@@ -228,10 +228,10 @@ def test_stale_ffcv_dispatchers_are_collected_quietly(dataset: Path) -> None:
 
 def test_clear_errors(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ViewpipeError, match=r"not an FFCV dataset; convert it first \(viewpipe convert .* DST "):
-        ffcv_loader(tmp_path, cfg_(), device="cpu")
+        build(FfcvLoader, tmp_path, cfg_(), device="cpu")
     monkeypatch.setitem(sys.modules, "ffcv.loader", None)
     with pytest.raises(ViewpipeError, match=r"FFCV is not installed.*viewpipe\[ffcv\]"):
-        ffcv_loader(dataset, cfg_(), device="cpu")
+        build(FfcvLoader, dataset, cfg_(), device="cpu")
 
 
 def test_damaged_jpeg_bytes_are_replaced_and_named(dataset: Path, tmp_path: Path,
@@ -250,7 +250,7 @@ def test_damaged_jpeg_bytes_are_replaced_and_named(dataset: Path, tmp_path: Path
         f.write(np.random.default_rng(0).integers(0, 256, 48, dtype=np.uint8).tobytes())
     data, H, W = Decoded(damaged).data(bad)
     assert imdecode(data, np.zeros((H, W, 3), np.uint8), H, W, H, W, 0, 0, 1, 1, False, False) != 0
-    loader = ffcv_loader(damaged, cfg_(augment=PLAIN, drop_last=False), device="cpu")
+    loader = build(FfcvLoader, damaged, cfg_(augment=PLAIN, drop_last=False), device="cpu")
     seen = [k for batch in loader for k in batch[2].tolist()]
     err = capfd.readouterr().err
     assert err.count("fails to decode") == 1 and f"sample {bad})" in err and f"replaced by sample {bad + 1}" in err

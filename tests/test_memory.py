@@ -14,12 +14,12 @@ import torch
 
 import nvidia.dali  # noqa: F401  (`make test` installs it: a missing backend fails, never skips)
 
-from conftest import check_resumed
+from conftest import build, check_resumed
 from viewpipe.augment import AugmentConfig, ViewAugment, crop_resize, preset, to_nchw
 from viewpipe.crop import CropConfig
 from viewpipe.formats import DatasetIndex, open_image
 from viewpipe.pipelines import LoaderConfig, epoch_order, get_backend, parse_views
-from viewpipe.pipelines.memory import MemoryLoader, decode_all, memory_loader
+from viewpipe.pipelines.memory import MemoryLoader, decode_all, MemoryLoader
 from viewpipe.sources import FolderSource, open_source
 from viewpipe.state import SampleState
 from viewpipe.convert import convert
@@ -60,8 +60,8 @@ def test_batches_windows_and_views_match_the_dali_backend(dataset: Path, state_n
     cfg = cfg_(augment=PLAIN, crop=CropConfig(alpha=0.6))
     with SampleState.create(len(index), name=state_name) as st:
         st.set_boxes(np.tile(np.array([0.1, 0.2, 0.6, 0.9], np.float32), (len(index), 1)))
-        mem = get_backend("memory")(dataset, cfg, st)
-        dali = get_backend("dali")(dataset, cfg, st, device_id=None)
+        mem = build(get_backend("memory"), dataset, cfg, st)
+        dali = build(get_backend("dali"), dataset, cfg, st, device="cpu")
         mem.set_epoch(3), dali.set_epoch(3)
         a, b = list(mem), list(dali)
     assert isinstance(mem, MemoryLoader) and len(a) == len(b) == len(index) // 16
@@ -88,8 +88,8 @@ def test_photometric_views_equal_the_dali_backend_for_the_same_plan(dataset: Pat
     aug = preset("simclr", size=S)
     aug = AugmentConfig(size=S, views=tuple(v.__class__(**{**v.__dict__, "blur": 0.0}) for v in aug.views))
     cfg = cfg_(augment=aug)
-    a = list(memory_loader(dataset, cfg))[:3]
-    b = list(get_backend("dali")(dataset, cfg, device_id=None))[:3]
+    a = list(build(MemoryLoader, dataset, cfg))[:3]
+    b = list(build(get_backend("dali"), dataset, cfg, device="cpu"))[:3]
     for x, y in zip(a, b):
         assert torch.equal(x.windows, y.windows)
         for u, v in zip(x.views, y.views):  # normalised units (0.05: about 3 grey levels on average)
@@ -102,7 +102,7 @@ def test_live_update_bound_ranks_resume_and_companions(dataset: Path, state_name
     N, cfg = len(index), cfg_(augment=PLAIN, crop=CropConfig(alpha=0.6), batch_size=8)
     with SampleState.create(N, name=state_name, neighbours=2) as st:
         st.set_neighbours(np.stack([(np.arange(N) + 1) % N, (np.arange(N) + 2) % N], 1).astype(np.int32))
-        loader = memory_loader(dataset, cfg, st, companions=True, overlap=True)
+        loader = build(MemoryLoader, dataset, cfg, st, companions=True, overlap=True)
         assert loader.prefetch == 2
         new_box, update_after = np.array([0.0, 0.0, 0.2, 0.2], np.float32), 2
         for b, batch in enumerate(loader):
@@ -122,13 +122,13 @@ def test_live_update_bound_ranks_resume_and_companions(dataset: Path, state_name
         torch.testing.assert_close(batch.views[2][0], crop_resize(img, torch.tensor([[[top, left, h, w]]]), S)[0] / 255,
                                    atol=1e-4, rtol=0)
     # ranks partition the epoch; resume replays the rest exactly
-    seen = [i for r in range(3) for x in memory_loader(dataset, cfg, rank=r, world=3) for i in x.indices.tolist()]
+    seen = [i for r in range(3) for x in build(MemoryLoader, dataset, cfg, rank=r, world=3) for i in x.indices.tolist()]
     assert len(seen) == len(set(seen)) == (N // 3 // 8) * 8 * 3
-    full = list(memory_loader(dataset, cfg))
-    first = memory_loader(dataset, cfg)
+    full = list(build(MemoryLoader, dataset, cfg))
+    first = build(MemoryLoader, dataset, cfg)
     it = iter(first)
     head = [next(it) for _ in range(4)]
-    again = memory_loader(dataset, cfg)
+    again = build(MemoryLoader, dataset, cfg)
     again.load_state_dict(first.state_dict())
     check_resumed(full[4:], list(again))
     check_resumed(full[:4], head)
@@ -140,7 +140,7 @@ def test_multicrop_and_a_damaged_image(image_folder: Path, tmp_path: Path, capfd
     bad = FolderSource(root).paths[9]
     Path(bad).write_bytes(b"not an image")
     cfg = cfg_(groups=parse_views("2x24,3x12@0.05-0.2"), augment=preset("mocov2", size=24), drop_last=False)
-    loader = memory_loader(root, cfg)
+    loader = build(MemoryLoader, root, cfg)
     batches = list(loader)
     assert [tuple(v.shape[1:]) for v in batches[0].views] == [(3, 24, 24)] * 2 + [(3, 12, 12)] * 3
     seen = [k for x in batches for k in x.indices.tolist()]

@@ -11,6 +11,7 @@ import torch
 
 import nvidia.dali  # noqa: F401  (`make test` installs it: a missing backend fails, never skips)
 
+from conftest import build
 from viewpipe.augment import preset
 from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
@@ -21,7 +22,7 @@ from viewpipe.convert import convert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKENDS = ["torch", "dali", "ffcv"]
-KW = {"torch": {}, "dali": {"device_id": None}, "ffcv": {"device": "cpu"}}
+KW = {"torch": {}, "dali": {"device": "cpu"}, "ffcv": {"device": "cpu"}}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_groups_sizes_scales_and_boxes(backend: str, dataset: Path, state_name: 
     n = len(index)
     with SampleState.create(n, name=state_name) as st:
         st.set_boxes(np.tile(np.array([0.0, 0.0, 0.2, 0.2], np.float32), (n, 1)))  # top-left corner
-        loader = get_backend(backend)(dataset, cfg, st, **KW[backend])
+        loader = build(get_backend(backend), dataset, cfg, st, **KW[backend])
         batches = list(loader)
     areas, centres = {g: [] for g in range(3)}, {g: [] for g in range(3)}
     for batch in batches:
@@ -84,8 +85,8 @@ def test_one_group_is_the_plain_loader(dataset: Path) -> None:
     base = LoaderConfig(views=2, batch_size=16, augment=preset("mocov2", size=24), workers=1, seed=4)
     grouped = LoaderConfig(batch_size=16, augment=preset("mocov2", size=24), workers=1, seed=4,
                            groups=(ViewGroup(2, 24, base.crop.scale),))
-    a, b = list(get_backend("dali")(dataset, base, device_id=None)), list(get_backend("dali")(dataset, grouped,
-                                                                                               device_id=None))
+    a, b = list(build(get_backend("dali"), dataset, base, device="cpu")), list(build(get_backend("dali"), dataset, grouped,
+                                                                                               device="cpu"))
     for x, y in zip(a, b):
         assert torch.equal(x.windows, y.windows) and all(torch.equal(p, q) for p, q in zip(x.views, y.views))
 

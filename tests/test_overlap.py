@@ -13,6 +13,7 @@ import torch
 
 import nvidia.dali  # noqa: F401  (`make test` installs it: a missing backend fails, never skips)
 
+from conftest import build
 from viewpipe.augment import preset
 from viewpipe.pipelines import LoaderConfig, get_backend
 from viewpipe.state import SampleState
@@ -31,7 +32,7 @@ def dataset(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def make(backend: str, data: Path, state: SampleState, overlap: bool):  # noqa: ANN201
     cfg = LoaderConfig(views=2, batch_size=16, augment=preset("mocov2", size=24), workers=1, seed=5)
-    return get_backend(backend)(data, cfg, state, overlap=overlap)
+    return build(get_backend(backend), data, cfg, state, overlap=overlap)
 
 
 def same(a: list, b: list) -> None:

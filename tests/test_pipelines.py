@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import LoaderConfig, dist_rank_world, epoch_batches, epoch_order
+from viewpipe.dist import rank_world as dist_rank_world
+from viewpipe.pipelines import LoaderConfig, epoch_batches, epoch_order
 
 
 def test_epoch_order_partitions_the_samples_over_ranks() -> None:

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import plain_augment
+from conftest import build, plain_augment
 from viewpipe.augment import preset
 from viewpipe.errors import ViewpipeError
 from viewpipe.formats import decode_rgb
 from viewpipe.pipelines import LoaderConfig
-from viewpipe.pipelines.reference import ReferenceLoader, reference_loader
+from viewpipe.pipelines.reference import ReferenceLoader, ReferenceLoader
 from viewpipe.sources import FolderSource
 
 S = 32
@@ -35,7 +35,7 @@ def _cfg(**kw) -> LoaderConfig:
 def test_a_path_is_opened_as_a_source(image_folder: Path) -> None:
     """An image folder given as a path is read as a `FolderSource` (sizes from the headers): without drop_last
     every sample once, the last batch smaller."""
-    loader = reference_loader(str(image_folder), _cfg(batch_size=10, drop_last=False, augment=PLAIN))
+    loader = build(ReferenceLoader, str(image_folder), _cfg(batch_size=10, drop_last=False, augment=PLAIN))
     assert isinstance(loader, ReferenceLoader) and isinstance(loader.source, FolderSource)
     got = list(loader)
     assert [len(b[2]) for b in got] == [10] * 9 + [6]
@@ -45,7 +45,7 @@ def test_a_path_is_opened_as_a_source(image_folder: Path) -> None:
 
 def test_close_stops_the_workers(image_folder: Path) -> None:
     """close() stops the persistent workers now; a later iteration starts new ones where the consumer was."""
-    loader = reference_loader(image_folder, _cfg(workers=2, augment=PLAIN))
+    loader = build(ReferenceLoader, image_folder, _cfg(workers=2, augment=PLAIN))
     head = [b for _, b in zip(range(5), loader)]
     assert loader._loader._iterator is not None
     loader.close()
@@ -64,7 +64,7 @@ def test_a_file_that_does_not_decode_is_named_and_replaced(image_folder: Path, t
     shutil.copytree(image_folder, root)
     bad = FolderSource(root).paths[17]
     Path(bad).write_bytes(b"not an image")
-    loader = reference_loader(root, _cfg(workers=workers, augment=PLAIN, drop_last=False))
+    loader = build(ReferenceLoader, root, _cfg(workers=workers, augment=PLAIN, drop_last=False))
     seen = [k for batch in loader for k in batch[2].tolist()]
     err = capfd.readouterr().err
     assert err.count("fails to decode") == 1 and Path(bad).name in err and "replaced by sample 18" in err

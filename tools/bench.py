@@ -28,10 +28,6 @@ if TYPE_CHECKING:  # (torch, and the modules that import it, are imported where 
     from viewpipe.pipelines import LoaderConfig
     from viewpipe.sources import Source
 
-# the names of viewpipe.pipelines.BACKENDS, for --backend's choices without importing torch (a test checks them)
-BACKEND_NAMES = ("dali", "ffcv", "memory", "torch")
-# backends that read a converted dataset, and the format each reads
-CONVERTED = {"dali": "dali", "ffcv": "ffcv"}
 PIL_DECODE = "decode only (PIL, ceiling)"
 STOCK_DALI = "stock DALI"  # the name of the stock DALI pipeline's row starts so
 
@@ -42,6 +38,7 @@ class BenchRow:
     images: int
     seconds: float
     views: int
+    reference: bool = False  # the reference loader's row (the table's "× reference" column)
 
     @property
     def images_per_s(self) -> float:
@@ -111,6 +108,13 @@ def has_shards(data: Path) -> bool:
     return bool((DatasetIndex.load(data).shards >= 0).all())
 
 
+def formats_read(backends: list[str]) -> set[str]:
+    """The converted formats the `backends` read (`Loader.reads`)."""
+    from viewpipe.pipelines import get_backend
+
+    return {get_backend(b).reads for b in backends} - {None}
+
+
 def time_batches(loader: Iterable, batches: int, views: int, name: str, count: Callable[[Any], int]) -> BenchRow:
     """Time `batches` batches after one warm-up batch (worker start-up), cycling epochs if needed;
     `count(batch)` is the number of images in a batch. The loader is closed after (its threads and workers
@@ -158,7 +162,7 @@ def augmenter_rows(cfg: LoaderConfig, batches: int, notes: list[str]) -> list[Be
     step costs without any loading."""
     import torch
 
-    from viewpipe.pipelines import ViewFinisher
+    from viewpipe.pipelines.finish import ViewFinisher
 
     gpu = torch.cuda.is_available()
     dev = torch.device("cuda" if gpu else "cpu")
@@ -184,70 +188,48 @@ def augmenter_rows(cfg: LoaderConfig, batches: int, notes: list[str]) -> list[Be
 
 
 def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: int, seed: int = 0,
-        converted: Path | None = None, hw_decoder_load: float | None = None,
-        notes: list[str] | None = None) -> list[BenchRow]:
-    """The PIL decode ceiling, then per backend its own ceiling (decode only) and its loader with boxes and
-    without (plain RandomResizedCrop); for DALI also its graph without the photometric ops, the augmenter
-    alone and the stock DALI pipeline, for FFCV its stock decoder (one decode per view). Converted backends
-    read `converted`, the reference and the PIL ceiling `source` (None: a converted dataset without DALI
-    shards, benched with FFCV alone; no PIL row). `hw_decoder_load` (None: the loaders' default) goes to
-    the DALI loaders. Rows that cannot run here are left out with a line appended to `notes`."""
+        converted: Path | None = None, notes: list[str] | None = None) -> list[BenchRow]:
+    """The PIL decode ceiling, then per backend the benchmark-only loaders it names (`Loader.baselines`:
+    its decode ceiling, stock pipelines) and its loader with boxes and without (plain RandomResizedCrop),
+    then the augmenter alone. Backends that read a converted format (`Loader.reads`) read `converted`, the
+    others and the PIL ceiling `source` (None: a converted dataset without DALI shards; no PIL row). Rows
+    that cannot run here are left out with a line appended to `notes`."""
     from torch.utils.data import DataLoader
 
     from viewpipe.pipelines import get_backend
-    from viewpipe.pipelines.baselines import (DecodeDataset, dali_cut_loader, dali_decode_loader, ffcv_decode_loader,
-                                              stock_dali_loader, stock_rrc_loader)
+    from viewpipe.pipelines.baselines import DecodeDataset
     from viewpipe.state import SampleState
 
     notes = [] if notes is None else notes
-    if converted is None and any(b in CONVERTED for b in backends):
-        raise ViewpipeError(f"backends {', '.join(b for b in backends if b in CONVERTED)} need a converted dataset")
-    if source is None and any(b not in CONVERTED for b in backends):
-        raise ViewpipeError(f"backends {', '.join(b for b in backends if b not in CONVERTED)} need a source")
+    classes = {name: get_backend(name) for name in backends}
+    if converted is None and any(c.reads for c in classes.values()):
+        raise ViewpipeError(f"backends {', '.join(b for b, c in classes.items() if c.reads)} need a converted dataset")
+    if source is None and any(not c.reads for c in classes.values()):
+        raise ViewpipeError(f"backends {', '.join(b for b, c in classes.items() if not c.reads)} need a source")
     n = len(source) if source is not None else len(DatasetIndex.load(converted))
     check(n, cfg, batches)
     rows = []
     if source is not None:
-        decode = DataLoader(
-            DecodeDataset(source), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-            num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-            collate_fn=lambda items: items,
-        )
+        decode = DataLoader(DecodeDataset(source), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.workers, persistent_workers=cfg.workers > 0, collate_fn=lambda items: items)
         rows.append(time_batches(decode, batches, 1, PIL_DECODE, len))
     else:
         notes.append(f"{PIL_DECODE}: omitted ({converted} has no DALI shards for PIL to read)")
-    count = lambda b: len(b[2])  # noqa: E731  (every loader's batch: views, labels, indices, ...)
-    dali_kw = {} if hw_decoder_load is None else {"hw_decoder_load": hw_decoder_load}
-    rng = np.random.default_rng(seed)
+    boxes, plain = (replace(cfg, crop=replace(cfg.crop, use_box=use_box)) for use_box in (True, False))
     with SampleState.create(n) as state:
-        state.set_boxes(random_boxes(rng, n))
-        for name in backends:
-            factory = get_backend(name)
-            data = converted if name in CONVERTED else source
-            kw = dali_kw if name == "dali" else {}
-            if name == "dali":
-                boxes = replace(cfg, crop=replace(cfg.crop, use_box=True))
+        state.set_boxes(random_boxes(np.random.default_rng(seed), n))
+        for cls in classes.values():
+            data = converted if cls.reads else source
+            for loader_class, c in [(b, boxes) for b in cls.baselines()] + [(cls, boxes), (cls, plain)]:
+                rows.append(time_loader(loader_class(data, c, state), batches, reference=cls.is_reference))
+    return rows + augmenter_rows(cfg, batches, notes)
 
-                loader = dali_decode_loader(data, cfg, **kw)
-                where = "nvJPEG" if loader.device_id is not None else "CPU"
-                rows.append(time_batches(loader, batches, 1, f"dali, decode only ({where}, ceiling)", count))
-                rows.append(time_batches(dali_cut_loader(data, boxes, state, **kw), batches,
-                                         cfg.views, f"dali, {cfg.views} views, boxes, no photometric ops", count))
-                rows += augmenter_rows(cfg, batches, notes)
-            if name == "ffcv":
-                rows.append(time_batches(ffcv_decode_loader(data, cfg), batches, 1,
-                                         "ffcv, decode only (CPU threads, ceiling)", count))
-                rows.append(time_batches(stock_rrc_loader(data, cfg), batches, cfg.views,
-                                         f"ffcv stock RandomResizedCrop, {cfg.views} decodes per image", count))
-            for use_box in (True, False):
-                c = replace(cfg, crop=replace(cfg.crop, use_box=use_box))
-                label = f"{name}, {cfg.views} views, {'ContrastiveCrop boxes' if use_box else 'RandomResizedCrop'}"
-                rows.append(time_batches(factory(data, c, state, **kw), batches, cfg.views, label, count))
-            if name == "dali":
-                rows.append(time_batches(stock_dali_loader(data, cfg, **kw), batches, cfg.views,
-                                         f"{STOCK_DALI}, {cfg.views} views (RRC + DALI colour ops)",
-                                         lambda b: len(b[1])))
-    return rows
+
+def time_loader(loader: Any, batches: int, reference: bool = False) -> BenchRow:
+    """`time_batches` of a `Loader`, named and counted as the loader says (`Loader.bench_row`); `reference`:
+    the row the table's "× reference" column divides by."""
+    name, views = loader.bench_row()
+    return replace(time_batches(loader, batches, views, name, lambda b: len(b.indices)), reference=reference)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -256,8 +238,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="image folder, .npz JPEG collection or converted dataset (default: generated images); "
                    "the dali and ffcv backends read a converted copy, made once and cached")
     p.add_argument("--split", default="train", help="split of a .npz collection (default: train)")
-    p.add_argument("--backend", action="append", choices=BACKEND_NAMES,
-                   help="backend(s) to measure (repeatable; default: all installed)")
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="a registered backend to measure (viewpipe.pipelines.backends(); repeatable; default: all)")
     p.add_argument("--views", default="2", help="views per image: a count (each --size px), or multi-crop view groups "
                    "COUNTxSIZE[@MIN-MAX][:nobox],... e.g. 2x224,6x96@0.05-0.2 (default: 2)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -285,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
 
     from viewpipe.augment import preset
     from viewpipe.crop import CropConfig
-    from viewpipe.pipelines import LoaderConfig, ViewGroup, parse_views
+    from viewpipe.pipelines import DaliOptions, LoaderConfig, ViewGroup, backends as registered, get_backend, parse_views
     from viewpipe.sources import open_source
 
     if not torch.cuda.is_available():
@@ -293,7 +275,9 @@ def main(args: argparse.Namespace) -> int:
         # threads: one torch thread avoids oversubscription (DataLoader workers already use one each)
         torch.set_num_threads(1)
     data = Path(args.data) if args.data else generated_data()
-    backends = args.backend or list(BACKEND_NAMES)
+    backends = args.backend or list(registered())
+    for name in backends:
+        get_backend(name)  # (an unknown name: one line listing the registered ones)
     hw = args.hw_decoder_load
     if hw is not None and not 0.0 <= hw <= 1.0:
         raise ViewpipeError(f"--hw-decoder-load must be in [0, 1], got {hw}")
@@ -312,12 +296,13 @@ def main(args: argparse.Namespace) -> int:
         views=groups[0].count if len(groups) == 1 else 2, groups=groups if len(groups) > 1 else (),
         batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
         augment=preset(args.preset, size=groups[0].size), workers=args.workers,
+        dali=DaliOptions() if hw is None else DaliOptions(hw_decoder_load=hw),
     )
     check(n, cfg, args.batches)
-    needed = {CONVERTED[b] for b in backends if b in CONVERTED}
+    needed = formats_read(backends)
     converted = converted_data(data, args.split, needed, args.workers) if needed else None
     notes: list[str] = []
-    rows = run(source, backends, cfg, args.batches, converted=converted, hw_decoder_load=hw, notes=notes)
+    rows = run(source, backends, cfg, args.batches, converted=converted, notes=notes)
     where = args.data or "generated images"
     if args.json:
         stock = stock_speed(rows)
@@ -344,10 +329,11 @@ def main(args: argparse.Namespace) -> int:
 def bench_source(data: Path, split: str, backends: list[str]) -> Source | None:
     """The Source the PIL ceiling and the reference read; None for a dataset converted with `--format ffcv`
     alone when only FFCV is benched (it has no shards to read images from, and FFCV reads its .beton)."""
+    from viewpipe.pipelines import get_backend
     from viewpipe.sources import open_source
 
     if (data / INDEX).is_file() and not has_shards(data):
-        readers = [b for b in backends if b not in CONVERTED or CONVERTED[b] == "dali"]
+        readers = [b for b in backends if get_backend(b).reads in (None, "dali")]
         if readers:
             raise ViewpipeError(f"{data}: the dataset has no DALI shards, which the {', '.join(readers)} rows read; "
                                 "convert it with --format both, or bench --backend ffcv alone")
@@ -364,7 +350,7 @@ def table(rows: list[BenchRow]) -> str:
     """The rows with their ratio to the PIL decode ceiling, to the reference loader (torch, boxes) and, when
     it was measured, to the stock DALI pipeline."""
     ceiling = next((r.images_per_s for r in rows if r.name == PIL_DECODE), None)
-    ref = next((r.images_per_s for r in rows if r.name.startswith("torch,") and "boxes" in r.name), None)
+    ref = next((r.images_per_s for r in rows if r.reference), None)
     stock = stock_speed(rows)
 
     def ratio(x: float, to: float | None) -> str:
@@ -404,19 +390,19 @@ def train_main(args: argparse.Namespace, data: Path, source: Source, backends: l
     backend (ContrastiveCrop boxes on), in one run; each row's ratio to the synthetic speed."""
     import torch
 
-    from viewpipe.pipelines import Batch
+    from viewpipe.pipelines import Batch, get_backend
     from viewpipe.trainers.config import load_config
     from viewpipe.trainers.engine import Trainer
 
     gpu = torch.cuda.is_available()
-    needed = {CONVERTED[b] for b in backends if b in CONVERTED}
+    needed = formats_read(backends)
     hw = [] if args.hw_decoder_load is None else [f"data.hw_decoder_load={args.hw_decoder_load}"]
     converted = converted_data(data, args.split, needed, args.workers) if needed else None
     backbone = args.backbone or ("resnet50" if gpu else "resnet_tiny")
     rows: list[BenchRow] = []
     with tempfile.TemporaryDirectory() as out:
         def trainer(backend: str) -> Trainer:
-            path = converted if backend in CONVERTED else data
+            path = converted if get_backend(backend).reads else data
             cfg = load_config(None, [
                 f"method={args.method}", f"backbone={backbone}", f"data.path={path}", f"data.split={args.split}",
                 f"data.backend={backend}", f"data.size={args.size}", f"data.preset={args.preset}",
