@@ -144,7 +144,8 @@ def test_trainer_writes_the_resolved_config(image_folder: Path, tmp_path: Path) 
 # ------------------------------------------------------------------------------------------ per-group settings
 def test_every_crop_and_augment_field_per_group(image_folder: Path) -> None:
     from viewpipe.pipelines import LoaderConfig
-    from viewpipe.pipelines.reference import reference_loader
+    from conftest import build
+    from viewpipe.pipelines.reference import ReferenceLoader
 
     cfg = load_config(None, [
         "data.crop={scale: [0.3, 0.9], ratio: [1.0, 1.0], tries: 7}", "data.augment={preset: simclr, grayscale: 0.0}",
@@ -160,7 +161,7 @@ def test_every_crop_and_augment_field_per_group(image_folder: Path) -> None:
     assert g1.augment.views[0].grayscale == 0.0 and g1.augment.mean == (0.5, 0.5, 0.5)  # data.augment, then its own
     lc = LoaderConfig(batch_size=8, crop=crop, augment=build_augment(cfg.data), workers=0, groups=(g0, g1))
     assert lc.group_augment(1).size == 16 and lc.group_crop(1).use_box is False
-    loader = reference_loader(image_folder, lc)
+    loader = build(ReferenceLoader, image_folder, lc)
     try:
         batch = next(iter(loader))
     finally:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from viewpipe.dist import all_reduce_min, barrier, gather_objects, gather_ranks, setup, teardown
 from viewpipe.errors import ViewpipeError
-from viewpipe.pipelines import Batch, LoaderConfig, get_backend
+from viewpipe.pipelines import Batch, DaliOptions, LoaderConfig, get_backend
 from viewpipe.sources import open_source
 from viewpipe.state import SampleState
 from viewpipe.trainers.base import build_method, broadcast_bn_stats
@@ -173,20 +173,17 @@ class Trainer:
         RandomResizedCrop before (the loader is rebuilt once, when that changes)."""
         use_box = self.boxes is not None and self.boxes.use_box(epoch)
         if self._loader is None or use_box != self._loader_box:
-            if self._loader is not None and hasattr(self._loader, "close"):
+            if self._loader is not None:
                 self._loader.close()
             d = self.cfg.data
-            crop = build_crop(self.cfg, use_box)
-            lc = LoaderConfig(views=d.views, batch_size=d.batch_size // self.world, crop=crop, augment=self.augment,
-                              workers=effective_workers(d.workers), seed=self.cfg.seed,
-                              channels_last=self.cfg.channels_last, groups=build_groups(d))
-            kw: dict[str, Any] = {"rank": self.rank, "world": self.world}
-            if self.method.needs_neighbours():
-                kw["companions"] = True
-            if d.backend == "dali":
-                kw["hw_decoder_load"] = d.hw_decoder_load
-            data = d.path if d.backend == "ffcv" else self.source
-            self._loader, self._loader_box = get_backend(d.backend)(data, lc, self.state, **kw), use_box
+            lc = LoaderConfig(views=d.views, batch_size=d.batch_size // self.world, crop=build_crop(self.cfg, use_box),
+                              augment=self.augment, workers=effective_workers(d.workers), seed=self.cfg.seed,
+                              channels_last=self.cfg.channels_last, groups=build_groups(d),
+                              companions=self.method.needs_neighbours() > 0, device=str(self.device),
+                              dali=DaliOptions(hw_decoder_load=d.hw_decoder_load))
+            backend = get_backend(d.backend)
+            self._loader = backend(self.source, lc, self.state, rank=self.rank, world=self.world)
+            self._loader_box = use_box
         return self._loader
 
     # ------------------------------------------------------------------ checkpoints
