@@ -59,6 +59,7 @@ class Loader(EpochPosition, ABC):
     name: ClassVar[str] = ""  # the registry's name for the backend (`register`)
     reads: ClassVar[str | None] = None  # the converted format it needs ("dali" shards, "ffcv"), None: any source
     is_reference: ClassVar[bool] = False  # the papers' own loader, which benchmarks compare against
+    preferred_on: ClassVar[tuple[str, ...]] = ()  # the device types it is the default backend on
 
     def __init__(self, source: Any, cfg: LoaderConfig = LoaderConfig(), state: Any = None, *,
                  rank: int | None = None, world: int | None = None) -> None:
@@ -147,6 +148,11 @@ def backends() -> dict[str, type[Loader]]:
     for module in BUILTIN_MODULES:
         importlib.import_module(f"viewpipe.pipelines.{module}")
     return dict(sorted(BACKENDS.items()))
+
+
+def default_backend(device_type: str) -> str:
+    """The name of the backend preferred on devices of `device_type` ("cuda", "cpu"): `Loader.preferred_on`."""
+    return next(name for name, cls in backends().items() if device_type in cls.preferred_on)
 
 
 def get_backend(name: str) -> type[Loader]:

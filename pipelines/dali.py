@@ -184,6 +184,7 @@ class DaliLoader(Loader):
     by the next sample that decodes, for the rest of the run (the failed DALI pipeline is rebuilt)."""
 
     reads = "dali"
+    preferred_on = ("cuda",)
 
     def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                  state: Any = None, *, rank: int | None = None, world: int | None = None) -> None:

@@ -101,6 +101,7 @@ class FfcvLoader(Loader):
     steps on the device. `decodes` counts, per sample, the images the compiled decoder produced."""
 
     reads = "ffcv"
+    preferred_on = ("cpu",)
 
     def __init__(self, source: str | os.PathLike[str] | Source, cfg: LoaderConfig = LoaderConfig(),
                  state: Any = None, *, rank: int | None = None, world: int | None = None) -> None:

@@ -53,6 +53,7 @@ def demo_main(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from viewpipe.pipelines import default_backend, get_backend
     from viewpipe.trainers.ccrop import box_iou
     from viewpipe.trainers.config import load_config
     from viewpipe.trainers.engine import Trainer
@@ -62,7 +63,8 @@ def demo_main(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     workers = args.workers or max(1, os.cpu_count() or 1)
     train, test, converted = demo_data(args.images, args.images // 4, workers)
-    backend = args.backend if args.backend != "auto" else ("dali" if gpu else "ffcv")
+    backend = args.backend if args.backend != "auto" else default_backend("cuda" if gpu else "cpu")
+    get_backend(backend)  # (an unknown name: one line listing the registered ones)
     out = Path(args.out) if args.out else _cache() / "demo" / time.strftime("run-%Y%m%d-%H%M%S")
     overrides = [
         f"data.path={converted}", f"data.test_path={test}", "data.test_split=train", f"data.backend={backend}",
@@ -138,8 +140,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--size", type=int, default=48, help="view side")
     d.add_argument("--batch-size", type=int, default=128)
     d.add_argument("--workers", type=int, default=0, help="loader threads/processes (default: all cores)")
-    d.add_argument("--backend", default="auto", choices=["auto", "torch", "dali", "ffcv"],
-                   help="auto: dali on a GPU, ffcv on the CPU")
+    d.add_argument("--backend", default="auto", metavar="NAME",
+                   help="a registered backend, or auto: the one preferred on the device (DALI on a GPU, FFCV on the CPU)")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--out", help="run folder (default: the cache's demo/run)")
     d.add_argument("--json", action="store_true")

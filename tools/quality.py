@@ -99,7 +99,9 @@ def prepare_data(q: QualityConfig, workers: int) -> tuple[Path, Path]:
     npz = src if not (q.train_images or q.test_images) else subset_npz(
         src, data / f"cifar10-{q.train_images or 'all'}-{q.test_images or 'all'}.npz", q.train_images, q.test_images)
     train = data / f"{npz.stem}-train"
-    formats = ("dali", "ffcv") if q.backend == "ffcv" else ("dali",)
+    from viewpipe.pipelines import get_backend
+
+    formats = ("dali", "ffcv") if q.backend and get_backend(q.backend).reads == "ffcv" else ("dali",)
     convert(npz, train, formats=formats, workers=workers, split="train", resume=train.exists())  # done: returns
     return train, npz
 
@@ -352,8 +354,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="steps of each row timed on synthetic views on the device, for the × synthetic column "
                    "(0: not measured)")
     p.add_argument("--rows", default="", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
-    p.add_argument("--backend", default="", choices=["", "torch", "dali", "ffcv", "memory"],
-                   help="default: the configs' (memory: the decoded dataset kept on the device)")
+    p.add_argument("--backend", default="", metavar="NAME",
+                   help="a registered backend (default: the configs' memory backend, the decoded dataset kept on "
+                   "the device)")
     p.add_argument("--backbone", default="", help="default: the configs' (resnet18_cifar)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=0, help="loader workers (default: all cores)")
