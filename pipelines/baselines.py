@@ -4,8 +4,8 @@ nothing else), the DALI backend's views as its graph cut them (no photometric op
 FFCV's stock `RandomResizedCropRGBImageDecoder` with one decode per view (the FFCV-SSL way), and a stock DALI
 two-view pipeline as DALI's and solo-learn's SSL examples write it (`fn.readers.webdataset`, one decode,
 per view `random_resized_crop`, `color_twist`, grayscale, `gaussian_blur` on a coin flip, solarize,
-`crop_mirror_normalize`): no boxes, no reproducible draws, torchvision's semantics only roughly. The PIL
-decode ceiling is `DecodeDataset`, a plain Dataset for a DataLoader."""
+`crop_mirror_normalize`): no boxes, no reproducible draws, torchvision's semantics only roughly; and the
+PIL decode ceiling (`PilDecodeLoader`), which `viewpipe bench` times first whatever the backends."""
 
 from __future__ import annotations
 
@@ -25,25 +25,33 @@ from viewpipe.pipelines.base import Batch, Loader, Samples
 from viewpipe.pipelines.config import LoaderConfig
 from viewpipe.pipelines.dali import DaliLoader, _Callback, _to_torch, decode_graph
 from viewpipe.pipelines.ffcv import FfcvLoader
+from viewpipe.pipelines.plan import BatchPlan
+from viewpipe.pipelines.reference import ReferenceBatches, ReferenceLoader
 from viewpipe.sources import Source
 
 STOCK_DALI = "stock DALI"  # how the stock DALI pipeline's bench row starts
+PIL_DECODE = "decode only (PIL, ceiling)"  # the PIL decode ceiling's bench row
 
 
 # ---------------------------------------------------------------------------- PIL: the decode ceiling
-class DecodeDataset(Dataset):
-    """Read and decode only (PIL, `decode_rgb`): the CPU decode ceiling `viewpipe bench` reports beside the
-    loaders. Items are (height, width)."""
+class _DecodeBatches(ReferenceBatches):
+    """A planned batch read and decoded by PIL (`decode_rgb`), nothing else: `Batch(None, labels, indices)`."""
 
-    def __init__(self, source: Source) -> None:
-        self.source = source
+    def __getitem__(self, plan: BatchPlan) -> Batch:
+        for k in plan.indices.tolist():
+            decode_rgb(self.source.read(k), self.source.describe(k))
+        return Batch(None, torch.from_numpy(self.labels[plan.indices]), torch.from_numpy(plan.indices))
 
-    def __len__(self) -> int:
-        return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        img = decode_rgb(self.source.read(index), self.source.describe(index))
-        return img.height, img.width
+class PilDecodeLoader(ReferenceLoader):
+    """The CPU decode ceiling: the reference loader's batches, workers and order, each image read and decoded
+    by PIL and nothing else."""
+
+    def make_dataset(self) -> Dataset:
+        return _DecodeBatches(self.source, self.cfg)
+
+    def bench_row(self) -> tuple[str, int]:
+        return PIL_DECODE, 1
 
 
 # ---------------------------------------------------------------------------- DALI: decode only, views as cut

@@ -196,6 +196,8 @@ class ReferenceLoader(Loader):
         """The batch's views on the loader's device, in the configured dtype and memory format."""
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         dtype = getattr(torch, self.cfg.dtype)
+        if batch.views is None:  # (a decode-only batch)
+            return batch
         return batch._replace(views=[v.to(self.device, dtype, non_blocking=True).contiguous(memory_format=fmt)
                                      for v in batch.views])
 

@@ -117,7 +117,7 @@ def test_production_backends_carry_no_benchmark_modes() -> None:
 
     assert not {"decode_only", "photometric"} & set(inspect.signature(dali.DaliLoader).parameters)
     assert not {"decode_only", "stock"} & set(inspect.signature(ffcv.FfcvLoader).parameters)
-    assert not hasattr(reference, "DecodeDataset") and not hasattr(ffcv, "stock_rrc_loader")
+    assert not hasattr(reference, "PilDecodeLoader") and not hasattr(ffcv, "StockFfcvLoader")
 
 
 def test_bench_knows_every_backend(image_folder: Path) -> None:
@@ -128,6 +128,19 @@ def test_bench_knows_every_backend(image_folder: Path) -> None:
     assert list(backends()) == sorted(BACKENDS) == ["dali", "ffcv", "memory", "torch"]
     one_line_error(viewpipe("bench", "--data", str(image_folder), "--backend", "nosuch"), "unknown backend 'nosuch'",
                    "available: dali, ffcv, memory, torch")
+
+
+def test_pil_decode_only_reads_the_reference_loaders_batches(image_folder: Path) -> None:
+    """The PIL ceiling: the reference loader's batches and order, decoded and nothing else."""
+    from viewpipe.pipelines.baselines import PilDecodeLoader
+    from viewpipe.pipelines.reference import ReferenceLoader
+
+    cfg = loader_cfg(workers=0, drop_last=False, batch_size=10)
+    expected = [b.indices.tolist() for b in ReferenceLoader(image_folder, cfg)]
+    with PilDecodeLoader(image_folder, cfg) as loader:
+        only = list(loader)
+    assert [b.indices.tolist() for b in only] == expected and all(b.views is None for b in only)
+    assert sorted(i for b in expected for i in b) == list(range(len(ReferenceLoader(image_folder, cfg).source)))
 
 
 def test_dali_decode_only_reads_every_sample_of_the_epoch(converted: dict[str, Path]) -> None:

@@ -28,8 +28,6 @@ if TYPE_CHECKING:  # (torch, and the modules that import it, are imported where 
     from viewpipe.pipelines import LoaderConfig
     from viewpipe.sources import Source
 
-PIL_DECODE = "decode only (PIL, ceiling)"
-STOCK_DALI = "stock DALI"  # the name of the stock DALI pipeline's row starts so
 
 
 @dataclass
@@ -194,10 +192,8 @@ def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: 
     then the augmenter alone. Backends that read a converted format (`Loader.reads`) read `converted`, the
     others and the PIL ceiling `source` (None: a converted dataset without DALI shards; no PIL row). Rows
     that cannot run here are left out with a line appended to `notes`."""
-    from torch.utils.data import DataLoader
-
     from viewpipe.pipelines import get_backend
-    from viewpipe.pipelines.baselines import DecodeDataset
+    from viewpipe.pipelines.baselines import PIL_DECODE, PilDecodeLoader
     from viewpipe.state import SampleState
 
     notes = [] if notes is None else notes
@@ -210,9 +206,7 @@ def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: 
     check(n, cfg, batches)
     rows = []
     if source is not None:
-        decode = DataLoader(DecodeDataset(source), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.workers, persistent_workers=cfg.workers > 0, collate_fn=lambda items: items)
-        rows.append(time_batches(decode, batches, 1, PIL_DECODE, len))
+        rows.append(time_loader(PilDecodeLoader(source, cfg), batches))
     else:
         notes.append(f"{PIL_DECODE}: omitted ({converted} has no DALI shards for PIL to read)")
     boxes, plain = (replace(cfg, crop=replace(cfg.crop, use_box=use_box)) for use_box in (True, False))
@@ -343,12 +337,16 @@ def bench_source(data: Path, split: str, backends: list[str]) -> Source | None:
 
 def stock_speed(rows: list[BenchRow]) -> float | None:
     """The stock DALI pipeline's images/s, if it was measured."""
+    from viewpipe.pipelines.baselines import STOCK_DALI
+
     return next((r.images_per_s for r in rows if r.name.startswith(STOCK_DALI)), None)
 
 
 def table(rows: list[BenchRow]) -> str:
     """The rows with their ratio to the PIL decode ceiling, to the reference loader (torch, boxes) and, when
     it was measured, to the stock DALI pipeline."""
+    from viewpipe.pipelines.baselines import PIL_DECODE
+
     ceiling = next((r.images_per_s for r in rows if r.name == PIL_DECODE), None)
     ref = next((r.images_per_s for r in rows if r.reference), None)
     stock = stock_speed(rows)
