@@ -88,16 +88,21 @@ def test_mined_neighbours_reach_the_trainers_loader(image_folder: Path, tmp_path
 
 
 def test_methods_declare_their_state_updaters() -> None:
-    """ContrastiveCrop's box updater (after an epoch) for any method while ccrop is on; CsMl adds its neighbour
-    miner (before an epoch) whatever ccrop says; the engine runs them all through StateUpdater.run."""
+    """ContrastiveCrop's box updater (after an epoch), the engine's, for any method while ccrop is on; a method
+    declares only its own (CsMl its neighbour miner, before an epoch, whatever ccrop says); the engine runs them
+    all through StateUpdater.run."""
     from viewpipe.trainers.base import build_method
     from viewpipe.trainers.ccrop import BoxUpdater
+    from viewpipe.trainers.engine import state_updaters
 
     for ccrop, boxes in (("ccrop.enabled=true", [BoxUpdater]), ("ccrop.enabled=false", [])):
         cfg = load_config(None, ["backbone=resnet_tiny", "method_args={queue: 64}", ccrop])
-        assert [type(u) for u in build_method(cfg).updaters(cfg)] == boxes
+        assert build_method(cfg).updaters(cfg) == []
+        box, updaters = state_updaters(cfg, build_method(cfg))
+        assert [type(u) for u in updaters] == boxes and (box is None) == (not boxes)
         csml = load_config(None, ["method=csml", "backbone=resnet_tiny", CSML, ccrop])
-        updaters = build_method(csml).updaters(csml)
+        assert [type(u) for u in build_method(csml).updaters(csml)] == [NeighbourMiner]
+        updaters = state_updaters(csml, build_method(csml))[1]
         assert [type(u) for u in updaters] == [*boxes, NeighbourMiner]
         assert [u.before_epoch for u in updaters] == [False] * len(boxes) + [True]
     miner = updaters[-1]

@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from viewpipe.dist import broadcast, gather_ranks, rank_world, several
 from viewpipe.errors import ViewpipeError
-from viewpipe.trainers.ccrop import BoxUpdater
 from viewpipe.trainers.models import Backbone, build_backbone
 from viewpipe.trainers.updaters import StateUpdater
 
@@ -79,10 +78,10 @@ class Method(nn.Module):
         """At the start of each epoch (loss-weight schedules)."""
 
     def updaters(self, cfg: TrainConfig) -> list[StateUpdater]:
-        """The state updaters (`trainers/updaters.py`) the engine runs for this method on their schedules:
-        ContrastiveCrop's box updater when `cfg.ccrop.enabled`, whatever the method; methods add their own
-        (CsMl its neighbour miner)."""
-        return [BoxUpdater(cfg.ccrop, cfg.epochs)] if cfg.ccrop.enabled else []
+        """The method's own state updaters (`trainers/updaters.py`), which the engine runs on their schedules
+        (CsMl: its neighbour miner). ContrastiveCrop's box updater is not a method's: the engine builds it from
+        `cfg.ccrop` for any method (`engine.state_updaters`)."""
+        return []
 
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups; a group with `fix_lr=True` keeps the base lr (SimSiam's predictor)."""

@@ -216,7 +216,7 @@ class CsMl(Method):
         self.ab = self.late if epoch > self.switch_epoch else self.early
 
     def updaters(self, cfg: TrainConfig) -> list[StateUpdater]:
-        return [*super().updaters(cfg), NeighbourMiner(self.k, self.interval, self.mine_resize)]
+        return [NeighbourMiner(self.k, self.interval, self.mine_resize)]
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:

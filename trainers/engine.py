@@ -37,12 +37,19 @@ from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.config import (TrainConfig, build_augment, build_crop, build_groups, effective_workers,
                                       save_config, to_dict, validate)
 from viewpipe.trainers.optim import build_optimizer, lr_at, set_lr
-from viewpipe.trainers.updaters import DataContext
+from viewpipe.trainers.updaters import DataContext, StateUpdater
 
 # what a resume reads from a checkpoint (a file without them is not one of viewpipe pretrain's)
 REQUIRED = ("config", "epoch", "step", "loader", "model", "optimizer", "sample_state", "box_updates", "history",
             "rng")
 NO_BAD_STEP = 2**62  # "no non-finite loss yet" in the device-side record of the first one
+
+
+def state_updaters(cfg: TrainConfig, method: Any) -> tuple[BoxUpdater | None, list[StateUpdater]]:
+    """The run's state updaters: ContrastiveCrop's box updater, built from `cfg.ccrop` when it is enabled
+    (None otherwise), first, then the method's own (`Method.updaters`)."""
+    boxes = BoxUpdater(cfg.ccrop, cfg.epochs) if cfg.ccrop.enabled else None
+    return boxes, [*([boxes] if boxes is not None else []), *method.updaters(cfg)]
 
 
 class NonFiniteError(ViewpipeError):
@@ -130,8 +137,7 @@ class Trainer:
                                   device=self.device)
         self.data = DataContext(self.source, self.state, self.clean, writer=self.local_rank == 0, main=self.main,
                                 out=self.out)
-        self.updaters = self.method.updaters(cfg)
-        self.boxes = next((u for u in self.updaters if isinstance(u, BoxUpdater)), None)  # (None: ccrop off)
+        self.boxes, self.updaters = state_updaters(cfg, self.method)
         self.epoch, self.step, self.history = 0, 0, []
         self._loader, self._loader_box = None, None
         self._resume_loader: dict | None = None
