@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,6 +53,33 @@ def state_updaters(cfg: TrainConfig, method: Any) -> tuple[BoxUpdater | None, li
     return boxes, [*([boxes] if boxes is not None else []), *method.updaters(cfg)]
 
 
+@dataclass
+class _EpochRun:
+    """One epoch as `fit` runs it: its loader, first batch and count, the updaters' fields from before it,
+    the next batch `b`, and its meters (data wait and busy time, images since the last log point, the loss sum
+    for the epoch's mean, the steps skipped for a non-finite loss)."""
+
+    epoch: int
+    loader: Any
+    start: int
+    steps: int
+    before: dict
+    b: int = 0
+    wait: float = 0.0
+    busy: float = 0.0
+    images: int = 0
+    loss_sum: Any = None  # a device scalar (no host sync per step)
+    loss_n: int = 0
+    skipped: int = 0
+    t_prev: float = field(default_factory=time.perf_counter)
+
+    def timed(self, t_data: float, images: int) -> None:
+        """A step done: the time since the last one split into waiting for data and the step itself."""
+        now = time.perf_counter()
+        self.wait, self.busy, self.t_prev = self.wait + (t_data - self.t_prev), self.busy + (now - t_data), now
+        self.images += images
+
+
 class NonFiniteError(ViewpipeError):
     """A non-finite loss (or weights) stopped the run; the last good checkpoint is left as it was."""
 
@@ -80,57 +108,16 @@ class Trainer:
         self.main = self.rank == 0
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "last.pt"
-        self._check_run_folder(resume)  # (before anything is written into it)
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out)  # the resolved config: `viewpipe pretrain --config OUT/config.yaml` reruns it
-            remove_stale_tmp(self.ckpt_path)  # left by a process killed during a save
+        self._prepare_run_folder(resume)
         seed_all(cfg.seed + self.rank)
-
-        d = cfg.data
-        self.source = open_source(d.path, d.split)
-        if d.test_path and cfg.knn_every:  # the kNN monitor's sets: labelled and distinct, checked before training
-            from viewpipe.trainers.eval import check_knn_sets
-
-            self._knn_test = check_knn_sets(self.source, d.test_path, d.split, d.test_split)[1]
-        self.n = len(self.source)
-        if d.batch_size % self.world:
-            raise ViewpipeError(f"data.batch_size {d.batch_size} is not divisible by the {self.world} ranks")
-        if d.batch_size > self.n:
-            raise ViewpipeError(f"data.batch_size {d.batch_size} is larger than the {self.n} training images of "
-                                f"{d.path}: not one full batch per epoch; lower data.batch_size")
-        # what save_checkpoint knows of the file at ckpt_path: "drop" (another run's, or none), "verify", "keep"
-        self._previous = "drop"
-        self._good: tuple[Path, int] | None = None  # this run's last good checkpoint and its step
-        self._stop_asked = False  # a first Ctrl-C: finish the step, save, stop (`_ctrl_c_finishes_the_step`)
-        self._first_bad: torch.Tensor | None = None  # device-side: the first step with a non-finite loss
-        self._bad_loss: torch.Tensor | None = None
-        self._pos = (0, 0, 0, 0)  # (epoch, batch, batches in the epoch, steps before the epoch's batch 0)
-        self.skipped_nonfinite, self._skipped_last = 0, False
-        ckpt = None
-        if resume == "auto":
-            auto = self.ckpt_path.is_file() or previous_path(self.ckpt_path).is_file()
-            resume = str(self.ckpt_path) if auto else None
-        if resume:  # read and verified before anything is built; applied once the model and state exist
-            ckpt = self._read(Path(resume))
-        self.augment = build_augment(d)  # (data.preset and data.augment; groups may have their own: build_groups)
-
-        self.method = build_method(cfg).to(self.device)
-        if cfg.channels_last:
-            self.method = self.method.to(memory_format=torch.channels_last)
-        if cfg.sync_bn and self.world > 1 and self.device.type == "cuda":  # (torch's SyncBN is GPU-only)
-            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
-        self.model: nn.Module = self.method
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            with warnings.catch_warnings():  # queues are identical on every rank: never broadcast them per step
-                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-                self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids,
-                                                                 broadcast_buffers=False)
-        self.optimizer = build_optimizer(cfg, self.method.param_groups())
-
+        self._open_data(cfg)
+        self._start_records()
+        resume = self._resume_path(resume)
+        ckpt = self._read(Path(resume)) if resume else None  # verified before anything is built; applied below
+        self.augment = build_augment(cfg.data)  # (data.preset and data.augment; groups may have their own)
+        self._build_model(cfg)
         self.state = self._sample_state()
-        # every pass over the whole dataset (box updates, neighbour mining, the kNN monitor) reads it this way
+        d = cfg.data  # every pass over the whole dataset (box updates, mining, the kNN monitor) reads it this way
         self.clean = CleanOptions(size=d.size, batch_size=d.batch_size // self.world,
                                   workers=effective_workers(d.workers),
                                   mean=tuple(self.augment.mean), std=tuple(self.augment.std), split=d.split,
@@ -148,12 +135,76 @@ class Trainer:
             except BaseException:
                 self.close()
                 raise
-        if self.main and resume:  # the steps after the checkpoint run again: their old records go
+        self._open_log(resume, ckpt)
+
+    def _prepare_run_folder(self, resume: str | None) -> None:
+        """The run folder checked (`_check_run_folder`), then on rank 0 made, with the resolved config saved
+        (`viewpipe pretrain --config OUT/config.yaml` reruns it) and a save's leftover removed."""
+        self._check_run_folder(resume)  # (before anything is written into it)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out)
+            remove_stale_tmp(self.ckpt_path)  # left by a process killed during a save
+
+    def _open_data(self, cfg: TrainConfig) -> None:
+        """The training source, the kNN monitor's test set (labelled and distinct, checked before training) and
+        the batch size checked against both the ranks and the data."""
+        d = cfg.data
+        self.source = open_source(d.path, d.split)
+        if d.test_path and cfg.knn_every:
+            from viewpipe.trainers.eval import check_knn_sets
+
+            self._knn_test = check_knn_sets(self.source, d.test_path, d.split, d.test_split)[1]
+        self.n = len(self.source)
+        if d.batch_size % self.world:
+            raise ViewpipeError(f"data.batch_size {d.batch_size} is not divisible by the {self.world} ranks")
+        if d.batch_size > self.n:
+            raise ViewpipeError(f"data.batch_size {d.batch_size} is larger than the {self.n} training images of "
+                                f"{d.path}: not one full batch per epoch; lower data.batch_size")
+
+    def _start_records(self) -> None:
+        """What the run keeps track of beyond the model: checkpoints written, Ctrl-C, non-finite losses."""
+        # what save_checkpoint knows of the file at ckpt_path: "drop" (another run's, or none), "verify", "keep"
+        self._previous = "drop"
+        self._good: tuple[Path, int] | None = None  # this run's last good checkpoint and its step
+        self._stop_asked = False  # a first Ctrl-C: finish the step, save, stop (`_ctrl_c_finishes_the_step`)
+        self._first_bad: torch.Tensor | None = None  # device-side: the first step with a non-finite loss
+        self._bad_loss: torch.Tensor | None = None
+        self._pos = (0, 0, 0, 0)  # (epoch, batch, batches in the epoch, steps before the epoch's batch 0)
+        self.skipped_nonfinite, self._skipped_last = 0, False
+
+    def _resume_path(self, resume: str | None) -> str | None:
+        """The checkpoint to resume from: `resume`, or with "auto" `out/last.pt` when it or its previous exists."""
+        if resume == "auto":
+            auto = self.ckpt_path.is_file() or previous_path(self.ckpt_path).is_file()
+            return str(self.ckpt_path) if auto else None
+        return resume
+
+    def _build_model(self, cfg: TrainConfig) -> None:
+        """The method on the device (channels_last, SyncBN on GPUs), wrapped in DDP under torchrun, and its
+        optimizer."""
+        self.method = build_method(cfg).to(self.device)
+        if cfg.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and self.world > 1 and self.device.type == "cuda":  # (torch's SyncBN is GPU-only)
+            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        self.model: nn.Module = self.method
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            with warnings.catch_warnings():  # queues are identical on every rank: never broadcast them per step
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.model = nn.parallel.DistributedDataParallel(self.method, device_ids=ids,
+                                                                 broadcast_buffers=False)
+        self.optimizer = build_optimizer(cfg, self.method.param_groups())
+
+    def _open_log(self, resume: str | None, ckpt: dict | None) -> None:
+        """log.jsonl (its records after a resumed checkpoint's step dropped: those steps run again); TensorBoard
+        opens with `fit`; batch jobs (stdout not a terminal) get a line per log point instead of a bar."""
+        if self.main and resume:
             trim_log(self.out / "log.jsonl", self.step)
         self._resumed_from = str(self._good[0]) if ckpt is not None and self._good else None
         self._log = open(self.out / "log.jsonl", "a") if self.main else None
         self._tb: Any = None  # rank 0's TensorBoard writer, opened by fit()
-        # a batch job (stdout not a terminal) gets a line per log point instead of the progress bar
         self._console = self.main and not sys.stdout.isatty()
 
     def _check_run_folder(self, resume: str | None) -> None:
@@ -441,108 +492,125 @@ class Trainer:
             yield batch
 
     def _fit(self, cfg: TrainConfig, tqdm: Any) -> dict:
-        steps_this_run, stop = 0, False
-        last: dict = {}
-        skip = cfg.optim.skip_nonfinite
-        while self.epoch < cfg.epochs and not stop and not self._stop_asked:
-            epoch = self.epoch
-            resume = self._resume_loader if self._resume_loader and self._resume_loader["epoch"] == epoch else None
-            before = self.update_state(epoch, before_epoch=True) if resume is None or resume["batch"] == 0 else {}
-            loader = self.loader(epoch)
-            if resume is not None:
-                loader.load_state_dict(resume)
-                start = resume["batch"]
-            else:
-                loader.set_epoch(epoch)
-                start = 0
-            self._resume_loader = None
-            self.method.set_epoch(epoch)
-            self.model.train()
-            steps = len(loader)
-            if steps == 0:
-                raise ViewpipeError(f"the {cfg.data.backend} loader has no full batch of data.batch_size "
-                                    f"{cfg.data.batch_size} for {self.world} rank(s) in {self.n} images: lower "
-                                    f"data.batch_size")
-            total = cfg.epochs * steps
-            bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}", unit="step", leave=False,
+        """The epoch loop: each epoch's steps from where the loader stands, then its end (`_end_epoch`)."""
+        self._steps_this_run, last = 0, {}
+        while self.epoch < cfg.epochs and not self._stop_asked:
+            run = self._start_epoch(self.epoch)
+            bar = tqdm(total=run.steps, initial=run.start, desc=f"epoch {run.epoch}", unit="step", leave=False,
                        disable=True if not self.main or self._console else None)
-            wait = busy = 0.0
-            images = 0
-            loss_sum, loss_n = torch.zeros((), device=self.device), 0
-            skipped = 0
-            t_prev = time.perf_counter()
-            b = start
             try:
-                for batch in self._batches(loader):
-                    t_data = time.perf_counter()
-                    lr = lr_at(cfg, epoch, b, steps)
-                    loss, logs = self.train_step(batch, lr, (self.step + 1) / total)
-                    self.step, b, steps_this_run = self.step + 1, b + 1, steps_this_run + 1
-                    self._pos = (epoch, b, steps, self.step - b)
-                    if self._skipped_last:  # (skip mode only: train_step has read the loss on the host)
-                        skipped += 1
-                        self._skipped(loss)
-                    else:
-                        loss_sum, loss_n = loss_sum + loss.detach().float(), loss_n + 1
-                        if not skip:
-                            self._note_loss(loss)
-                    if self.device.type == "cuda" and (self.step % cfg.log_every == 0):
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    wait, busy, t_prev = wait + (t_data - t_prev), busy + (now - t_data), now
-                    images += len(batch.indices) * self.world
-                    bar.update(1)
-                    log_now = self.step % cfg.log_every == 0 or b == steps
-                    save_now = cfg.save_every and self.step % cfg.save_every == 0 and b < steps
-                    stop = bool(cfg.max_steps and steps_this_run >= cfg.max_steps) or self._stop_asked
-                    if log_now or save_now or stop:
-                        self._check_finite()  # stops at the first check after a non-finite loss, naming its step
-                    if log_now:
-                        last = {"step": self.step, "epoch": epoch, "batch": b, "loss": float(loss.detach()),
-                                "lr": lr, **{k: float(v) for k, v in logs.items()},
-                                "images_per_s": images / max(1e-9, wait + busy),
-                                "data_wait": wait / max(1e-9, wait + busy)}
-                        if skip:
-                            last["skipped_nonfinite"] = self.skipped_nonfinite
-                        self.log(last)
-                        self._scalars("train", last, self.step, skip=("step", "epoch", "batch"))
-                        if self._console:
-                            self._console_line(last, steps)
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}",
-                                        wait=f"{100 * last['data_wait']:.0f}%")
-                        wait = busy = 0.0
-                        images = 0
-                    if save_now:
-                        self.save({"epoch": epoch, "batch": b})
-                    if stop:
-                        break
+                stop, last = self._epoch_steps(run, bar, last)
             finally:
                 bar.close()
-            if skipped and skipped == b - start:
-                raise NonFiniteError(f"every step of epoch {epoch} ({skipped}) had a non-finite loss and was "
-                                     f"skipped: training stopped; {self._kept()}; lower optim.lr or check the data")
-            stop = stop or self._stop_asked  # (also when Ctrl-C came while waiting for a batch)
-            if stop and b < steps:
-                self.save({"epoch": epoch, "batch": b})
+            if run.skipped and run.skipped == run.b - run.start:
+                raise NonFiniteError(f"every step of epoch {run.epoch} ({run.skipped}) had a non-finite loss and "
+                                     f"was skipped: training stopped; {self._kept()}; lower optim.lr or check the data")
+            if (stop or self._stop_asked) and run.b < run.steps:  # (also when Ctrl-C came while waiting for a batch)
+                self.save({"epoch": run.epoch, "batch": run.b})
                 break
-            self.epoch = epoch + 1
-            broadcast_bn_stats(self.method)  # one network for the passes below and the next epoch's mining
-            # the epoch's mean loss (of the batches this process ran: after a resume, those after the checkpoint)
-            record: dict = {"epoch": epoch, "step": self.step, "loss": float(loss_sum) / max(1, loss_n), **before}
-            if skipped:
-                record["skipped_nonfinite"] = skipped
-            record |= self.update_state(epoch, before_epoch=False)
-            if self.cfg.data.test_path and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0
-                                                              or epoch + 1 == cfg.epochs):
-                record["knn_top1"] = self.knn()
-            self.history.append(record)
-            if self.main:
-                print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                                if v is not None), flush=True)
-            self.log({"event": "epoch", **record})
-            self._epoch_to_tensorboard(record)
-            self.save({"epoch": self.epoch, "batch": 0})
+            self._end_epoch(run)
+            if stop:
+                break
         return {"epoch": self.epoch, "step": self.step, "history": self.history, "last": last}
+
+    def _start_epoch(self, epoch: int) -> _EpochRun:
+        """The state updaters due before `epoch` (not when resuming inside it), its loader at its first batch
+        or at the resumed one, and the method and model set for training."""
+        saved = self._resume_loader
+        resume = saved if saved and saved["epoch"] == epoch else None
+        before = self.update_state(epoch, before_epoch=True) if resume is None or resume["batch"] == 0 else {}
+        loader = self.loader(epoch)
+        if resume is not None:
+            loader.load_state_dict(resume)
+        else:
+            loader.set_epoch(epoch)
+        self._resume_loader = None
+        self.method.set_epoch(epoch)
+        self.model.train()
+        steps, d = len(loader), self.cfg.data
+        if steps == 0:
+            raise ViewpipeError(f"the {d.backend} loader has no full batch of data.batch_size {d.batch_size} for "
+                                f"{self.world} rank(s) in {self.n} images: lower data.batch_size")
+        start = resume["batch"] if resume is not None else 0
+        return _EpochRun(epoch, loader, start, steps, before, b=start, loss_sum=torch.zeros((), device=self.device))
+
+    def _epoch_steps(self, run: _EpochRun, bar: Any, last: dict) -> tuple[bool, dict]:
+        """The epoch's training steps with their records and checks; returns (stop the run, last log record)."""
+        cfg = self.cfg
+        for batch in self._batches(run.loader):
+            t_data = time.perf_counter()
+            lr = lr_at(cfg, run.epoch, run.b, run.steps)
+            loss, logs = self.train_step(batch, lr, (self.step + 1) / (cfg.epochs * run.steps))
+            self.step, run.b, self._steps_this_run = self.step + 1, run.b + 1, self._steps_this_run + 1
+            self._pos = (run.epoch, run.b, run.steps, self.step - run.b)
+            self._count_loss(run, loss)
+            if self.device.type == "cuda" and (self.step % cfg.log_every == 0):
+                torch.cuda.synchronize()
+            run.timed(t_data, len(batch.indices) * self.world)
+            bar.update(1)
+            log_now = self.step % cfg.log_every == 0 or run.b == run.steps
+            save_now = cfg.save_every and self.step % cfg.save_every == 0 and run.b < run.steps
+            stop = bool(cfg.max_steps and self._steps_this_run >= cfg.max_steps) or self._stop_asked
+            if log_now or save_now or stop:
+                self._check_finite()  # stops at the first check after a non-finite loss, naming its step
+            if log_now:
+                last = self._log_point(run, loss, lr, logs, bar)
+            if save_now:
+                self.save({"epoch": run.epoch, "batch": run.b})
+            if stop:
+                return True, last
+        return False, last
+
+    def _count_loss(self, run: _EpochRun, loss: torch.Tensor) -> None:
+        """A step's loss into the epoch's mean, or counted as skipped (skip mode: train_step read it on the host)."""
+        if self._skipped_last:
+            run.skipped += 1
+            self._skipped(loss)
+            return
+        run.loss_sum, run.loss_n = run.loss_sum + loss.detach().float(), run.loss_n + 1
+        if not self.cfg.optim.skip_nonfinite:
+            self._note_loss(loss)
+
+    def _log_point(self, run: _EpochRun, loss: torch.Tensor, lr: float, logs: dict, bar: Any) -> dict:
+        """The record of a log point (loss, lr, the method's logs, throughput, data wait): to log.jsonl,
+        TensorBoard, the console or the progress bar; the throughput meters restart."""
+        busy = max(1e-9, run.wait + run.busy)
+        last = {"step": self.step, "epoch": run.epoch, "batch": run.b, "loss": float(loss.detach()), "lr": lr,
+                **{k: float(v) for k, v in logs.items()}, "images_per_s": run.images / busy,
+                "data_wait": run.wait / busy}
+        if self.cfg.optim.skip_nonfinite:
+            last["skipped_nonfinite"] = self.skipped_nonfinite
+        self.log(last)
+        self._scalars("train", last, self.step, skip=("step", "epoch", "batch"))
+        if self._console:
+            self._console_line(last, run.steps)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}",
+                        wait=f"{100 * last['data_wait']:.0f}%")
+        run.wait = run.busy = 0.0
+        run.images = 0
+        return last
+
+    def _end_epoch(self, run: _EpochRun) -> None:
+        """After an epoch's last step: one network on every rank, the updaters due after it, the kNN monitor
+        when due, the epoch's record (printed, logged) and its checkpoint."""
+        cfg, epoch = self.cfg, run.epoch
+        self.epoch = epoch + 1
+        broadcast_bn_stats(self.method)  # one network for the passes below and the next epoch's mining
+        # the epoch's mean loss (of the batches this process ran: after a resume, those after the checkpoint)
+        record: dict = {"epoch": epoch, "step": self.step, "loss": float(run.loss_sum) / max(1, run.loss_n),
+                        **run.before}
+        if run.skipped:
+            record["skipped_nonfinite"] = run.skipped
+        record |= self.update_state(epoch, before_epoch=False)
+        if cfg.data.test_path and cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            record["knn_top1"] = self.knn()
+        self.history.append(record)
+        if self.main:
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                            if v is not None), flush=True)
+        self.log({"event": "epoch", **record})
+        self._epoch_to_tensorboard(record)
+        self.save({"epoch": self.epoch, "batch": 0})
 
     def train_step(self, batch: Batch, lr: float, progress: float) -> tuple[torch.Tensor, dict]:
         """One optimizer step on a loader `Batch` (views, labels, indices, neighbours with companions)."""
