@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -252,79 +252,99 @@ def linear_probe(
     fixed); with `cfg.augment` the train features are recomputed from augmented crops every batch. One line
     per epoch goes to `log`. Runs in one process; under torch.distributed every rank runs the whole probe
     (the clean passes are shared among ranks)."""
-    from tqdm import tqdm
-
     device = torch.device(device)
-    train, test = as_source(train_data, cfg.split_train), as_source(test_data, cfg.split_test)
-    require_labelled("linear probe", train=(train_data, train, cfg.split_train),
-                     test=(test_data, test, cfg.split_test))
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ViewpipeError(f"linear probe: epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be ≥ 1")
-    num_classes = _num_classes(train, test)
-    clean = cfg.clean_options(device)
-    test_x = pooled_features(backbone, test, replace(clean, resize=cfg.test_resize), desc="linear test features")
-    test_y, train_y_all = _labels(test, device), _labels(train, device)
-    train_x = None
-    if not cfg.augment:
-        train_x = pooled_features(backbone, train, clean, desc="linear train features")
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    fc = nn.Linear(int(test_x.shape[1]), num_classes)
+    data = _ProbeData.prepare(backbone, train_data, test_data, cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed)  # (the head's initialisation, then the feature order)
+    fc = nn.Linear(int(data.test_x.shape[1]), data.num_classes)
     with torch.no_grad():
         fc.weight.normal_(0.0, cfg.init_std, generator=gen)
         fc.bias.zero_()
     fc.to(device)
     opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.milestone_epochs(), gamma=cfg.gamma)
-
-    loader = None
-    if cfg.augment:
-        loader = torch.utils.data.DataLoader(
-            _AugmentedDataset(train, cfg), batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-            num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed))
-
     history: list[dict[str, float]] = []
     best, best_epoch = -1.0, 0
     with eval_mode(backbone):
         for epoch in range(cfg.epochs):
-            t0 = time.perf_counter()
-            lr = opt.param_groups[0]["lr"]
-            if loader is not None:
-                batches = one_line_errors(loader)
-                total = len(loader)
-            else:
-                order = torch.randperm(len(train_x), generator=gen).to(device)  # type: ignore[arg-type]
-                batches = ((train_x[i], train_y_all[i]) for i in order.split(cfg.batch_size))  # type: ignore[index]
-                total = math.ceil(len(order) / cfg.batch_size)
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(batches, total=total, desc=f"linear {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                       disable=None if cfg.progress else True)
-            for x, y in bar:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if loader is not None:
-                    with torch.no_grad():
-                        x = backbone.pooled(x).float()
-                logits = fc(x)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += len(y)
+            record = _linear_epoch(backbone, fc, opt, data, cfg, epoch, gen, device)
             sched.step()
-            with torch.no_grad():
-                test_top1 = float((fc(test_x).argmax(1) == test_y).float().mean()) * 100
-            if test_top1 > best:
-                best, best_epoch = test_top1, epoch + 1
-            record = {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(1, seen),
-                      "train_top1": 100.0 * correct / max(1, seen), "test_top1": test_top1,
-                      "seconds": time.perf_counter() - t0}
             history.append(record)
+            if record["test_top1"] > best:
+                best, best_epoch = record["test_top1"], epoch + 1
             if log is not None:
-                log(f"linear epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {record['loss']:.4f}  "
-                    f"train {record['train_top1']:.2f}%  test {test_top1:.2f}%  (best {best:.2f}% at epoch "
+                log(f"linear epoch {epoch + 1}/{cfg.epochs}  lr {record['lr']:.4g}  loss {record['loss']:.4f}  "
+                    f"train {record['train_top1']:.2f}%  test {record['test_top1']:.2f}%  (best {best:.2f}% at epoch "
                     f"{best_epoch})  {record['seconds']:.1f}s")
     return LinearResult(last_top1=history[-1]["test_top1"], best_top1=best, best_epoch=best_epoch,
                         epochs=cfg.epochs, augment=cfg.augment, history=history)
+
+
+@dataclass
+class _ProbeData:
+    """What the probe trains and tests on: the test set's features and labels (computed once), the training
+    labels and either its clean features (no augmentation) or a loader of augmented crops."""
+
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    train_y: torch.Tensor
+    train_x: torch.Tensor | None
+    loader: Any
+    num_classes: int
+
+    @classmethod
+    def prepare(cls, backbone: nn.Module, train_data: Any, test_data: Any, cfg: LinearConfig,
+                device: torch.device) -> _ProbeData:
+        train, test = as_source(train_data, cfg.split_train), as_source(test_data, cfg.split_test)
+        require_labelled("linear probe", train=(train_data, train, cfg.split_train),
+                         test=(test_data, test, cfg.split_test))
+        if cfg.epochs < 1 or cfg.batch_size < 1:
+            raise ViewpipeError(f"linear probe: epochs ({cfg.epochs}) and batch size ({cfg.batch_size}) must be ≥ 1")
+        num_classes = _num_classes(train, test)
+        clean = cfg.clean_options(device)
+        test_x = pooled_features(backbone, test, replace(clean, resize=cfg.test_resize), desc="linear test features")
+        test_y, train_y = _labels(test, device), _labels(train, device)
+        train_x = loader = None
+        if not cfg.augment:
+            train_x = pooled_features(backbone, train, clean, desc="linear train features")
+        else:
+            loader = torch.utils.data.DataLoader(
+                _AugmentedDataset(train, cfg), batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+                num_workers=cfg.workers, persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda",
+                generator=torch.Generator().manual_seed(cfg.seed))
+        return cls(test_x, test_y, train_y, train_x, loader, num_classes)
+
+    def batches(self, batch_size: int, gen: torch.Generator, device: torch.device) -> tuple[Iterable, int]:
+        """One epoch's training batches (x, y) and their count: augmented crops, or the clean features shuffled."""
+        if self.loader is not None:
+            return one_line_errors(self.loader), len(self.loader)
+        order = torch.randperm(len(self.train_x), generator=gen).to(device)  # type: ignore[arg-type]
+        return (((self.train_x[i], self.train_y[i]) for i in order.split(batch_size)),  # type: ignore[index]
+                math.ceil(len(order) / batch_size))
+
+
+def _linear_epoch(backbone: nn.Module, fc: nn.Linear, opt: torch.optim.Optimizer, data: _ProbeData,
+                  cfg: LinearConfig, epoch: int, gen: torch.Generator, device: torch.device) -> dict[str, float]:
+    """One epoch of the head's training, then its test top-1: the epoch's record."""
+    from tqdm import tqdm
+
+    t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
+    batches, total = data.batches(cfg.batch_size, gen, device)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in tqdm(batches, total=total, desc=f"linear {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                     disable=None if cfg.progress else True):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if data.loader is not None:
+            with torch.no_grad():
+                x = backbone.pooled(x).float()
+        logits = fc(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+    with torch.no_grad():
+        test_top1 = float((fc(data.test_x).argmax(1) == data.test_y).float().mean()) * 100
+    return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(1, seen), "train_top1": 100.0 * correct / max(1, seen),
+            "test_top1": test_top1, "seconds": time.perf_counter() - t0}
