@@ -1,7 +1,7 @@
 """viewpipe: contrastive-learning views at GPU speed — the core, importable without DALI or FFCV.
 
 - `viewpipe.state.SampleState`: per-sample boxes, heatmaps and neighbours in shared memory, read live by loaders.
-- `viewpipe.crop`: the ContrastiveCrop window sampler (NumPy, and a numba kernel for FFCV).
+- `viewpipe.crop`: the ContrastiveCrop window sampler (NumPy, vectorised over a batch).
 - `viewpipe.boxes`: heatmap → box, the ContrastiveCrop box update.
 - `viewpipe.augment`: batched crop-resize and photometric augmentation in torch, on GPU or CPU.
 - `viewpipe.sources`: image folders and `.npz` JPEG collections addressed by sample index.

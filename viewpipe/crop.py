@@ -8,17 +8,15 @@ its top-left corner is the box edge minus half the crop, both bounds clamped int
 centres to the box's edges so two views overlap less. If no proposal fits: RandomResizedCrop's centre crop.
 With `use_box=False` the corner is uniform over all positions: plain RandomResizedCrop.
 
-The random numbers are drawn apart from the arithmetic (`draw`) so that every implementation — NumPy
-here for the reference loader and DALI, the numba kernel for FFCV — gives identical windows from
-identical draws, which the tests check.
+The random numbers are drawn apart from the arithmetic (`draw`), so that the vectorised NumPy sampler every
+backend's planner calls can be checked draw for draw against a scalar reference (the tests').
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -142,81 +140,3 @@ class CropSampler:
         if boxes is None:
             boxes = np.broadcast_to(FULL_BOX, (len(sizes), 4))
         return windows_from_draws(sizes, boxes, draw(self.rng, len(sizes), self.cfg), self.cfg)
-
-
-def _windows_loop(sizes, boxes, u_scale, u_ratio, corner, smin, smax, rmin, rmax, use_box, out):  # noqa: ANN001
-    """The sampler as a plain loop over samples: the body of the numba kernel (see `windows_kernel`)."""
-    rlo = math.log(rmin)
-    rhi = math.log(rmax)
-    for n in range(sizes.shape[0]):
-        H = sizes[n, 0]
-        W = sizes[n, 1]
-        area = float(H) * float(W)
-        found = False
-        h = 0
-        w = 0
-        for t in range(u_scale.shape[1]):
-            target = area * (smin + (smax - smin) * u_scale[n, t])
-            aspect = math.exp(rlo + (rhi - rlo) * u_ratio[n, t])
-            w = int(np.rint(math.sqrt(target * aspect)))
-            h = int(np.rint(math.sqrt(target / aspect)))
-            if 0 < w <= W and 0 < h <= H:
-                found = True
-                break
-        if found:
-            if use_box:
-                top_lo = min(max(int(H * float(boxes[n, 0])) - h // 2, 0), H - h)
-                top_hi = min(max(int(H * float(boxes[n, 2])) - h // 2, 0), H - h)
-                left_lo = min(max(int(W * float(boxes[n, 1])) - w // 2, 0), W - w)
-                left_hi = min(max(int(W * float(boxes[n, 3])) - w // 2, 0), W - w)
-                top = top_lo + int((top_hi - top_lo) * corner[n, 0])
-                left = left_lo + int((left_hi - left_lo) * corner[n, 1])
-            else:
-                top = int((H - h + 1) * corner[n, 0])
-                left = int((W - w + 1) * corner[n, 1])
-        else:
-            in_ratio = W / H
-            if in_ratio < rmin:
-                w = W
-                h = max(int(np.rint(W / rmin)), 1)
-            elif in_ratio > rmax:
-                h = H
-                w = max(int(np.rint(H * rmax)), 1)
-            else:
-                w = W
-                h = H
-            top = (H - h) // 2
-            left = (W - w) // 2
-        out[n, 0] = top
-        out[n, 1] = left
-        out[n, 2] = h
-        out[n, 3] = w
-
-
-@cache
-def windows_kernel() -> Callable[..., None]:
-    """The numba-compiled sampler, callable from other numba code (FFCV operations):
-    `kernel(sizes int64 (n,2), boxes (n,4), u_scale, u_ratio (n,T), corner (n,2), scale_min, scale_max,
-    ratio_min, ratio_max, use_box, out int32 (n,4))`."""
-    import numba
-
-    return numba.njit(cache=False, nogil=True)(_windows_loop)
-
-
-def windows_numba(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, cfg: CropConfig) -> np.ndarray:
-    """`windows_from_draws` computed by the numba kernel."""
-    out = np.empty((len(sizes), 4), dtype=np.int32)
-    windows_kernel()(
-        np.ascontiguousarray(sizes, dtype=np.int64),
-        np.ascontiguousarray(boxes, dtype=np.float64),
-        draws.scale,
-        draws.log_ratio,
-        draws.corner,
-        float(cfg.scale[0]),
-        float(cfg.scale[1]),
-        float(cfg.ratio[0]),
-        float(cfg.ratio[1]),
-        bool(cfg.use_box),
-        out,
-    )
-    return out
