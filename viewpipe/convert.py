@@ -427,56 +427,63 @@ def convert(
     # --resume reads the report for max_side and for whether it is finished: parse it once (a failed read or
     # parse is not cached: it fails again, as it did, where it is read next)
     read_report = functools.cache(lambda: json.loads((dst / REPORT).read_text()))
-    if max_side is None:
-        max_side = (_started_max_side(dst, read_report) if resume else None)
-        max_side = default_max_side(formats) if max_side is None else max_side
-    if max_side < 0:
-        raise ViewpipeError(f"max_side must be 0 (keep natural size) or a positive side in pixels, got {max_side}")
+    max_side = _resolved_max_side(dst, max_side, formats, resume, read_report)
     t0 = time.perf_counter()
     source = open_convert_source(src, split)
     options = {"formats": sorted(formats), "split": split, "max_side": max_side, "max_pixels": max_pixels,
                "ffcv_mode": ffcv_mode, "jpeg_quality": jpeg_quality, "shard_size": shard_size}
     work = dst / WORK
-    report_path = dst / REPORT
-    if resume and report_path.exists() and read_report().get("complete"):
-        report = read_report()
-        if report["options"] != options:
-            raise ViewpipeError(f"{dst}: already finished with other options ({report['options']})")
-        return report  # nothing left to do
+    if resume and (dst / REPORT).exists() and read_report().get("complete"):
+        if read_report()["options"] != options:
+            raise ViewpipeError(f"{dst}: already finished with other options ({read_report()['options']})")
+        return read_report()  # nothing left to do
     _prepare(src, dst, work, source, options, resume)
-
-    # 1. probe every file, journaled in chunks
     stages: dict[str, float] = {}
     t = time.perf_counter()
-    records = _probe_all(source, work, workers, max_pixels, max_side)
+    records = _probe_all(source, work, workers, max_pixels, max_side)  # 1. probe every file, journaled in chunks
     stages["probe"] = time.perf_counter() - t
-    ok = np.array([not r[4] for r in records], dtype=bool)
-    ids = np.flatnonzero(ok)
-    labels = source.labels[ids]
-    n = len(ids)
-    if n == 0:
+    ids = np.flatnonzero(np.array([not r[4] for r in records], dtype=bool))
+    if len(ids) == 0:
         _write_report(dst, src, source, records, options, t0, complete=False)
         raise ViewpipeError(f"{src}: none of its {len(source)} files could be converted; the reasons are in {dst / REPORT}")
-    hw = np.array([records[i][:2] for i in ids], dtype=np.int32).reshape(-1, 2)  # after any downscale
-    shards = np.full(n, -1, np.int32)
-    offsets = np.zeros(n, np.int64)
-    nbytes = np.zeros(n, np.int64)
-    checksums = np.zeros(n, CHECKSUM_DTYPE)
+    index = _write_formats(source, dst, ids, records, options, workers, stages)  # 2. shards, 3. FFCV
+    index.save(dst)  # 4. index, classes, report (last)
+    report = _write_report(dst, src, source, records, options, t0, complete=True, stages=stages)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
 
-    # 2. DALI WebDataset shards
+
+def _resolved_max_side(dst: Path, max_side: int | None, formats: tuple[str, ...], resume: bool,
+                       read_report: Callable[[], dict]) -> int:
+    """`max_side` as given, else the resumed conversion's, else the formats' default; refused below 0."""
+    if max_side is None:
+        max_side = _started_max_side(dst, read_report) if resume else None
+        max_side = default_max_side(formats) if max_side is None else max_side
+    if max_side < 0:
+        raise ViewpipeError(f"max_side must be 0 (keep natural size) or a positive side in pixels, got {max_side}")
+    return max_side
+
+
+def _write_formats(source: Source, dst: Path, ids: np.ndarray, records: list, options: dict, workers: int,
+                   stages: dict[str, float]) -> DatasetIndex:
+    """The usable samples `ids` written in each format asked for (DALI shards, the FFCV file unless an earlier
+    run finished it), with the time of each stage in `stages`; returns the dataset's index."""
+    formats, n, labels = options["formats"], len(ids), source.labels[ids]
+    hw = np.array([records[i][:2] for i in ids], dtype=np.int32).reshape(-1, 2)  # after any downscale
+    shards, offsets = np.full(n, -1, np.int32), np.zeros(n, np.int64)
+    nbytes, checksums = np.zeros(n, np.int64), np.zeros(n, CHECKSUM_DTYPE)
     if "dali" in formats:
         t = time.perf_counter()
-        _write_shards(source, dst, ids, labels, records, workers, jpeg_quality, shard_size, shards, offsets, nbytes,
-                      checksums)
+        _write_shards(source, dst, ids, labels, records, workers, options["jpeg_quality"], options["shard_size"],
+                      shards, offsets, nbytes, checksums)
         stages["dali"] = time.perf_counter() - t
-
-    # 3. FFCV
     if "ffcv" in formats and not (dst / BETON).exists():
         t = time.perf_counter()
         import_optional("ffcv.writer", "ffcv", "FFCV")  # about 6 s: ffcv compiles numba code on import
         stages["ffcv_import"] = time.perf_counter() - t
         t = time.perf_counter()
-        _write_beton(source, dst, ids, labels, hw, workers, max_side, ffcv_mode, jpeg_quality)
+        _write_beton(source, dst, ids, labels, hw, workers, options["max_side"], options["ffcv_mode"],
+                     options["jpeg_quality"])
         stages["ffcv"] = time.perf_counter() - t
     ffcv_checksums = None
     if "ffcv" in formats:  # of the bytes ffcv stored (also when the file was finished by an earlier run)
@@ -484,15 +491,10 @@ def convert(
         import_optional("ffcv.reader", "ffcv", "FFCV")
         ffcv_checksums = _beton_checksums(dst / BETON, n)
         stages["ffcv_checksums"] = time.perf_counter() - t
-
-    # 4. index, classes, report (last)
-    DatasetIndex(labels=labels.astype(np.int64), heights=hw[:, 0], widths=hw[:, 1],
-                 sources=np.array([source.describe(int(i)).encode() for i in ids], dtype=np.bytes_),
-                 shards=shards, offsets=offsets, nbytes=nbytes, classes=list(source.classes),
-                 checksums=checksums if "dali" in formats else None, ffcv_checksums=ffcv_checksums).save(dst)
-    report = _write_report(dst, src, source, records, options, t0, complete=True, stages=stages)
-    shutil.rmtree(work, ignore_errors=True)
-    return report
+    return DatasetIndex(labels=labels.astype(np.int64), heights=hw[:, 0], widths=hw[:, 1],
+                        sources=np.array([source.describe(int(i)).encode() for i in ids], dtype=np.bytes_),
+                        shards=shards, offsets=offsets, nbytes=nbytes, classes=list(source.classes),
+                        checksums=checksums if "dali" in formats else None, ffcv_checksums=ffcv_checksums)
 
 
 def _prepare(src: Path, dst: Path, work: Path, source: Source, options: dict, resume: bool) -> None:
@@ -644,15 +646,8 @@ def _write_beton(source: Source, dst: Path, ids: np.ndarray, labels: np.ndarray,
     import_optional("ffcv", "ffcv", "FFCV")
     tmp = dst / (BETON + ".tmp")
     tmp.unlink(missing_ok=True)
-    page_size = _ffcv_page_size(hw)
-    n_workers = max(1, workers)
-    # check the space first, an estimate: the raw pixels, an eighth of them for JPEG (about what quality 90
-    # takes), and the part-filled last page of each worker
-    need = int((hw[:, 0].astype(np.int64) * hw[:, 1] * 3).sum() // (8 if mode == "jpg" else 1)) + n_workers * page_size
-    free = shutil.disk_usage(dst).free
-    if need > free:
-        raise ViewpipeError(f"{dst}: about {need / 2**30:.1f} GiB needed for {BETON}, {free / 2**30:.1f} GiB free; "
-                            "free space (or use --ffcv-mode jpg / --max-side) and rerun with --resume")
+    page_size, n_workers = _ffcv_page_size(hw), max(1, workers)
+    _check_beton_space(dst, hw, mode, n_workers, page_size)
     fields_args = {"write_mode": mode, "max_resolution": max_side or None, "jpeg_quality": quality}
     ctx = mp.get_context("fork")
     mine, theirs = ctx.Pipe(duplex=False)
@@ -660,54 +655,87 @@ def _write_beton(source: Source, dst: Path, ids: np.ndarray, labels: np.ndarray,
                         args=(theirs, os.getpid(), source, ids, labels, str(tmp), fields_args, n_workers, page_size))
     child.start()
     theirs.close()
-    started: set[int] = set()
-    done: set[int] = set()
-    error: tuple | None = None
-    ok = False
+    watch = _BetonWatch(child, mine, dst)
+    try:
+        watch.run()
+    finally:
+        watch.stop()
+    if watch.error is not None:
+        _, text, code, filename = watch.error
+        if code is not None:
+            raise OSError(code, os.strerror(code), filename or str(tmp))
+        raise ViewpipeError(text)
+    os.replace(tmp, dst / BETON)
 
-    def drain(timeout: float) -> None:
-        nonlocal error, ok
-        while mine.poll(timeout):
+
+def _check_beton_space(dst: Path, hw: np.ndarray, mode: str, n_workers: int, page_size: int) -> None:
+    """Refuse to start without the space the FFCV file needs, an estimate: the raw pixels, an eighth of them
+    for JPEG (about what quality 90 takes), and the part-filled last page of each worker."""
+    need = int((hw[:, 0].astype(np.int64) * hw[:, 1] * 3).sum() // (8 if mode == "jpg" else 1)) + n_workers * page_size
+    free = shutil.disk_usage(dst).free
+    if need > free:
+        raise ViewpipeError(f"{dst}: about {need / 2**30:.1f} GiB needed for {BETON}, {free / 2**30:.1f} GiB free; "
+                            "free space (or use --ffcv-mode jpg / --max-side) and rerun with --resume")
+
+
+class _BetonWatch:
+    """The FFCV writer child as this process watches it: the messages it sends (its workers started and done,
+    ok, the first error), and a one-line error when the child or one of its workers dies without one."""
+
+    def __init__(self, child: Any, pipe: Any, dst: Path) -> None:
+        self.child, self.pipe, self.dst = child, pipe, dst
+        self.started: set[int] = set()
+        self.done: set[int] = set()
+        self.error: tuple | None = None
+        self.ok = False
+
+    def drain(self, timeout: float) -> None:
+        """Read the messages waiting (the first after up to `timeout` seconds)."""
+        while self.pipe.poll(timeout):
             timeout = 0
             try:
-                msg = mine.recv()
+                msg = self.pipe.recv()
             except (EOFError, OSError):
                 return
-            if msg[0] == "start":
-                started.add(msg[1])
-            elif msg[0] == "done":
-                done.add(msg[1])
+            if msg[0] in ("start", "done"):
+                (self.started if msg[0] == "start" else self.done).add(msg[1])
             elif msg[0] == "ok":
-                ok = True
-            elif msg[0] == "error" and error is None:
-                error = msg
+                self.ok = True
+            elif msg[0] == "error" and self.error is None:
+                self.error = msg
 
-    try:
-        while error is None:
-            drain(0.2)
-            if error is not None:
-                break
-            if not child.is_alive():
-                child.join()
-                drain(0)
-                if error is None and not (ok and child.exitcode == 0):
-                    error = ("error", f"{dst / BETON}: ffcv's writer process {_exit_reason(child.exitcode)} "
-                                      "(out of memory? killed?); rerun with --resume", None, "")
-                break
-            for pid in sorted(started - done) if not ok else []:
+    def run(self) -> None:
+        """Until the child ends or fails: its messages, its exit, and each started worker still alive."""
+        while self.error is None:
+            self.drain(0.2)
+            if self.error is not None:
+                return
+            if not self.child.is_alive():
+                self.child.join()
+                self.drain(0)
+                if self.error is None and not (self.ok and self.child.exitcode == 0):
+                    self.error = ("error", f"{self.dst / BETON}: ffcv's writer process "
+                                           f"{_exit_reason(self.child.exitcode)} (out of memory? killed?); rerun with "
+                                           "--resume", None, "")
+                return
+            for pid in sorted(self.started - self.done) if not self.ok else []:
                 if _proc_state(pid)[0] in ("", "Z", "X", "x"):  # gone: said done before, or died
-                    drain(0)
-                    if pid not in done and error is None:
-                        error = ("error", f"{dst / BETON}: one of ffcv's writer processes (pid {pid}) "
-                                          f"{_describe_death(pid)} (out of memory? killed?); rerun with --resume",
-                                 None, "")
-    finally:
-        if child.is_alive():  # failed or interrupted: stop the child, which stops its workers and frees ffcv's memory
-            grandchildren = set(_children_of(child.pid)) | started
+                    self.drain(0)
+                    if pid not in self.done and self.error is None:
+                        self.error = ("error", f"{self.dst / BETON}: one of ffcv's writer processes (pid {pid}) "
+                                               f"{_describe_death(pid)} (out of memory? killed?); rerun with --resume",
+                                      None, "")
+
+    def stop(self) -> None:
+        """Failed or interrupted: stop the child, which stops its workers and frees ffcv's memory (its workers
+        killed if it does not stop within 5 s); the pipe closed."""
+        child = self.child
+        if child.is_alive():
+            grandchildren = set(_children_of(child.pid)) | self.started
             os.kill(child.pid, signal.SIGTERM)
             child.join(5)
             if child.is_alive():
-                for pid in grandchildren - done:
+                for pid in grandchildren - self.done:
                     if _proc_state(pid)[0] not in ("", "Z"):
                         try:
                             os.kill(pid, signal.SIGKILL)
@@ -715,13 +743,7 @@ def _write_beton(source: Source, dst: Path, ids: np.ndarray, labels: np.ndarray,
                             pass
                 child.kill()
                 child.join(5)
-        mine.close()
-    if error is not None:
-        _, text, code, filename = error
-        if code is not None:
-            raise OSError(code, os.strerror(code), filename or str(tmp))
-        raise ViewpipeError(text)
-    os.replace(tmp, dst / BETON)
+        self.pipe.close()
 
 
 def _beton_checksums(path: Path, n: int, reader: Any = None) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from functools import partial
 import zipfile
 from pathlib import Path
 from typing import Protocol
@@ -123,6 +124,16 @@ class FolderSource:
         return self.paths[index]
 
 
+def _identity(path: str, unlistable: list[str]) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the folder at `path`, or None (and the path in `unlistable`) when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        unlistable.append(exc.filename or path)
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _walk_once(top: str, unlistable: list[str], repeated: list[str]) -> list[tuple[str, list[str]]]:
     """(folder, names of its non-folder entries) for `top` and every folder under it, as `os.walk(top,
     followlinks=True)` lists them, except that each real folder ((st_dev, st_ino)) is listed once: a link to a
@@ -132,14 +143,7 @@ def _walk_once(top: str, unlistable: list[str], repeated: list[str]) -> list[tup
     out: list[tuple[str, list[str]]] = []
     seen: set[tuple[int, int]] = set()
     links: list[str] = []
-
-    def identity(path: str) -> tuple[int, int] | None:
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            unlistable.append(exc.filename or path)
-            return None
-        return st.st_dev, st.st_ino
+    identity = partial(_identity, unlistable=unlistable)
 
     def walk(start: str) -> None:
         stack = [start]
