@@ -1,16 +1,15 @@
-"""Fused GPU kernels (Triton) for the augmenter: the same function as the torch ops of `viewpipe.augment`,
-in a handful of passes instead of about twenty kernels per view.
+"""Fused GPU kernels (Triton) for the augmenter: the function of `viewpipe.torch_ops` in a handful of passes
+instead of about twenty kernels per view.
 
-- `crop_resize`: roi_align's antialiased crop-and-resize (aligned, adaptive sampling grid) read straight from
-  uint8 images of any layout, with 64-bit offsets and each image's own size inside a padded batch.
-- `photometric`: per view, one pass for the contrast means (the gray mean of each image as it stands where
-  contrast comes in its own order), one pass for flip, the four jitter ops in each sample's order, grayscale,
-  solarize and normalisation, written in the output dtype and memory format; for the samples to blur two
-  more passes (horizontal, then vertical with the rest of the epilogue), torchvision's kernel with reflect
-  padding and each sample's σ.
+- `crop_views` / `crop_resize`: roi_align's antialiased crop-and-resize (aligned, adaptive sampling grid) read
+  straight from uint8 images of any layout, with 64-bit offsets and each image's own size inside a padded batch.
+- `finish_view` / `photometric`: per view, one pass for the contrast means (the gray mean of each image as it
+  stands where contrast comes in its own order), one pass for flip, the four jitter ops in each sample's order,
+  grayscale, solarize and normalisation, in the output dtype and memory format; for the samples to blur two more
+  passes (horizontal, then vertical with the rest), torchvision's kernel with reflect padding and each σ.
 
-Parameters come from `viewpipe.augment.draw_params`, so a seed gives the same views as the torch path within
-float rounding (tests hold the two equal through Triton's interpreter, `TRITON_INTERPRET=1`, on CPU tensors).
+Parameters come from `viewpipe.augment_params.draw_params`, so a seed gives the torch path's views within float
+rounding (tests hold the two equal through Triton's interpreter, `TRITON_INTERPRET=1`, on CPU tensors).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import os
 
 import torch
 
-from viewpipe.augment import ViewAugment, ViewParams
+from viewpipe.augment_params import ViewAugment, ViewParams, is_hwc
 from viewpipe.errors import ViewpipeError
 
 try:
@@ -30,7 +29,6 @@ except ImportError:  # pragma: no cover  (torch's CUDA wheels bring triton)
 
 NP = 16  # floats per sample in the parameter table (see `pack`)
 BLOCK = 1024  # pixels per program
-GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (as viewpipe.augment)
 
 
 def available() -> bool:
@@ -348,7 +346,7 @@ def photometric(x: torch.Tensor, p: ViewParams, cfg: ViewAugment, kernel_size: i
                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
     """One view's flip, jitter, grayscale, blur, solarize and normalisation of x ((N,3,H,W), or (N,H,W,3) with
     layout="hwc"; uint8 in [0, 255] or float in [0, 1]; any strides) into a new (N,3,H,W) tensor of
-    `out_dtype`, channels_last when asked. Equals `viewpipe.augment.photometric` then normalisation."""
+    `out_dtype`, channels_last when asked. Equals `viewpipe.torch_ops.finish_view`."""
     _check(x)
     H, W, sxn, sxc, sxh, sxw = _strides(x, layout)
     N, dev = x.shape[0], x.device
@@ -385,12 +383,10 @@ def crop_resize(images: torch.Tensor, windows: torch.Tensor, size: int, *, sizes
                 layout: str = "auto", scale: float = 1.0) -> torch.Tensor:
     """Crops (top, left, h, w) of `images` (uint8 or float, (N,3,H,W) or (N,H,W,3)), windows (N,V,4),
     resized to size×size and times `scale`: (V·N, 3, size, size) float32, view-major, as
-    `viewpipe.augment.crop_resize`. `sizes` (N, 2): each image's own (height, width) inside a padded batch
+    `viewpipe.torch_ops.crop_resize`. `sizes` (N, 2): each image's own (height, width) inside a padded batch
     (its edge pixels extend it, as the torch path's edge padding does); default the batch's H, W."""
-    from viewpipe.augment import _is_hwc
-
     _check(images)
-    layout = "hwc" if _is_hwc(images.shape[1:], layout) else "chw"
+    layout = "hwc" if is_hwc(images.shape[1:], layout) else "chw"
     H, W, sxn, sxc, sxh, sxw = _strides(images, layout)
     windows = torch.as_tensor(windows)
     N, V = windows.shape[:2]
@@ -408,3 +404,12 @@ def crop_resize(images: torch.Tensor, windows: torch.Tensor, size: int, *, sizes
         _crop_kernel[(V * N, T)](images, out, rois.view(V * N, 8).to(images.device, non_blocking=True),
                                  sxc, sxh, sxw, size, scale, BLOCK=BLOCK)
     return out
+
+
+def crop_views(images: torch.Tensor, windows: torch.Tensor, size: int, *, sizes: torch.Tensor | None = None,
+               layout: str = "auto") -> torch.Tensor:
+    """`crop_resize` of a uint8 batch into [0, 1], as `viewpipe.torch_ops.crop_views`."""
+    return crop_resize(images, windows, size, sizes=sizes, layout=layout, scale=1.0 / 255.0)
+
+
+finish_view = photometric  # the name `Augmenter` calls both implementations' by (`viewpipe.torch_ops.finish_view`)
