@@ -54,6 +54,7 @@ os.execv(sys.argv[2], sys.argv[2:])
 _SLOWED = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also when pytest runs with it ignored
+import viewpipe.beton as b
 import viewpipe.convert as c
 if sys.argv[1] == "shards":
     inner_bytes = c.shard_bytes
@@ -62,11 +63,11 @@ if sys.argv[1] == "shards":
         return inner_bytes(*a, **k)
     c.shard_bytes = slow_bytes
 else:
-    inner_item = c._FFCVDataset.__getitem__
+    inner_item = b._FFCVDataset.__getitem__
     def slow_item(self, k):
         time.sleep(0.1)
         return inner_item(self, k)
-    c._FFCVDataset.__getitem__ = slow_item
+    b._FFCVDataset.__getitem__ = slow_item
 from viewpipe.tools.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -41,6 +41,7 @@ GONE = 10  # seconds after which no process a conversion started may still run (
 # a fault reliably lands in that stage; everything else is untouched
 _SLOWED = """
 import sys, time
+import viewpipe.beton as b
 import viewpipe.convert as c
 stage, pause = sys.argv[1], float(sys.argv[2])
 if stage == "probe":
@@ -50,11 +51,11 @@ if stage == "probe":
         return inner_probe(*a, **k)
     c.probe = slow_probe
 else:
-    inner_item = c._FFCVDataset.__getitem__
+    inner_item = b._FFCVDataset.__getitem__
     def slow_item(self, k):
         time.sleep(pause)
         return inner_item(self, k)
-    c._FFCVDataset.__getitem__ = slow_item
+    b._FFCVDataset.__getitem__ = slow_item
 from viewpipe.tools.cli import main
 sys.exit(main(sys.argv[3:]))
 """
