@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 
 from conftest import run_python, start_python
-import viewpipe.state
+import viewpipe.segments
 from viewpipe.errors import ViewpipeError
-from viewpipe.state import (
-    _H_LAYOUT, _H_LOCKED, _H_MAGIC, _H_PID, _H_START, _HEADER_BYTES, _LAYOUT, _MAGIC, PREFIX, SampleState,
-    _owner_alive, _process_start, list_segments, reclaim_stale,
+from viewpipe.segments import (
+    H_LAYOUT, H_LOCKED, H_MAGIC, H_PID, H_START, HEADER_BYTES, LAYOUT, MAGIC, PREFIX, list_segments, owner_alive,
+    process_start, reclaim_stale,
 )
+from viewpipe.state import SampleState
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +33,20 @@ def private_shm_dir(monkeypatch):
     """Each test's segments in a folder of its own on /dev/shm's tmpfs (VIEWPIPE_SHM_DIR, inherited by the
     processes it starts, those in other PID namespaces included): a `SampleState.create` of another test run on
     this machine reclaims stale segments and would take the stale ones these tests make and check."""
-    base = viewpipe.state.SHM_DIR
+    base = viewpipe.segments.SHM_DIR
     folder = Path(tempfile.mkdtemp(prefix="viewpipe-tests-", dir=base if base.is_dir() else None))
-    monkeypatch.setattr(viewpipe.state, "SHM_DIR", folder)
+    monkeypatch.setattr(viewpipe.segments, "SHM_DIR", folder)
     monkeypatch.setenv("VIEWPIPE_SHM_DIR", str(folder))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def _path(name: str) -> Path:
-    return viewpipe.state.SHM_DIR / f"{PREFIX}{name}"
+    return viewpipe.segments.SHM_DIR / f"{PREFIX}{name}"
 
 
 def _header(name: str) -> np.ndarray:
-    return np.frombuffer(_path(name).read_bytes()[:_HEADER_BYTES], dtype=np.int64)
+    return np.frombuffer(_path(name).read_bytes()[:HEADER_BYTES], dtype=np.int64)
 
 
 def _pid_not_running_here() -> int:
@@ -55,8 +56,8 @@ def _pid_not_running_here() -> int:
 
 def _legacy_segment(name: str, pid: int, start: int) -> None:
     """A complete segment as a viewpipe without owner locks wrote it: owner pid and start time only."""
-    header = np.zeros(_HEADER_BYTES // 8, np.int64)
-    header[_H_MAGIC], header[_H_LAYOUT], header[_H_PID], header[_H_START] = _MAGIC, _LAYOUT, pid, start
+    header = np.zeros(HEADER_BYTES // 8, np.int64)
+    header[H_MAGIC], header[H_LAYOUT], header[H_PID], header[H_START] = MAGIC, LAYOUT, pid, start
     _path(name).write_bytes(header.tobytes())
 
 
@@ -375,7 +376,7 @@ def test_segments_without_owner_lock_are_kept_unless_forced(state_name: str) -> 
     otherwise unknown (the owner may run in another PID namespace): kept by the reclaim and by `create` with
     the same name, removed only when forced."""
     running, gone = state_name + "-running", state_name + "-gone"
-    _legacy_segment(running, os.getpid(), _process_start(os.getpid()))
+    _legacy_segment(running, os.getpid(), process_start(os.getpid()))
     _legacy_segment(gone, _pid_not_running_here(), 12345)
     try:
         segs = {s.name: s for s in list_segments()}
@@ -407,12 +408,12 @@ def test_owner_lock_decides_liveness_not_the_pid(state_name: str, tmp_path, caps
     try:
         assert owner.stdout.readline().strip() == "ready", owner.stderr.read()
         header = _header(state_name)
-        assert header[_H_LOCKED] == 1 and header[_H_PID] == owner.pid
+        assert header[H_LOCKED] == 1 and header[H_PID] == owner.pid
         fake = _pid_not_running_here()
         with open(_path(state_name), "r+b") as f:
-            f.seek(8 * _H_PID)
+            f.seek(8 * H_PID)
             f.write(np.int64(fake).tobytes())
-        assert not _owner_alive(fake, int(header[_H_START])), "the pid check alone would call this owner dead"
+        assert not owner_alive(fake, int(header[H_START])), "the pid check alone would call this owner dead"
 
         for _ in range(3):  # readers in this process: attach (also by unpickling), read, close
             reader = SampleState.attach(state_name)
@@ -434,7 +435,7 @@ def test_owner_lock_decides_liveness_not_the_pid(state_name: str, tmp_path, caps
         seg = {s.name: s for s in list_segments()}[state_name]
         assert seg.stale and not seg.alive, seg
         with SampleState.create(2, name=state_name) as again:  # the name is free again
-            assert _header(state_name)[_H_PID] == os.getpid() and again.is_owner
+            assert _header(state_name)[H_PID] == os.getpid() and again.is_owner
     finally:
         owner.kill()
         owner.wait(timeout=30)
@@ -502,13 +503,14 @@ _OTHER_NAMESPACE = """
 import argparse, json, os, sys
 import numpy as np
 from viewpipe.errors import ViewpipeError
-from viewpipe.state import SHM_DIR, PREFIX, SampleState, _owner_alive, list_segments
+from viewpipe.segments import SHM_DIR, PREFIX, owner_alive, list_segments
+from viewpipe.state import SampleState
 from viewpipe.tools.cli import state_main
 name = sys.argv[1]
 path = SHM_DIR / f"{PREFIX}{name}"
 seg = {s.name: s for s in list_segments()}[name]
 header = np.frombuffer(path.read_bytes()[:4096], dtype=np.int64)
-out = {"my_pid": os.getpid(), "pid_check_alive": _owner_alive(int(header[2]), int(header[3])),
+out = {"my_pid": os.getpid(), "pid_check_alive": owner_alive(int(header[2]), int(header[3])),
        "status": seg.status, "reason": seg.reason}
 rcs = [state_main(argparse.Namespace(action="clean", force=force)) for force in (False, True)]
 out["kept_by_clean"] = path.exists()
@@ -546,7 +548,7 @@ def test_two_pid_namespaces_keep_each_others_segments(state_name: str, tmp_path)
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert owner.stdout.readline().strip() == "ready", owner.stderr.read()
-        assert _header(state_name)[_H_PID] == 1, "the owner is pid 1 of its own namespace"
+        assert _header(state_name)[H_PID] == 1, "the owner is pid 1 of its own namespace"
 
         res = _in_new_pid_namespace(_OTHER_NAMESPACE, state_name)
         assert res.returncode == 0, res.stderr

@@ -27,7 +27,7 @@ _STATUS = {"alive": "alive", "stale": "stale (owner gone)", "unknown": "unknown 
 def state_main(args: argparse.Namespace) -> int:
     """`viewpipe state list|clean [--force]`. An owner is alive while it holds its segment's lock, which holds
     across PID namespaces (containers sharing /dev/shm); owner pids are as the owner saw them."""
-    from viewpipe.state import SHM_DIR, clean_segments, list_segments
+    from viewpipe.segments import SHM_DIR, clean_segments, list_segments
 
     if args.action == "list":
         segs = list_segments()
