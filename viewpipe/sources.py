@@ -4,16 +4,17 @@ dataset converted by `viewpipe convert` (its WebDataset shards).
 A source is a list of samples (encoded bytes + label) addressed by index; the sample's index is its row
 in the SampleState. A folder without class folders (a flat folder of images) is an *unlabelled* source:
 self-supervised pretraining needs no labels, so every sample gets the label -1 and `classes` is empty
-(`is_labelled` tells; a dataset converted from one stays unlabelled). kNN and linear evaluation refuse it. Sources pickle cheaply (the `.npz` arrays are memory-mapped, not copied), so
-DataLoader workers started by fork, spawn or forkserver all share the same pages.
+(`is_labelled` tells; a dataset converted from one stays unlabelled); kNN and linear evaluation refuse it.
+Sources pickle cheaply (the `.npz` arrays are memory-mapped, not copied), so DataLoader workers started by
+fork, spawn or forkserver all share the same pages.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from functools import partial
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -134,6 +135,28 @@ def _identity(path: str, unlistable: list[str]) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _scan(folder: str, unlistable: list[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """The entries of `folder` in name order: (names of its non-folder entries, paths of its folders, paths of its
+    links to folders); None (and the folder in `unlistable`) when it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        unlistable.append(exc.filename or folder)
+        return None
+    files, folders, links = [], [], []
+    for e in entries:
+        try:
+            is_dir = e.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            files.append(e.name)
+        else:
+            (links if e.is_symlink() else folders).append(e.path)
+    return files, folders, links
+
+
 def _walk_once(top: str, unlistable: list[str], repeated: list[str]) -> list[tuple[str, list[str]]]:
     """(folder, names of its non-folder entries) for `top` and every folder under it, as `os.walk(top,
     followlinks=True)` lists them, except that each real folder ((st_dev, st_ino)) is listed once: a link to a
@@ -149,27 +172,17 @@ def _walk_once(top: str, unlistable: list[str], repeated: list[str]) -> list[tup
         stack = [start]
         while stack:
             folder = stack.pop()
-            try:
-                with os.scandir(folder) as it:
-                    entries = sorted(it, key=lambda e: e.name)
-            except OSError as exc:
-                unlistable.append(exc.filename or folder)
+            scanned = _scan(folder, unlistable)
+            if scanned is None:
                 continue
-            files = []
-            for e in entries:
-                try:
-                    is_dir = e.is_dir()
-                except OSError:
-                    is_dir = False
-                if not is_dir:
-                    files.append(e.name)
-                elif e.is_symlink():
-                    links.append(e.path)  # followed after every folder reached without links
-                elif (key := identity(e.path)) is not None and key not in seen:  # a bind mount may repeat one
+            files, folders, found_links = scanned
+            links.extend(found_links)  # followed after every folder reached without links
+            for path in folders:
+                if (key := identity(path)) is not None and key not in seen:  # a bind mount may repeat one
                     seen.add(key)
-                    stack.append(e.path)
+                    stack.append(path)
                 elif key is not None:
-                    repeated.append(e.path)
+                    repeated.append(path)
             out.append((folder, files))
 
     key = identity(top)

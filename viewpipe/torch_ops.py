@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from viewpipe.augment_params import GRAY, ViewAugment, ViewParams, is_hwc
 
+
 # ---------------------------------------------------------------------------- layout and crops
 def to_nchw(images: torch.Tensor | Sequence[torch.Tensor], layout: str = "auto") -> torch.Tensor:
     """A uint8 batch (N,H,W,3) / (N,3,H,W), or a list of (H,W,3) / (3,H,W) images of different sizes,
