@@ -243,7 +243,7 @@ def test_crop_is_inside_the_image(cfg: CropConfig) -> None:
     n = 20000
     sizes, boxes = random_sizes(rng, n), random_boxes(rng, n)
     sampler = CropSampler(cfg, seed=3)
-    for out in (sampler(sizes, boxes), ref_windows(sizes, boxes, edgy_draws(rng, n, cfg), cfg)):
+    for out in (sampler(sizes, boxes), windows_from_draws(sizes, boxes, edgy_draws(rng, n, cfg), cfg)):
         top, left, h, w = out.T.astype(np.int64)
         H, W = sizes.T
         assert (h >= 1).all() and (w >= 1).all()
