@@ -27,7 +27,6 @@ from viewpipe.workers import children_of, describe_death, die_with_parent, exit_
 
 
 _FFCV_MIN_PAGE = 1 << 23  # ffcv's default page size (8 MiB)
-
 _FFCV_MAX_PAGE = 1 << 31  # ffcv needs < 2**32; a page is held in memory by each of its workers
 
 
@@ -56,7 +55,7 @@ def _check_beton_space(dst: Path, hw: np.ndarray, mode: str, n_workers: int, pag
 
 
 def write_beton(source: Source, dst: Path, ids: np.ndarray, labels: np.ndarray, hw: np.ndarray, workers: int,
-                 max_side: int, mode: str, quality: int) -> None:
+                max_side: int, mode: str, quality: int) -> None:
     """Write the FFCV file through ffcv's DatasetWriter, run in a child process that this one supervises: ffcv
     waits forever on a writer worker that failed (an allocation larger than its page, a full disk, a source
     file gone), so every failure of the child or of one of its workers ends the stage at once with one line,
@@ -157,9 +156,7 @@ class _BetonWatch:
 
 
 _MSG = None  # the child's and its writer workers' pipe to the supervising main process
-
 _WRITER_PARENT = 0  # pid of the child that runs ffcv's DatasetWriter
-
 _CURRENT: tuple[int, str] = (-1, "")  # the sample a writer worker works on: (position, source)
 
 

@@ -37,12 +37,12 @@ from viewpipe.workers import Workers, progress
 __all__ = ["CHUNK", "NO_SPACE", "WORK", "Damaged", "convert", "default_max_side", "open_convert_source", "verify"]
 
 WORK = ".work"
-
 CHUNK = 4096  # files per journaled probe chunk
-
 NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # errnos of a full disk (or quota, or file-size limit)
 
-_SOURCE: Source | None = None
+
+# ---------------------------------------------------------------------------- worker side
+_SOURCE: Source | None = None  # the source a probe or shard worker reads (`_use_source`)
 
 
 def _use_source(source: Source) -> None:
@@ -73,6 +73,7 @@ def _shard_item(args: tuple[int, tuple, int]) -> bytes:
     return shard_bytes(data, Probe(*record), quality)
 
 
+# ---------------------------------------------------------------------------- the conversion
 def open_convert_source(path: Path, split: str) -> Source:
     if path.suffix == ".npz":
         return NpzSource(path, split)
@@ -185,7 +186,7 @@ def _write_formats(source: Source, dst: Path, ids: np.ndarray, records: list, op
         stages["ffcv_import"] = time.perf_counter() - t
         t = time.perf_counter()
         write_beton(source, dst, ids, labels, hw, workers, options["max_side"], options["ffcv_mode"],
-                     options["jpeg_quality"])
+                    options["jpeg_quality"])
         stages["ffcv"] = time.perf_counter() - t
     ffcv_checksums = None
     if "ffcv" in formats:  # of the bytes ffcv stored (also when the file was finished by an earlier run)
