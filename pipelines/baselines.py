@@ -26,7 +26,7 @@ from viewpipe.pipelines.config import LoaderConfig
 from viewpipe.pipelines.dali import DaliLoader, _Callback, _to_torch, decode_graph
 from viewpipe.pipelines.ffcv import FfcvLoader
 from viewpipe.pipelines.plan import BatchPlan
-from viewpipe.pipelines.reference import ReferenceBatches, ReferenceLoader
+from viewpipe.pipelines.reference import ReferenceBatches, ReferenceLoader, Unusable
 from viewpipe.sources import Source
 
 STOCK_DALI = "stock DALI"  # how the stock DALI pipeline's bench row starts
@@ -35,20 +35,32 @@ PIL_DECODE = "decode only (PIL, ceiling)"  # the PIL decode ceiling's bench row
 
 # ---------------------------------------------------------------------------- PIL: the decode ceiling
 class _DecodeBatches(ReferenceBatches):
-    """A planned batch read and decoded by PIL (`decode_rgb`), nothing else: `Batch(None, labels, indices)`."""
+    """A planned batch read and decoded by PIL (`decode_rgb`), nothing else: `Batch(None, labels, indices)`,
+    or `Unusable` naming the first file that cannot be read or decoded."""
 
-    def __getitem__(self, plan: BatchPlan) -> Batch:
+    def __getitem__(self, plan: BatchPlan) -> Batch | Unusable:
         for k in plan.indices.tolist():
-            decode_rgb(self.source.read(k), self.source.describe(k))
+            try:
+                decode_rgb(self.source.read(k), self.source.describe(k))
+            except ViewpipeError as exc:
+                return Unusable({k: str(exc)})
         return Batch(None, torch.from_numpy(self.labels[plan.indices]), torch.from_numpy(plan.indices))
 
 
 class PilDecodeLoader(ReferenceLoader):
     """The CPU decode ceiling: the reference loader's batches, workers and order, each image read and decoded
-    by PIL and nothing else."""
+    by PIL and nothing else. It cuts no crops (its plans' windows are unused, so no header is parsed for
+    them), and a file that cannot be read or decoded is an error naming it: a ceiling is of the data as is."""
+
+    def open(self, source: Any) -> Samples:
+        samples = super().open(source)
+        return Samples(samples.count, lambda k: np.ones((len(k), 2), np.int64), samples.describe)
 
     def make_dataset(self) -> Dataset:
         return _DecodeBatches(self.source, self.cfg)
+
+    def replace_unusable(self, unusable: dict[int, str]) -> None:
+        raise ViewpipeError(next(iter(unusable.values())))
 
     def bench_row(self) -> tuple[str, int]:
         return PIL_DECODE, 1

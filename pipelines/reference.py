@@ -182,7 +182,7 @@ class ReferenceLoader(Loader):
             except StopIteration:
                 raise RuntimeError(f"the DataLoader ended at batch {b} of {len(batches)}") from None
             if isinstance(batch, Unusable):  # replace them from now on, and ask for this batch again
-                self.substitutes.add(dict(batch))
+                self.replace_unusable(dict(batch))
                 self.sampler.set(epoch, b, batches)
                 it = iter(self._loader)
                 continue
@@ -191,6 +191,10 @@ class ReferenceLoader(Loader):
                 raise RuntimeError(f"batch {b} holds samples {batch.indices.tolist()}, expected {expected.tolist()}")
             yield b, partial(self._to_device, batch)
             b += 1
+
+    def replace_unusable(self, unusable: dict[int, str]) -> None:
+        """Samples a worker could not use (index → why): replaced from now on (`Substitutes`)."""
+        self.substitutes.add(unusable)
 
     def _to_device(self, batch: Batch) -> Batch:
         """The batch's views on the loader's device, in the configured dtype and memory format."""

@@ -107,7 +107,8 @@ def test_bench_ffcv_rows(image_folder) -> None:
     assert [r["name"] for r in rows] == [
         "decode only (PIL, ceiling)", "torch, 2 views, ContrastiveCrop boxes", "torch, 2 views, RandomResizedCrop",
         "ffcv, decode only (CPU threads, ceiling)", "ffcv stock RandomResizedCrop, 2 decodes per image",
-        "ffcv, 2 views, ContrastiveCrop boxes", "ffcv, 2 views, RandomResizedCrop"]
+        "ffcv, 2 views, ContrastiveCrop boxes", "ffcv, 2 views, RandomResizedCrop",
+        "augmenter alone (torch, cpu), 2 views"]
     assert all(r["images"] == 2 * 8 and r["images_per_s"] > 0 for r in rows)
     assert rows[4]["views"] == 2 and rows[3]["views"] == 1
 

@@ -216,7 +216,8 @@ def run(source: Source | None, backends: list[str], cfg: LoaderConfig, batches: 
             data = converted if cls.reads else source
             for loader_class, c in [(b, boxes) for b in cls.baselines()] + [(cls, boxes), (cls, plain)]:
                 rows.append(time_loader(loader_class(data, c, state), batches, reference=cls.is_reference))
-    return rows + augmenter_rows(cfg, batches, notes)
+    # the augmenter alone, where a backend augments with it (all but the reference, which uses torchvision)
+    return rows + (augmenter_rows(cfg, batches, notes) if any(not c.is_reference for c in classes.values()) else [])
 
 
 def time_loader(loader: Any, batches: int, reference: bool = False) -> BenchRow:

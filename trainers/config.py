@@ -39,6 +39,22 @@ def choice(default: str, *options: str, help: str = "") -> Any:
     return field(default=default, metadata={"choices": (default, *options), "help": help})
 
 
+def choices_of(f: Any) -> tuple[str, ...]:
+    """The values a `choice` field takes, its default first (a field may give a function of none, read when
+    asked: the registered backends)."""
+    known = f.metadata["choices"]
+    if not callable(known):
+        return tuple(known)
+    return (f.default, *(k for k in known() if k != f.default))
+
+
+def backend_names() -> tuple[str, ...]:
+    """The registered loader backends (`viewpipe.pipelines.backends`), the values of data.backend."""
+    from viewpipe.pipelines import backends
+
+    return tuple(backends())
+
+
 def doc(default: Any = _MISSING, help: str = "", factory: Callable[[], Any] | None = None) -> Any:
     """A field with no range to check, and its `--help-config` line."""
     if factory is not None:
@@ -127,8 +143,10 @@ class DataConfig:
     split: str = doc("train", "the split of data.path to train on")
     test_path: str = doc("", "the kNN monitor's test set (empty: the monitor is off)")
     test_split: str = doc("test", "the split of test_path")
-    backend: str = choice("torch", "dali", "ffcv", "memory",
-                          help="loader: torch (PIL + DataLoader reference), dali, ffcv, memory (decoded once)")
+    backend: str = field(default="torch", metadata={
+        "choices": backend_names,
+        "help": "loader: a registered backend (viewpipe.pipelines.backends(): the torch reference, PIL + "
+                "DataLoader; dali; ffcv; memory, decoded once)"})
     size: int = bounded(32, 1, help="view side in px; also the side of the clean passes (box update, mining, kNN)")
     preset: str = doc("mocov2_small", "augmentation preset (viewpipe.augment.PRESETS); shorthand for "
                                       "data.augment.preset")
@@ -342,8 +360,8 @@ def _check_field(value: Any, f: dataclasses.Field, where: str) -> None:
     from `choice`. None (an optional field left unset) passes."""
     if value is None:
         return
-    if "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise ViewpipeError(f"{where}: expected one of {', '.join(f.metadata['choices'])}, got {value!r}")
+    if "choices" in f.metadata and value not in (known := choices_of(f)):
+        raise ViewpipeError(f"{where}: expected one of {', '.join(known)}, got {value!r}")
     if "range" in f.metadata:
         lo, hi = f.metadata["range"]
         lo_open, hi_open = f.metadata.get("open", (False, False))
@@ -716,7 +734,7 @@ def _default_text(f: dataclasses.Field) -> str:
 
 def _constraint(f: dataclasses.Field) -> str:
     if "choices" in f.metadata:
-        return "one of " + ", ".join(f.metadata["choices"])
+        return "one of " + ", ".join(choices_of(f))
     if "range" in f.metadata:
         lo, hi = f.metadata["range"]
         if lo is None and hi is None:
