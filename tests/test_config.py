@@ -10,8 +10,9 @@ import pytest
 
 from viewpipe.errors import ViewpipeError
 from viewpipe.trainers.config import (TrainConfig, build_augment, build_crop, build_groups, config_names, cpu_cores,
-                                      describe, effective_workers, find_config, help_config, load_config,
-                                      parse_value, save_config)
+                                      effective_workers, find_config, help_config, load_config, save_config)
+from viewpipe.trainers.confighelp import describe
+from viewpipe.trainers.overrides import parse_value
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -217,6 +218,23 @@ def test_help_config_lists_every_key() -> None:
     assert "one of torch, dali, ffcv, memory" in rows["data.backend"][2]
     text = help_config()
     assert all(key in text for key in rows)
+
+
+def test_settings_take_the_core_dataclasses_keys() -> None:
+    """The sections that set a core object's keys take their value types and defaults from the core dataclass;
+    a core key the schema neither gives nor omits is an error when the schema is made."""
+    import dataclasses
+
+    from viewpipe.augment import ViewAugment
+    from viewpipe.crop import CropConfig
+    from viewpipe.trainers.schema import CropSettings, ViewAugmentSettings, bounded, schema_of
+
+    assert [f.name for f in dataclasses.fields(ViewAugmentSettings)] == [f.name for f in dataclasses.fields(ViewAugment)]
+    assert all(getattr(ViewAugmentSettings(), f.name) is None for f in dataclasses.fields(ViewAugment))
+    crop = CropSettings()
+    assert (crop.scale, crop.ratio, crop.tries) == (CropConfig.scale, CropConfig.ratio, CropConfig.tries)
+    with pytest.raises(TypeError, match=r"Crop: CropConfig's keys \['tries'\] are neither in the schema nor omitted"):
+        schema_of(CropConfig, "Crop", "", omit=("alpha", "use_box"), scale=bounded(), ratio=bounded())
 
 
 def test_workers_default_to_the_cores() -> None:

@@ -1,7 +1,10 @@
 """Trainers (installed as `viewpipe.trainers`): self-supervised methods on one engine.
 
 - `engine.py` the training loop; `optim.py` optimizers and the lr schedule; `checkpoint.py` checkpoint files and
-  RNG states; `config.py` the run's configuration.
+  RNG states.
+- The run's configuration: `config.py` loads it (and translates it into the loader's settings), over
+  `schema.py` (the dataclasses), `overrides.py` (`key=value`), `validation.py` (the checks) and
+  `confighelp.py` (`--help-config`).
 - `base.py` the `Method` interface and the method registry; one module per method, each registering its class
   with `@register(name)`: `mocov2.py`, `simsiam.py`, `csml.py`, `snclr.py`.
 - `updaters.py` the state-updater protocol: passes over the whole dataset published to the sample state, which
