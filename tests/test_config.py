@@ -229,8 +229,9 @@ def test_settings_take_the_core_dataclasses_keys() -> None:
     from viewpipe.crop import CropConfig
     from viewpipe.trainers.schema import CropSettings, ViewAugmentSettings, bounded, schema_of
 
-    assert [f.name for f in dataclasses.fields(ViewAugmentSettings)] == [f.name for f in dataclasses.fields(ViewAugment)]
-    assert all(getattr(ViewAugmentSettings(), f.name) is None for f in dataclasses.fields(ViewAugment))
+    keys = [f.name for f in dataclasses.fields(ViewAugment)]
+    assert [f.name for f in dataclasses.fields(ViewAugmentSettings)] == keys
+    assert all(getattr(ViewAugmentSettings(), k) is None for k in keys)
     crop = CropSettings()
     assert (crop.scale, crop.ratio, crop.tries) == (CropConfig.scale, CropConfig.ratio, CropConfig.tries)
     with pytest.raises(TypeError, match=r"Crop: CropConfig's keys \['tries'\] are neither in the schema nor omitted"):
