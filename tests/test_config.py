@@ -99,6 +99,7 @@ def test_nested_override_values_need_no_space_after_the_colon(tmp_path: Path) ->
     assert (optim.lr, optim.momentum) == (0.3, 0.5)
     assert parse_value("{a:{b:[1, {c:x}]}, d: ${data.size}}") == {"a": {"b": [1, {"c": "x"}]}, "d": "${data.size}"}
     assert parse_value("0.3") == 0.3 and parse_value("text") == "text" and parse_value("null") is None
+    assert parse_value('{"queue": 96, "tau": 0.2}') == {"queue": 96, "tau": 0.2}  # JSON, as viewpipe quality writes
 
 
 def test_interpolation(tmp_path: Path) -> None:

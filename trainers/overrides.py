@@ -3,8 +3,8 @@ lists (`data.groups[1].size`, or `data.groups.1.size`): the list as it stands, w
 replaces it. The value is read by OmegaConf's own grammar (the one its resolvers' arguments use), where a
 colon needs no space after it (`{queue:1024}`, which YAML reads as one key) and `${...}` stays as written, to
 be resolved once every layer is merged; each unquoted scalar in it is read as YAML reads a scalar (0.3, true,
-null, text). A list or a mapping (method_args) given whole replaces what was there; a section merges key by
-key."""
+null, text), and what the grammar cannot read (quoted keys, as JSON writes them) as YAML reads it. A list or
+a mapping (method_args) given whole replaces what was there; a section merges key by key."""
 
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def parse_value(raw: str) -> Any:
     try:
         return _reader().visit(parse(text, parser_rule="singleElement", lexer_mode="VALUE_MODE"))
     except GrammarParseError as exc:
+        flow = _scalar(text)  # what the grammar cannot read, YAML's flow may: quoted keys (JSON), ~, `{a: }`
+        if isinstance(flow, (dict, list)):
+            return flow
         raise _unreadable(text, exc) from None
 
 
