@@ -663,7 +663,7 @@ class Trainer:
                             t=self.cfg.knn_t)
 
     def close(self) -> None:
-        if self._loader is not None and hasattr(self._loader, "close"):
+        if self._loader is not None:  # (every Loader has close)
             self._loader.close()
         if self._log is not None:
             self._log.close()
