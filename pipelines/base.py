@@ -87,6 +87,11 @@ class Loader(EpochPosition, ABC):
             device = torch.device("cuda", torch.cuda.current_device())
         return device
 
+    @classmethod
+    def can_read(cls, source: Any) -> bool:
+        """Whether this backend reads `source` (a path or a Source) as it is, without a conversion."""
+        return True
+
     @abstractmethod
     def open(self, source: Any) -> Samples:
         """Open the data (called once, before anything else is set up; `self.cfg` and `self.device` are set)."""

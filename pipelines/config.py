@@ -15,7 +15,10 @@ from viewpipe.errors import ViewpipeError
 class ViewGroup:
     """Views of one kind (multi-crop): `count` crops per image resized to `size`, their area drawn from
     `scale`; `use_box`: centred by the ContrastiveCrop boxes (when the loader uses boxes at all). `ratio`,
-    `tries` and `augment` (its size is the group's): the group's own, None: the loader's `crop` and `augment`."""
+    `tries` and `augment` (its size is the group's): the group's own, None: the loader's `crop` and `augment`.
+    `clean`: no random crop but the whole image, as a pass over the whole dataset reads it: size×size ignoring
+    the aspect ratio, or with `resize` > 0 the centre size×size of the image whose shorter side is resized to
+    `resize` (torchvision's Resize + CenterCrop, the linear-probe protocol's test transform)."""
 
     count: int = 2
     size: int = 224
@@ -24,8 +27,12 @@ class ViewGroup:
     ratio: tuple[float, float] | None = None
     tries: int | None = None
     augment: AugmentConfig | None = None
+    clean: bool = False
+    resize: int = 0
 
     def __post_init__(self) -> None:
+        if self.resize < 0 or (self.resize and self.resize < self.size):
+            raise ViewpipeError(f"a clean view's resize must be 0 or at least its size {self.size}, got {self.resize}")
         if self.count < 1 or self.size < 1:
             raise ViewpipeError(f"a view group needs count >= 1 and size >= 1, got {self.count} x {self.size}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:

@@ -139,6 +139,15 @@ class FfcvLoader(Loader):
         node = next((n.id for n in loader.graph.nodes if isinstance(n, DecoderNode) and n.decoder is decoder), None)
         return loader, node if decoder is not None else None
 
+    @classmethod
+    def can_read(cls, source: str | os.PathLike[str] | Source) -> bool:
+        """Whether `source` is (a converted dataset with) a .beton."""
+        root = source if isinstance(source, (str, os.PathLike)) else getattr(source, "root", None)
+        try:
+            return root is not None and _beton(root).is_file()
+        except ViewpipeError:
+            return False
+
     def open(self, source: str | os.PathLike[str] | Source) -> Samples:
         _import_ffcv()
         from ffcv.fields import RGBImageField

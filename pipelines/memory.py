@@ -12,6 +12,7 @@ padded to the largest by repeating their last row and column, so a crop never se
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Iterator
@@ -76,20 +77,35 @@ def _memory_limit(device: torch.device) -> int:
         return 1 << 62
 
 
+# Each Source's decoded dataset per device, kept while the Source lives, so that every loader over the same
+# Source (the training loader, the passes over the whole dataset) shares one decode and one device copy.
+_RESIDENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def resident(source: Source, device: torch.device, threads: int) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
+    """`source` decoded on `device` (`decode_all`, checked against its memory): the images, their sizes and the
+    samples that cannot be used; decoded once per Source and device."""
+    held = _RESIDENT.setdefault(source, {})
+    if device not in held:
+        images, sizes, failed = decode_all(source, threads)
+        if images.nbytes > _memory_limit(device):
+            raise ViewpipeError(f"the decoded dataset takes {images.nbytes / 2**30:.1f} GiB, more than the "
+                                f"{device} can hold; use the dali or ffcv backend")
+        held[device] = (torch.from_numpy(images).to(device), sizes, failed)
+    return held[device]
+
+
 @register("memory")
 class MemoryLoader(Loader):
     """`Loader` over a dataset decoded once into device memory (see the module). `source`: a converted
     dataset, an image folder or a .npz (`viewpipe.sources.open_source`, split `cfg.split`); decoded at start
-    in `cfg.workers` threads. A box or neighbour update is used from the `prefetch`-th batch after it (1,
+    in `cfg.workers` threads, once per Source object and device (`resident`: loaders over the same Source, such
+    as a run's training loader and its passes over the whole dataset, share the device copy). A box or neighbour update is used from the `prefetch`-th batch after it (1,
     plus one with overlap). Samples that do not decode are replaced for the whole run and reported."""
 
     def open(self, source: str | os.PathLike[str] | Source) -> Samples:
         source = open_source(source, self.cfg.split) if isinstance(source, (str, os.PathLike)) else source
-        images, self.sizes, failed = decode_all(source, self.cfg.workers)
-        if images.nbytes > _memory_limit(self.device):
-            raise ViewpipeError(f"the decoded dataset takes {images.nbytes / 2**30:.1f} GiB, more than the "
-                                f"{self.device} can hold; use the dali or ffcv backend")
-        self.images = torch.from_numpy(images).to(self.device)
+        self.images, self.sizes, failed = resident(source, self.device, self.cfg.workers)
         self.labels = torch.from_numpy(np.array(source.labels, dtype=np.int64))
         return Samples(len(source), lambda k: self.sizes[k], source.describe, failed=failed)
 

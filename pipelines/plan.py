@@ -146,8 +146,31 @@ class Planner:
         """(B, V, 4): each group's windows in turn (its count, scale and box use), one draw per group."""
         crop, sizes = self.cfg.crop, self.sizes(indices)
         boxes = self.state.boxes(indices) if self.state is not None and crop.use_box else None
-        return np.concatenate([view_windows(rng, sizes, boxes if g.use_box else None, g.count, self.cfg.group_crop(i))
+        return np.concatenate([clean_windows(sizes, g.size, g.resize, g.count) if g.clean else
+                               view_windows(rng, sizes, boxes if g.use_box else None, g.count, self.cfg.group_crop(i))
                                for i, g in enumerate(self.cfg.view_groups())], 1)
+
+
+def clean_windows(sizes: np.ndarray, size: int, resize: int = 0, views: int = 1) -> np.ndarray:
+    """(B, views, 4) int32 windows of a clean view (no random draw): the whole image (`resize` 0), or the
+    region that torchvision's Resize(resize) + CenterCrop(size) keeps, in the image's pixels (rounded: the
+    shorter side becomes `resize`, the longer `int(resize · long / short)`, the crop starts at
+    `round((side - size) / 2)` of each resized side)."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    H, W = sizes[:, 0], sizes[:, 1]
+    if resize <= 0:
+        win = np.stack([np.zeros_like(H), np.zeros_like(W), H, W], 1)
+    else:
+        short = np.minimum(H, W)
+        rh = np.where(H <= W, resize, (resize * H / short).astype(np.int64))  # torchvision's resized sides
+        rw = np.where(W <= H, resize, (resize * W / short).astype(np.int64))
+        top, left = np.round((rh - size) / 2), np.round((rw - size) / 2)
+        sy, sx = H / rh, W / rw
+        y0, x0 = np.round(top * sy), np.round(left * sx)
+        h = np.clip(np.round((top + size) * sy) - y0, 1, H)
+        w = np.clip(np.round((left + size) * sx) - x0, 1, W)
+        win = np.stack([np.clip(y0, 0, H - h), np.clip(x0, 0, W - w), h, w], 1)
+    return np.repeat(win.astype(np.int32)[:, None], views, axis=1)
 
 
 def sample_check(source: Any, sizes: Any) -> Callable[[np.ndarray], dict[int, str]]:

@@ -53,6 +53,19 @@ def torchvision_view_transform(view: ViewAugment, cfg: AugmentConfig):  # noqa: 
     return T.Compose(steps)
 
 
+def clean_image(img: Any, size: int, resize: int = 0) -> Any:
+    """A clean view as the papers' code makes it from a PIL image: size×size ignoring the aspect ratio
+    (bilinear, antialiased when shrinking), or with `resize > 0` the shorter side to `resize` then the centre
+    size×size crop (torchvision's Resize + CenterCrop)."""
+    from PIL import Image
+
+    if resize <= 0:
+        return img if img.size == (size, size) else img.resize((size, size), Image.BILINEAR)
+    from torchvision.transforms import functional as TF
+
+    return TF.center_crop(TF.resize(img, resize, TF.InterpolationMode.BILINEAR, antialias=True), [size, size])
+
+
 class Unusable(dict):
     """What a worker returns instead of a batch when some of its images cannot be used (index → why): the
     consumer replaces them from now on and asks for the batch again."""
@@ -84,12 +97,14 @@ class EpochSampler(Sampler):
 class ReferenceBatches(Dataset):
     """A map-style dataset whose items are whole batches: `self[plan]` decodes the plan's images with PIL
     (each once), cuts and resizes each view's window with PIL and augments it with torchvision under the
-    plan's torch seed. Returns a `Batch`, or `Unusable` when an image does not decode."""
+    plan's torch seed (a clean view: `clean_image`, exactly the papers' transform). Returns a `Batch`, or
+    `Unusable` when an image does not decode."""
 
     def __init__(self, source: Source, cfg: LoaderConfig) -> None:
         self.source, self.cfg = source, cfg
         self.labels = np.asarray(source.labels, dtype=np.int64)
         self.group, self.sizes = cfg.group_of_views(), cfg.view_sizes()
+        self.groups = [cfg.view_groups()[g] for g in self.group]
         augs = [cfg.group_augment(self.group[v]) for v in range(cfg.views)]  # (a group may have its own views)
         self.transforms = [torchvision_view_transform(a.views[v % len(a.views)], a) for v, a in enumerate(augs)]
 
@@ -97,8 +112,6 @@ class ReferenceBatches(Dataset):
         return len(self.source)
 
     def __getitem__(self, plan: BatchPlan) -> Batch | Unusable:
-        from PIL import Image
-
         V = self.cfg.views
         decoded: dict[int, Any] = {}
         unusable = Unusable()
@@ -117,13 +130,22 @@ class ReferenceBatches(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(plan.seed)
             for v in range(plan.windows.shape[1]):
-                tf, group, S = self.transforms[v % V], groups[v // V], self.sizes[v % V]
-                crops = [tf(decoded[k].resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h)))
-                         for k, (top, left, h, w) in zip(group.tolist(), plan.windows[:, v].tolist())]
-                views.append(torch.stack(crops))
+                tf, group = self.transforms[v % V], groups[v // V]
+                views.append(torch.stack([tf(self.cut(decoded[k], win, v % V))
+                                          for k, win in zip(group.tolist(), plan.windows[:, v].tolist())]))
         return Batch(views, torch.from_numpy(self.labels[plan.indices]), torch.from_numpy(plan.indices),
                      None if plan.neighbours is None else torch.from_numpy(plan.neighbours),
                      torch.from_numpy(plan.windows))
+
+    def cut(self, img: Any, window: list[int], v: int) -> Any:
+        """View v's crop of a PIL image, resized by PIL: `window` (top, left, h, w), or a clean view's transform."""
+        from PIL import Image
+
+        group, S = self.groups[v], self.sizes[v]
+        if group.clean:
+            return clean_image(img, S, group.resize)
+        top, left, h, w = window
+        return img.resize((S, S), Image.BILINEAR, box=(left, top, left + w, top + h))
 
 
 def _as_is(batch: tuple) -> tuple:

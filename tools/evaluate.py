@@ -100,7 +100,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--split-test", default="test", help="split of a .npz test collection (default: test)")
         q.add_argument("--size", type=int, default=0,
                        help="side of the clean images (and linear training crops); default: the checkpoint's view size")
-        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
+        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="the backend's workers (threads or processes)")
+        q.add_argument("--backend", default="auto",
+                       help="the backend that reads the clean images: a registered name (torch: PIL, dali, ffcv, "
+                       "memory), auto: the device's default (dali on CUDA, ffcv on the CPU); data it cannot read "
+                       "as given (ffcv and an unconverted folder) is read with PIL (default: auto)")
+        q.add_argument("--no-amp", action="store_true", help="float32 forward on CUDA (default: bf16 autocast)")
         q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
         q.add_argument("--no-progress", action="store_true", help="no progress bars")
         q.add_argument("--json", action="store_true", help="print one JSON object")
@@ -122,6 +128,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def pass_backend(name: str, device: torch.device) -> str:
+    """The backend of the clean passes: `name`, or with "auto" the device type's default."""
+    from viewpipe.pipelines import default_backend, get_backend
+
+    return default_backend(device.type) if name == "auto" else get_backend(name).name
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `viewpipe eval knn|linear` with parsed arguments; prints the result."""
     from viewpipe.trainers.clean import CleanOptions
@@ -134,9 +147,10 @@ def main(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     base: dict[str, Any] = {"checkpoint": str(model.path), "backbone": model.name, "train": args.train,
                             "test": args.test, "device": str(device)}
+    reader = {"backend": pass_backend(args.backend, device), "amp": device.type == "cuda" and not args.no_amp}
     if args.protocol == "knn":
         clean = CleanOptions(size=size, batch_size=args.batch_size, workers=args.workers, mean=model.mean,
-                             std=model.std, split=args.split_train, device=device, progress=progress)
+                             std=model.std, split=args.split_train, device=device, progress=progress, **reader)
         top1 = knn_accuracy(model.backbone, args.train, args.test, clean, k=args.k, t=args.t,
                             split_test=args.split_test, allow_same_set=args.allow_same_set)
         result = base | {"protocol": "knn", "size": size, "k": args.k, "t": args.t, "top1": top1}
@@ -149,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
         k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     overrides |= {"augment": not args.no_augment, "workers": args.workers, "mean": model.mean, "std": model.std,
                   "split_train": args.split_train, "split_test": args.split_test, "seed": args.seed,
-                  "progress": progress}
+                  "progress": progress, **reader}
     if args.linear_protocol == "imagenet":
         cfg = LinearConfig.imagenet(**overrides | ({"size": args.size} if args.size else {}))
     else:

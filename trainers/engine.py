@@ -117,11 +117,11 @@ class Trainer:
         self.augment = build_augment(cfg.data)  # (data.preset and data.augment; groups may have their own)
         self._build_model(cfg)
         self.state = self._sample_state()
-        d = cfg.data  # every pass over the whole dataset (box updates, mining, the kNN monitor) reads it this way
-        self.clean = CleanOptions(size=d.size, batch_size=d.batch_size // self.world,
-                                  workers=effective_workers(d.workers),
-                                  mean=tuple(self.augment.mean), std=tuple(self.augment.std), split=d.split,
-                                  device=self.device)
+        d = cfg.data  # every pass over the whole dataset (box updates, mining, the kNN monitor) reads it this way:
+        self.clean = CleanOptions(size=d.size, batch_size=d.batch_size // self.world,  # through the run's backend
+                                  workers=effective_workers(d.workers), mean=tuple(self.augment.mean),
+                                  std=tuple(self.augment.std), split=d.split, device=self.device, backend=d.backend,
+                                  amp=self.device.type == "cuda" and cfg.amp, channels_last=cfg.channels_last)
         self.data = DataContext(self.source, self.state, self.clean, writer=self.local_rank == 0, main=self.main,
                                 out=self.out)
         self.boxes, self.updaters = state_updaters(cfg, self.method)

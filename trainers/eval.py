@@ -187,6 +187,8 @@ class LinearConfig:
     split_test: str = "test"
     seed: int = 0  # fc init, shuffling, and the crops of workers (with workers=0: torch's global generator)
     progress: bool = True
+    backend: str = "torch"  # the backend of the clean passes (`CleanOptions.backend`)
+    amp: bool = False  # the clean passes' forward under bf16 autocast
 
     @classmethod
     def imagenet(cls, **overrides: Any) -> LinearConfig:
@@ -197,7 +199,8 @@ class LinearConfig:
         """The probe's clean passes: the training set's (with `augment=False`) as they are, the test set's with
         `resize=test_resize`."""
         return CleanOptions(size=self.size, batch_size=self.feature_batch_size, workers=self.workers, mean=self.mean,
-                            std=self.std, split=self.split_train, device=device, progress=self.progress)
+                            std=self.std, split=self.split_train, device=device, progress=self.progress,
+                            backend=self.backend, amp=self.amp)
 
     def milestone_epochs(self) -> list[int]:
         """The epochs (0-based) from which lr is multiplied once more by gamma: 60 and 80 of 100."""

@@ -54,6 +54,7 @@ class AugmentConfig:
 
 
 _MOCOV2 = ViewAugment()
+CLEAN_VIEW = ViewAugment(flip=0.0, jitter_p=0.0, grayscale=0.0, blur=0.0, solarize=0.0)  # no photometric change
 PRESETS: dict[str, tuple[ViewAugment, ...]] = {
     # MoCo v2 "aug+" (ContrastiveCrop on ImageNet): jitter 0.4/0.4/0.4/0.1 p 0.8, gray 0.2, blur p 0.5, flip.
     "mocov2": (_MOCOV2,),
