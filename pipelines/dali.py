@@ -37,6 +37,7 @@ from viewpipe.pipelines.base import Batch, Loader, Samples, register
 from viewpipe.pipelines.config import LoaderConfig
 from viewpipe.pipelines.plan import BatchPlan, Planner, sample_check
 from viewpipe.sources import ImageSizes, ShardSource, Source
+from viewpipe.torch_ops import resized_centre
 
 
 class _Reader:
@@ -81,9 +82,19 @@ class _Callback:
             out += [[self.reader.read(k) for k in plan.neighbours.tolist()], plan.neighbours]
         out.append(plan.windows)
         for v in range(plan.windows.shape[1]):
-            start = plan.windows[:, v, 0:2].astype(np.float32)  # (y, x): DALI's ROI follows the HWC shape order
-            out += [start, start + plan.windows[:, v, 2:4].astype(np.float32)]
+            out += self.view_inputs(plan.windows[:, v], v % self.planner.cfg.views)
         return tuple(out)
+
+    def view_inputs(self, windows: np.ndarray, v: int) -> list[np.ndarray]:
+        """The graph's two per-sample inputs of view v: its window as an ROI (start, end), or for a clean view
+        with a `resize` the resized size and the centre crop's start (torchvision's Resize + CenterCrop).
+        (y, x) order: DALI follows the HWC shape order."""
+        group = self.planner.cfg.view_groups()[self.planner.cfg.group_of_views()[v]]
+        if group.clean and group.resize:
+            rc = resized_centre(windows[:, 2:4], group.size, group.resize).astype(np.float32)
+            return [np.ascontiguousarray(rc[:, :2]), np.ascontiguousarray(rc[:, 2:])]
+        start = windows[:, 0:2].astype(np.float32)
+        return [start, start + windows[:, 2:4].astype(np.float32)]
 
 
 def decode_graph(fn, types, device_id: int | None, hw_decoder_load: float):  # noqa: ANN001, ANN201
@@ -109,6 +120,16 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
     dtypes = ([types.UINT8, types.INT64, types.INT64] + ([types.UINT8, types.INT64] if source.companions else [])
               + [types.INT32] + [types.FLOAT] * (2 * n_views))
     decode = decode_graph(fn, types, device_id, hw_decoder_load)
+    groups = [cfg.view_groups()[g] for g in cfg.group_of_views()]
+
+    def cut(images, v: int, a, b):  # noqa: ANN001, ANN202  (DALI DataNodes)
+        """View v of the decoded images: its window (ROI a..b) resized to its size, or a clean view with a
+        `resize`: the image resized to size a, then the size×size from b (`_Callback.view_inputs`)."""
+        if groups[v].clean and groups[v].resize:
+            full = fn.resize(images, size=a, antialias=True, interp_type=types.INTERP_LINEAR)
+            return fn.slice(full, b, [float(sizes[v])] * 2, axes=[0, 1], normalized_anchor=False, normalized_shape=False)
+        return fn.resize(images, size=[sizes[v]] * 2, roi_start=a, roi_end=b, roi_relative=False, antialias=True,
+                         interp_type=types.INTERP_LINEAR)
 
     @dali.pipeline_def(batch_size=cfg.batch_size, num_threads=num_threads, device_id=device_id,
                        prefetch_queue_depth=prefetch, seed=cfg.seed)
@@ -121,9 +142,7 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
             companions = decode(companion_jpegs)
         else:
             (windows, *rois), companion_indices = rest, None
-        views = [fn.resize(images if v < V else companions, size=[sizes[v % V]] * 2, roi_start=rois[2 * v],
-                           roi_end=rois[2 * v + 1], roi_relative=False, antialias=True,
-                           interp_type=types.INTERP_LINEAR) for v in range(n_views)]
+        views = [cut(images if v < V else companions, v % V, rois[2 * v], rois[2 * v + 1]) for v in range(n_views)]
         return (*views, labels, indices, windows) + ((companion_indices,) if source.companions else ())
 
     pipe = views_pipeline()

@@ -31,13 +31,20 @@ class ViewFinisher:
         return self.augmenters[self.group[v % V]].finish(x, v % V, generator, layout=layout)
 
     def crop_and_finish(self, images: Any, windows: Any, generator: Any, layout: str = "auto") -> list:
-        """V views cut from `images` at `windows` (B, V, 4) and finished, group by group (`Augmenter.forward`)."""
+        """V views cut from `images` at `windows` (B, V, 4) and finished, group by group (`Augmenter.forward`;
+        a clean group's views resized as PIL does, `resize_windows`)."""
         import torch
+
+        from viewpipe.torch_ops import resize_windows
 
         out, start = [], 0
         for group, aug in zip(self.cfg.view_groups(), self.augmenters):
             win = torch.as_tensor(windows)[:, start : start + group.count]
-            views = aug(images, win, generator, layout=layout, first_view=start)
-            out += views
+            if group.clean:
+                out += [aug.finish(resize_windows(images, win[:, v], group.size, layout,
+                                                                 group.resize), start + v, generator)
+                        for v in range(group.count)]
+            else:
+                out += aug(images, win, generator, layout=layout, first_view=start)
             start += group.count
         return out

@@ -250,8 +250,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", action="store_true",
                    help="measure training steps instead: synthetic GPU-resident data, then each backend feeding "
                    "the same model (the ratio is the fraction of the model's speed the loader sustains)")
+    p.add_argument("--pass", dest="clean_pass", action="store_true",
+                   help="measure the passes over the whole dataset instead (box update, mining, kNN): each "
+                   "backend's clean images against the PIL pass (speed, pixel difference), then the box update "
+                   "with the --backbone forward")
+    p.add_argument("--train-speed", type=float, default=None, metavar="IMG/S",
+                   help="with --pass: the training speed (e.g. from --train) an epoch runs at, for each box "
+                   "update's share of an epoch")
     p.add_argument("--method", default="mocov2", help="with --train: the method (mocov2, simsiam)")
-    p.add_argument("--backbone", default="", help="with --train: the backbone (default: resnet50 on a GPU, "
+    p.add_argument("--backbone", default="", help="with --train or --pass: the backbone (default: resnet50 on a GPU, "
                    "resnet_tiny on the CPU)")
     p.set_defaults(func=main)
 
@@ -265,6 +272,11 @@ def main(args: argparse.Namespace) -> int:
     from viewpipe.pipelines import DaliOptions, LoaderConfig, ViewGroup, backends as registered, get_backend, parse_views
     from viewpipe.sources import open_source
 
+    if args.clean_pass:  # (with torch's threads as a training run has them)
+        from viewpipe.tools.bench_pass import main as pass_main
+
+        return pass_main(args, Path(args.data) if args.data else generated_data(), args.backend or ["torch", "dali",
+                                                                                                   "ffcv", "memory"])
     if not torch.cuda.is_available():
         # on the CPU, backends that augment in this process (DALI) share the cores with their own decode
         # threads: one torch thread avoids oversubscription (DataLoader workers already use one each)

@@ -80,6 +80,39 @@ def crop_resize(images: torch.Tensor, windows: torch.Tensor, size: int) -> torch
     return out
 
 
+def resized_centre(sizes: np.ndarray, size: int, resize: int) -> np.ndarray:
+    """(N, 4) int64 (resized height, resized width, top, left) of torchvision's Resize(resize) +
+    CenterCrop(size) for images of `sizes` (N, 2): the shorter side to `resize`, the longer to
+    `int(resize · long / short)`, the crop at `round((side - size) / 2)`."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    H, W = sizes[:, 0], sizes[:, 1]
+    short = np.minimum(H, W)
+    rh = np.where(H <= W, resize, (resize * H / short).astype(np.int64))
+    rw = np.where(W <= H, resize, (resize * W / short).astype(np.int64))
+    return np.stack([rh, rw, np.round((rh - size) / 2), np.round((rw - size) / 2)], 1).astype(np.int64)
+
+
+def resize_windows(images: torch.Tensor, windows: torch.Tensor | np.ndarray, size: int, layout: str = "auto",
+                   resize: int = 0) -> torch.Tensor:
+    """One window (top, left, h, w) per uint8 image (N,H,W,3) / (N,3,H,W) (windows (N, 4)) resized to size×size as PIL's bilinear resize
+    does it (a triangle filter widened when shrinking: torch's antialiased bilinear; rounded to uint8), or with
+    `resize` > 0 resized by `resized_centre`'s rule and its centre size×size kept; image by image on the
+    images' device: (N, 3, size, size) uint8. How clean views are made (no random crop), so that a pass over
+    the dataset sees what PIL would give it."""
+    x = images.permute(0, 3, 1, 2) if is_hwc(images.shape[1:], layout) else images  # (uint8 kept)
+    windows = torch.as_tensor(windows).reshape(-1, 4).tolist()
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8, device=x.device)
+    for n, (top, left, h, w) in enumerate(windows):
+        rh, rw, y, x0 = resized_centre(np.array([h, w]), size, resize)[0].tolist() if resize else (size, size, 0, 0)
+        crop = x[n : n + 1, :, top : top + h, left : left + w]
+        # uint8 on the CPU (torch's port of Pillow's kernels, on channels_last), float elsewhere
+        crop = crop.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else crop.float()
+        full = F.interpolate(crop, (rh, rw), mode="bilinear", antialias=True, align_corners=False)[0]
+        out[n] = full[:, y : y + size, x0 : x0 + size].round().clamp_(0, 255) if full.is_floating_point() else \
+            full[:, y : y + size, x0 : x0 + size]
+    return out
+
+
 # ---------------------------------------------------------------------------- photometric ops (float in [0,1])
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(n,3,H,W) → (n,1,H,W) luma with torchvision's weights."""
@@ -184,11 +217,20 @@ def finish_view(x: torch.Tensor, p: ViewParams, cfg: ViewAugment, kernel_size: i
                 out_dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
     """`photometric` then normalisation of one view, x (N,3,H,W) or (N,H,W,3) with layout="hwc", uint8 or float
     in [0, 1] (a float input may be changed in place): (N,3,H,W) of `out_dtype`, channels_last when asked."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     if layout == "hwc":
         x = x.permute(0, 3, 1, 2)
+    scale = 1.0  # of x's levels: 255 while a uint8 view needs no photometric step (normalised in one pass)
     if x.dtype == torch.uint8:
-        x = x.float().div_(255.0)
+        x, scale = x.contiguous(memory_format=fmt).float(), 255.0
+        if _draws_any(p):
+            x, scale = x.div_(255.0), 1.0
     y = photometric(x, p, cfg, kernel_size)
     m, s = (torch.tensor(v, device=y.device).view(1, 3, 1, 1) for v in (mean, std))
-    y = ((y - m) / s).to(out_dtype)
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y = torch.addcmul(-m / s, y, 1 / (scale * s)).to(out_dtype)
+    return y.contiguous(memory_format=fmt)
+
+
+def _draws_any(p: ViewParams) -> bool:
+    """Whether any sample of a view has a photometric step drawn (else `photometric` is the identity)."""
+    return bool(p.flip.any() or p.jitter.any() or p.gray.any() or p.blur.any() or p.solarize.any())
