@@ -11,6 +11,9 @@ from viewpipe.crop import CropConfig
 from viewpipe.errors import ViewpipeError
 
 
+CENTRES = ("box", "heatmap")  # a view group's crop centres: ContrastiveCrop's box sampler, or the heatmap's mass
+
+
 @dataclass(frozen=True)
 class ViewGroup:
     """Views of one kind (multi-crop): `count` crops per image resized to `size`, their area drawn from
@@ -18,7 +21,10 @@ class ViewGroup:
     `tries` and `augment` (its size is the group's): the group's own, None: the loader's `crop` and `augment`.
     `clean`: no random crop but the whole image, as a pass over the whole dataset reads it: size×size ignoring
     the aspect ratio, or with `resize` > 0 the centre size×size of the image whose shorter side is resized to
-    `resize` (torchvision's Resize + CenterCrop, the linear-probe protocol's test transform)."""
+    `resize` (torchvision's Resize + CenterCrop, the linear-probe protocol's test transform).
+    `centres`: where a box-using group's crop centres come from: "box", ContrastiveCrop's (Beta inside the
+    box, the official sampler), or "heatmap", drawn from the sample's live heatmap mass
+    (`viewpipe.crop.heatmap_windows`; the box sampler while no heatmaps are published)."""
 
     count: int = 2
     size: int = 224
@@ -29,8 +35,11 @@ class ViewGroup:
     augment: AugmentConfig | None = None
     clean: bool = False
     resize: int = 0
+    centres: str = "box"
 
     def __post_init__(self) -> None:
+        if self.centres not in CENTRES:
+            raise ViewpipeError(f"a view group's centres must be one of {', '.join(CENTRES)}, got {self.centres!r}")
         if self.resize < 0 or (self.resize and self.resize < self.size):
             raise ViewpipeError(f"a clean view's resize must be 0 or at least its size {self.size}, got {self.resize}")
         if self.count < 1 or self.size < 1:
@@ -44,23 +53,24 @@ class ViewGroup:
 
 
 def parse_views(spec: str, scale: tuple[float, float] = (0.2, 1.0)) -> tuple[ViewGroup, ...]:
-    """View groups from `COUNTxSIZE[@MIN-MAX][:nobox]`, comma-separated, e.g. "2x224,6x96@0.05-0.2": two
-    224 px views at the crop scale `scale`, six 96 px views at (0.05, 0.2). A group without a range takes
+    """View groups from `COUNTxSIZE[@MIN-MAX][:nobox|:heatmap]`, comma-separated, e.g. "2x224,6x96@0.05-0.2":
+    two 224 px views at the crop scale `scale`, six 96 px views at (0.05, 0.2). A group without a range takes
     `scale` if it is the first, (0.05, 0.2) otherwise (the local crops of SwAV/DINO-style recipes);
-    `:nobox` keeps a group off the ContrastiveCrop boxes."""
+    `:nobox` keeps a group off the ContrastiveCrop boxes, `:heatmap` centres its crops by the heatmaps' mass."""
     groups = []
     for i, part in enumerate(p.strip() for p in spec.split(",")):
         try:
             part, _, flag = part.partition(":")
-            if flag not in ("", "box", "nobox"):
+            if flag not in ("", "box", "nobox", "heatmap"):
                 raise ValueError(flag)
             shape, _, rng = part.partition("@")
             count, size = (int(x) for x in shape.lower().split("x"))
             lo, hi = (float(x) for x in rng.split("-")) if rng else (scale if i == 0 else (0.05, 0.2))
         except ValueError:
-            raise ViewpipeError(f"cannot read view group {part!r} of {spec!r}: expected COUNTxSIZE[@MIN-MAX][:nobox], "
-                                "e.g. 2x224,6x96@0.05-0.2") from None
-        groups.append(ViewGroup(count, size, (lo, hi), flag != "nobox"))
+            raise ViewpipeError(f"cannot read view group {part!r} of {spec!r}: expected "
+                                "COUNTxSIZE[@MIN-MAX][:nobox|:heatmap], e.g. 2x224,6x96@0.05-0.2") from None
+        centres = "heatmap" if flag == "heatmap" else "box"
+        groups.append(ViewGroup(count, size, (lo, hi), flag != "nobox", centres=centres))
     return tuple(groups)
 
 

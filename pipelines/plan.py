@@ -9,8 +9,9 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from viewpipe.crop import view_windows
+from viewpipe.crop import heatmap_windows, view_windows
 from viewpipe.errors import ViewpipeError
+from viewpipe.heatmap_boxes import LiveBoxes
 from viewpipe.pipelines.config import LoaderConfig
 
 
@@ -108,7 +109,9 @@ class Planner:
     and a SampleState all backends cut the same windows from the same samples. Draw order on
     `default_rng([seed, epoch, rank, batch])`: the samples' V windows (view-major), then with companions each
     sample's neighbour column (uniform over the k of its row in the state's neighbour table) and the
-    neighbours' V windows; boxes are read from the live SampleState when the plan is made. The photometric
+    neighbours' V windows; boxes are read from the live SampleState when the plan is made: derived from its
+    heatmaps at its threshold once heatmaps are published (`LiveBoxes`), its boxes table before. A group with
+    `centres="heatmap"` draws its centres from the live heatmaps instead (`heatmap_windows`). The photometric
     seed is word `batch` of `SeedSequence([seed, epoch, rank])`. `sizes(indices)` gives the images' (height,
     width) after EXIF orientation."""
 
@@ -116,6 +119,8 @@ class Planner:
                  sizes: Callable[[np.ndarray], np.ndarray], companions: bool = False) -> None:
         self.cfg, self.rank, self.state, self.substitutes = cfg, rank, state, substitutes
         self.sizes, self.companions = sizes, companions
+        self.live = LiveBoxes(state) if state is not None else None
+        self._guided = any(g.centres == "heatmap" and g.use_box for g in cfg.view_groups())
         self._seeds: tuple[int, np.ndarray] = (-1, np.zeros(0, np.uint64))  # (epoch, its words so far)
 
     def seed(self, epoch: int, b: int) -> int:
@@ -145,10 +150,21 @@ class Planner:
     def _windows(self, rng: np.random.Generator, indices: np.ndarray) -> np.ndarray:
         """(B, V, 4): each group's windows in turn (its count, scale and box use), one draw per group."""
         crop, sizes = self.cfg.crop, self.sizes(indices)
-        boxes = self.state.boxes(indices) if self.state is not None and crop.use_box else None
+        use = self.state is not None and crop.use_box
+        boxes = self.live.boxes(indices) if use else None
+        heat = self.state.heatmaps(indices) if use and self._guided and self.live.derived() else None
         return np.concatenate([clean_windows(sizes, g.size, g.resize, g.count) if g.clean else
-                               view_windows(rng, sizes, boxes if g.use_box else None, g.count, self.cfg.group_crop(i))
+                               self._group_windows(rng, i, sizes, boxes, heat)
                                for i, g in enumerate(self.cfg.view_groups())], 1)
+
+    def _group_windows(self, rng: np.random.Generator, i: int, sizes: np.ndarray, boxes: np.ndarray | None,
+                       heat: np.ndarray | None) -> np.ndarray:
+        """Group i's (B, count, 4) windows: by the heatmaps' mass (`heat` given and the group asks for it), in
+        the boxes (the group uses boxes), or plain RandomResizedCrop."""
+        g = self.cfg.view_groups()[i]
+        if heat is not None and g.use_box and g.centres == "heatmap":
+            return heatmap_windows(rng, sizes, heat, g.count, self.cfg.group_crop(i))
+        return view_windows(rng, sizes, boxes if g.use_box else None, g.count, self.cfg.group_crop(i))
 
 
 def clean_windows(sizes: np.ndarray, size: int, resize: int = 0, views: int = 1) -> np.ndarray:

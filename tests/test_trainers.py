@@ -110,7 +110,7 @@ def test_box_update_changes_the_loaders_crops(image_folder: Path, tmp_path: Path
         assert Path(record["box_grid"]).is_file()
         boxes = trainer.state.boxes()
         assert not np.allclose(boxes, [0, 0, 1, 1])  # learned boxes, not the initial full ones
-        np.testing.assert_allclose(boxes, trainer.boxes.compute(trainer.method, trainer.data, 0))
+        np.testing.assert_allclose(boxes, trainer.boxes.compute(trainer.method, trainer.data, 0).boxes)
         after = trainer.loader(1)
         assert after is not before
         after.set_epoch(1)

@@ -25,10 +25,15 @@ _STATUS = {"alive": "alive", "stale": "stale (owner gone)", "unknown": "unknown 
 
 
 def state_main(args: argparse.Namespace) -> int:
-    """`viewpipe state list|clean [--force]`. An owner is alive while it holds its segment's lock, which holds
-    across PID namespaces (containers sharing /dev/shm); owner pids are as the owner saw them."""
+    """`viewpipe state list|clean [--force]|show NAME|set-threshold NAME T|bench`. An owner is alive while it
+    holds its segment's lock, which holds across PID namespaces (containers sharing /dev/shm); owner pids are as
+    the owner saw them."""
     from viewpipe.segments import SHM_DIR, clean_segments, list_segments
 
+    if args.action in ("show", "set-threshold", "bench"):
+        from .statecmd import state_command
+
+        return state_command(args)
     if args.action == "list":
         segs = list_segments()
         for s in segs:
@@ -62,11 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     export.add_parser(sub)
     quality.add_parser(sub)
-    st = sub.add_parser("state", help="list or clean shared sample-state segments",
+    st = sub.add_parser("state", help="list, clean, show or steer shared sample-state segments",
                         description="Shared sample-state segments live in /dev/shm. Their owner holds a lock on "
                         "each for its lifetime (this holds across containers sharing /dev/shm); `clean` removes "
-                        "those whose lock is free (owner gone: kill -9, a crash) and keeps the rest.")
-    st.add_argument("action", choices=["list", "clean"])
+                        "those whose lock is free (owner gone: kill -9, a crash) and keeps the rest. `show NAME` "
+                        "prints a state's tables, version and heatmap threshold; `set-threshold NAME T` changes "
+                        "the box threshold of a running run (its loaders derive their boxes from the heatmaps at "
+                        "T within their prefetch bound; under torchrun on several nodes, set it on each node); "
+                        "`bench` measures a state of --n samples (create, attach, publish, derive).")
+    st.add_argument("action", choices=["list", "clean", "show", "set-threshold", "bench"])
+    st.add_argument("args", nargs="*", metavar="ARG", help="show: NAME; set-threshold: NAME THRESHOLD (NAME as "
+                    "`viewpipe state list` shows it)")
+    st.add_argument("--n", type=int, default=1_281_167, help="bench: samples (default ImageNet's 1,281,167)")
+    st.add_argument("--heatmap", type=int, default=7, help="bench: heatmap side K (default 7)")
+    st.add_argument("--neighbours", type=int, default=20, help="bench: neighbours per sample (default 20)")
+    st.add_argument("--size", type=int, default=224, help="bench: clean input side boxes are derived at")
     st.add_argument("--force", action="store_true",
                     help="clean: also remove segments whose owner cannot be proven alive or gone (made by a "
                     "viewpipe without owner locks, or unreadable); never one whose owner holds its lock")

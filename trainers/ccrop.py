@@ -26,20 +26,27 @@ model being trained, and spreads the two crops' centres apart:
 Published: +0.4 to +2.0 points of linear top-1 over RandomResizedCrop for SimCLR, MoCo, BYOL and SimSiam on
 CIFAR-10/100, Tiny ImageNet and STL-10 (ResNet-18, 500 epochs).
 
-Here the update is a state updater (`trainers/updaters.py`): each rank boxes its strided share of the dataset,
-the shares are gathered back into dataset order and written into the SampleState, which running loaders read
-live (the official code's new boxes reach its DataLoader workers only because it re-creates them every
-epoch)."""
+Here the update is a state updater (`trainers/updaters.py`): each rank computes the heatmaps of its strided
+share of the dataset, the shares are gathered back into dataset order and written into the SampleState: every
+sample's heatmap (uint8, round(heatmap · 255), the last stage's K×K) with the clean input size, and the boxes
+derived from those uint8 heatmaps at the state's live threshold (`viewpipe.heatmap_boxes.derive_boxes`, equal
+to `boxes_from_heatmaps`). Running loaders read them live and derive their boxes from the heatmaps at the
+threshold the state holds then, so `viewpipe state set-threshold` changes the crops without a new pass (the
+official code's new boxes reach its DataLoader workers only because it re-creates them every epoch)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from viewpipe.boxes import boxes_from_features
+import torch
+
+from viewpipe.boxes import heatmaps_from_features
+from viewpipe.errors import ViewpipeError
+from viewpipe.heatmap_boxes import derive_boxes
 from viewpipe.sources import Source
 from viewpipe.state import SampleState
 from viewpipe.trainers.clean import CleanOptions, dataset_outputs, eval_mode
@@ -51,20 +58,52 @@ if TYPE_CHECKING:
     from viewpipe.trainers.base import Method
 
 
-def box_pass(backbone: Backbone, source: Source, options: CleanOptions, threshold: float) -> np.ndarray:
-    """(N, 4) float32 boxes of the whole dataset in dataset order, on every rank: `backbone`'s last-stage
-    maps of the clean images (options.size², eval mode, no grad) → heatmap → box at `threshold`."""
-    size = options.size
+def heatmaps_uint8(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, K, K) last-stage maps → (B, K, K) uint8 heatmaps, round(heatmap · 255): what the state keeps."""
+    return (heatmaps_from_features(features) * 255).round().to(torch.uint8)
+
+
+def heatmap_pass(backbone: Backbone, source: Source, options: CleanOptions) -> np.ndarray:
+    """(N, K, K) uint8 heatmaps of the whole dataset in dataset order, on every rank: `backbone`'s last-stage
+    maps of the clean images (options.size², eval mode, no grad) → `heatmaps_uint8`."""
     with eval_mode(backbone):
-        out = dataset_outputs(lambda x: boxes_from_features(backbone(x), (size, size), threshold), source, options,
-                              desc="boxes")
-    return out.cpu().numpy().astype(np.float32)
+        out = dataset_outputs(lambda x: heatmaps_uint8(backbone(x)), source, options, desc="boxes")
+    return out.cpu().numpy().astype(np.uint8)
+
+
+def box_pass(backbone: Backbone, source: Source, options: CleanOptions, threshold: float) -> np.ndarray:
+    """(N, 4) float32 boxes of the whole dataset: those of `heatmap_pass`'s uint8 heatmaps at `threshold`, as
+    the loaders derive them (`boxes_from_heatmaps(heatmaps.float() / 255, (size, size), threshold)`)."""
+    return derive_boxes(heatmap_pass(backbone, source, options), (options.size, options.size), threshold)
+
+
+def heatmap_side(backbone: Backbone, size: int) -> int:
+    """K, the side of the backbone's last-stage map at clean input size `size` (so of the state's heatmaps):
+    one no-grad forward of a zero image in eval mode on the backbone's device (4 for a CIFAR ResNet-18 at 32,
+    7 for a ResNet-50 at 224: the architecture's stride, measured rather than assumed)."""
+    p = next(backbone.parameters())
+    with eval_mode(backbone), torch.no_grad():
+        shape = tuple(backbone(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)).shape)
+    if len(shape) != 4 or shape[2] != shape[3]:
+        raise ViewpipeError(f"ContrastiveCrop needs a square last-stage map from the backbone, got shape {shape} "
+                            f"at input size {size}")
+    return shape[2]
+
+
+@dataclass
+class BoxPassResult:
+    """One box update: every sample's uint8 heatmap, the boxes derived from them, the clean input side."""
+
+    heatmaps: np.ndarray  # (N, K, K) uint8
+    boxes: np.ndarray  # (N, 4) float32
+    size: int
 
 
 class BoxUpdater(StateUpdater):
     """ContrastiveCrop's box update as a state updater: after an epoch (the module's schedule), the online
-    backbone's boxes of the whole training set (`box_pass` at `ccrop.size`, default data.size), published as
-    the sample state's boxes; the main rank saves a PNG grid of images with their boxes. `use_box(epoch)`:
+    backbone's heatmaps of the whole training set (`heatmap_pass` at `ccrop.size`, default data.size), published
+    with their input size to the sample state, and the boxes derived from them at the state's live threshold
+    (ccrop.threshold when the run starts; `viewpipe state set-threshold` may change it) as its boxes; the main rank saves a PNG grid of images with their boxes. `use_box(epoch)`:
     whether the epoch's crops use the boxes (the epochs after the first update) or plain RandomResizedCrop
     (those before)."""
 
@@ -84,15 +123,19 @@ class BoxUpdater(StateUpdater):
     def use_box(self, epoch: int) -> bool:
         return any(self.due(e) for e in range(epoch))
 
-    def compute(self, method: Method, data: DataContext, epoch: int) -> np.ndarray:
-        return box_pass(method.backbone, data.source, replace(data.clean, size=self.c.size or data.clean.size),
-                        self.c.threshold)
+    def compute(self, method: Method, data: DataContext, epoch: int) -> BoxPassResult:
+        size = self.c.size or data.clean.size
+        heat = heatmap_pass(method.backbone, data.source, replace(data.clean, size=size))
+        threshold = data.state.threshold if data.state.has("heatmaps") else self.c.threshold
+        return BoxPassResult(heat, derive_boxes(heat, (size, size), threshold), size)
 
-    def publish(self, state: SampleState, result: np.ndarray, epoch: int) -> None:
-        state.set_boxes(result, epoch=epoch)
+    def publish(self, state: SampleState, result: BoxPassResult, epoch: int) -> None:
+        if state.has("heatmaps"):
+            state.set_heatmaps(result.heatmaps, input_size=(result.size, result.size))
+        state.set_boxes(result.boxes, epoch=epoch)
 
-    def report(self, result: np.ndarray, data: DataContext, epoch: int) -> dict[str, Any]:
-        boxes = result
+    def report(self, result: BoxPassResult, data: DataContext, epoch: int) -> dict[str, Any]:
+        boxes = result.boxes
         record: dict[str, Any] = {"box_update": self.updates,
                                   "box_area": float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))}
         if data.main and self.c.grid:

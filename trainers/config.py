@@ -182,7 +182,7 @@ def build_groups(d: DataConfig) -> tuple:
     if d.groups:
         c = d.crop
         return tuple(ViewGroup(g.count, g.size or d.size, tuple(g.scale or c.scale), g.box,
-                               ratio=tuple(g.ratio or c.ratio), tries=g.tries or c.tries,
+                               ratio=tuple(g.ratio or c.ratio), tries=g.tries or c.tries, centres=g.centres,
                                augment=build_augment(d, g, g.size or d.size)) for g in d.groups)
     if d.multicrop:
         return parse_views(d.multicrop, tuple(d.crop.scale))

@@ -217,9 +217,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ sample state and loader
     def _sample_state(self) -> SampleState:
-        """Local rank 0 of each node creates the node's segment, then the other ranks attach by name."""
-        k = self.method.needs_neighbours()
-        state = SampleState.create(self.n, neighbours=k) if self.local_rank == 0 else None
+        """Local rank 0 of each node creates the node's segment, then the other ranks attach by name. With
+        ContrastiveCrop it holds the K×K heatmaps (K: the backbone's last-stage side at ccrop.size) and their
+        live threshold, ccrop.threshold to start with (a resume restores the checkpoint's)."""
+        from viewpipe.trainers.ccrop import heatmap_side
+
+        k, c = self.method.needs_neighbours(), self.cfg.ccrop
+        state = None
+        if self.local_rank == 0:
+            side = heatmap_side(self.method.backbone, c.size or self.cfg.data.size) if c.enabled else 0
+            state = SampleState.create(self.n, neighbours=k, heatmap_size=side, threshold=c.threshold)
         if self.world == 1:
             return state
         names = gather_objects(state.name if state is not None else None)  # (after the creation)

@@ -155,6 +155,9 @@ GroupSettings = schema_of(
     ratio=bounded(lo=0.0, lo_open=True, ordered=True, help="crop aspect-ratio range (null: data.crop.ratio)"),
     tries=bounded(lo=1, help="crop draws (null: data.crop.tries)"),
     box=(bool, doc(True, "centre the crops in the ContrastiveCrop boxes (when the run uses boxes)")),
+    centres=(str, choice("box", "heatmap", help="where the group's crop centres come from when the run uses boxes: "
+                         "box (ContrastiveCrop's Beta inside the box) or heatmap (drawn from each sample's live "
+                         "heatmap mass, beyond the paper)")),
     augment=(AugmentSettings, doc(help="this group's augmentation, over data.augment", factory=AugmentSettings)))
 
 
@@ -174,7 +177,7 @@ class DataConfig:
     preset: str = doc("mocov2_small", "augmentation preset (viewpipe.augment.PRESETS); shorthand for "
                                       "data.augment.preset")
     views: int = bounded(2, 1, help="views per sample (each method says how many it takes); without groups")
-    multicrop: str = doc("", "shorthand for data.groups: COUNTxSIZE[@MIN-MAX][:nobox],... e.g. "
+    multicrop: str = doc("", "shorthand for data.groups: COUNTxSIZE[@MIN-MAX][:nobox|:heatmap],... e.g. "
                              "\"2x224,6x96@0.05-0.2\"; replaces data.views")
     crop: CropSettings = doc(help="crop sampling of every view (a group may change it)", factory=CropSettings)
     augment: AugmentSettings = doc(help="augmentation of every view (a group may change it)",

@@ -15,7 +15,7 @@ backend's planner calls can be checked draw for draw against a scalar reference 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -62,12 +62,8 @@ def draw(rng: np.random.Generator, n: int, cfg: CropConfig) -> CropDraws:
     return CropDraws(rng.random((n, cfg.tries)), rng.random((n, cfg.tries)), corner)
 
 
-def windows_from_draws(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, cfg: CropConfig) -> np.ndarray:
-    """Crop windows (n, 4) int32 as (top, left, height, width) in pixels, vectorised over the batch.
-
-    sizes: (n, 2) image (height, width); boxes: (n, 4) normalised (h0, w0, h1, w1), valid rows.
-    """
-    sizes = np.asarray(sizes, dtype=np.int64)
+def _crop_sizes(sizes: np.ndarray, draws: CropDraws, cfg: CropConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RandomResizedCrop's (h, w) of each window from its first fitting try, and whether one fits."""
     H, W = sizes[:, 0:1].astype(np.float64), sizes[:, 1:2].astype(np.float64)
     area = H * W
     target = area * (cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * draws.scale)
@@ -79,7 +75,16 @@ def windows_from_draws(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, c
     first = fits.argmax(axis=1)
     found = fits[np.arange(len(sizes)), first]
     pick = (np.arange(len(sizes)), first)
-    h, w = h[pick].astype(np.int64), w[pick].astype(np.int64)
+    return h[pick].astype(np.int64), w[pick].astype(np.int64), found
+
+
+def windows_from_draws(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, cfg: CropConfig) -> np.ndarray:
+    """Crop windows (n, 4) int32 as (top, left, height, width) in pixels, vectorised over the batch.
+
+    sizes: (n, 2) image (height, width); boxes: (n, 4) normalised (h0, w0, h1, w1), valid rows.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    h, w, found = _crop_sizes(sizes, draws, cfg)
     Hi, Wi = sizes[:, 0], sizes[:, 1]
 
     if cfg.use_box:
@@ -94,11 +99,17 @@ def windows_from_draws(sizes: np.ndarray, boxes: np.ndarray, draws: CropDraws, c
         top = ((Hi - h + 1) * draws.corner[:, 0]).astype(np.int64)
         left = ((Wi - w + 1) * draws.corner[:, 1]).astype(np.int64)
 
+    return _with_fallback(Hi, Wi, top, left, h, w, found, cfg)
+
+
+def _with_fallback(H: np.ndarray, W: np.ndarray, top: np.ndarray, left: np.ndarray, h: np.ndarray, w: np.ndarray,
+                   found: np.ndarray, cfg: CropConfig) -> np.ndarray:
+    """The (n, 4) int32 windows, those whose tries all failed replaced by RandomResizedCrop's centre crop."""
     if not found.all():
-        fh, fw = _fallback_size(Hi, Wi, cfg.ratio)
+        fh, fw = _fallback_size(H, W, cfg.ratio)
         miss = ~found
         h[miss], w[miss] = fh[miss], fw[miss]
-        top[miss], left[miss] = (Hi[miss] - fh[miss]) // 2, (Wi[miss] - fw[miss]) // 2
+        top[miss], left[miss] = (H[miss] - fh[miss]) // 2, (W[miss] - fw[miss]) // 2
     return np.stack([top, left, h, w], axis=1).astype(np.int32)
 
 
@@ -121,6 +132,36 @@ def view_windows(
     B = len(sizes)
     boxes = np.broadcast_to(FULL_BOX, (B, 4)) if boxes is None else boxes
     win = windows_from_draws(np.tile(sizes, (views, 1)), np.tile(boxes, (views, 1)), draw(rng, views * B, cfg), cfg)
+    return np.ascontiguousarray(win.reshape(views, B, 4).transpose(1, 0, 2))
+
+
+def heatmap_windows(rng: np.random.Generator, sizes: np.ndarray, heatmaps: np.ndarray, views: int,
+                    cfg: CropConfig) -> np.ndarray:
+    """(B, V, 4) windows whose centres follow each sample's heatmap (opt-in, beyond the paper): each view's size
+    and ratio are RandomResizedCrop's as in `view_windows`; its centre lies in a heatmap cell drawn with
+    probability ∝ the cell's value, at (cell + Beta(α, α)) / K of the image per axis (the same centre
+    suppression, inside the cell), the window clamped into the image. A sample whose heatmap is all zero gets
+    the box sampler's window with the full box. Draws, view-major over V·B windows: `draw` (Beta corners, as
+    with boxes), then one uniform per window choosing the cell."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    B, K = len(sizes), heatmaps.shape[-1]
+    n = views * B
+    d = draw(rng, n, replace(cfg, use_box=True))
+    u = rng.random(n)
+    sz = np.tile(sizes, (views, 1))
+    mass = np.tile(np.asarray(heatmaps, dtype=np.float64).reshape(B, K * K), (views, 1))
+    cum = np.cumsum(mass, 1)
+    cell = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(1), K * K - 1)  # first cell past u · total mass
+    h, w, found = _crop_sizes(sz, d, cfg)
+    H, W = sz[:, 0], sz[:, 1]
+    cy = ((cell // K + d.corner[:, 0]) / K * H).astype(np.int64)
+    cx = ((cell % K + d.corner[:, 1]) / K * W).astype(np.int64)
+    top, left = np.clip(cy - h // 2, 0, H - h), np.clip(cx - w // 2, 0, W - w)
+    cold = cum[:, -1] <= 0
+    if cold.any():  # no mass: the box sampler's window over the whole image (same draws)
+        top[cold] = ((H - h)[cold] * d.corner[cold, 0]).astype(np.int64)
+        left[cold] = ((W - w)[cold] * d.corner[cold, 1]).astype(np.int64)
+    win = _with_fallback(H, W, top, left, h, w, found, cfg)
     return np.ascontiguousarray(win.reshape(views, B, 4).transpose(1, 0, 2))
 
 

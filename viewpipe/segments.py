@@ -34,12 +34,15 @@ if TYPE_CHECKING:
 SHM_DIR = Path(os.environ.get("VIEWPIPE_SHM_DIR", "/dev/shm"))
 PREFIX = "viewpipe."
 MAGIC = int.from_bytes(b"VIEWPIP1", "little")
-LAYOUT = 1  # the header's and tables' layout version
+LAYOUT = 2  # the header's and tables' layout version (2: the heatmaps' threshold and input size words)
 HEADER_BYTES = 4096
 
 # Header: int64 words.
 H_MAGIC, H_LAYOUT, H_PID, H_START, H_N, H_HEAT, H_NEIGH, H_VERSION, H_EPOCH = range(9)
 H_LOCKED = 9  # 1: the owner holds an flock on the segment file for its lifetime (0 in segments made before that)
+# The heatmaps' box threshold, a float64's bit pattern, and the clean input size (H << 32 | W; 0: none yet) the
+# heatmaps are upsampled to: one aligned word each, so that one store changes either atomically.
+H_THRESHOLD, H_INPUT = 10, 11
 H_TABLES = 16  # per table: generation, started, invalid rows in the last update, invalid rows in all updates
 _UNBORN_GRACE_S = 60.0  # a segment without a header this old was abandoned during creation
 

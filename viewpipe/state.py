@@ -10,6 +10,16 @@ started refilling that copy meanwhile (a seqlock over two buffers). Readers neve
 see a torn row; a writer killed mid-update leaves the last published table intact. This relies on aligned
 8-byte loads and stores being atomic and stores staying in program order, as on x86-64. The segment's file,
 header and lifetime (removal at exit, reclaim after kill -9) are `viewpipe.segments`'.
+
+Beside the tables, two header words belong to the heatmaps: the box threshold (a float64's bit pattern in one
+aligned int64 word) and the clean input size (H, W) the heatmaps are upsampled to (packed in one word). Loaders
+derive each sample's box from its live heatmap at that threshold (`viewpipe.heatmap_boxes.LiveBoxes`) once
+heatmaps are published, and read the boxes table before. The threshold is the one word written outside the
+single-writer rule: `SampleState.set_threshold_of` (the `viewpipe state set-threshold` command) stores it from
+another process. That is safe because it is one aligned 8-byte store that readers load whole (never torn) and
+that no table depends on: a reader sees the old or the new threshold, and derives its boxes again when it
+changes. Only the version counter (a read-modify-write) can then miss one increment if the owner bumps it at the
+same moment; it still changes, and readers key their derived boxes on the threshold word itself.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from .crop import FULL_BOX
 from .errors import ViewpipeError
 from .formats import write_atomic
 from .segments import (
-    H_EPOCH, H_HEAT, H_LAYOUT, H_MAGIC, H_N, H_NEIGH, H_TABLES, H_VERSION, HEADER_BYTES, LAYOUT, MAGIC, PREFIX,
+    H_EPOCH, H_HEAT, H_INPUT, H_LAYOUT, H_MAGIC, H_N, H_NEIGH, H_TABLES, H_THRESHOLD, H_VERSION, HEADER_BYTES, LAYOUT, MAGIC, PREFIX,
     SHM_DIR, OwnerLock, SegmentInfo, clean_segments, forget_owned, list_segments, open_segment, reclaim_stale,
     register_owned, seal_header, segment_path,
 )
@@ -37,6 +47,7 @@ __all__ = ["PREFIX", "SHM_DIR", "SampleState", "SegmentInfo", "clean_segments", 
            "sanitize_boxes", "sanitize_neighbours"]
 
 _ALIGN = 64
+DEFAULT_THRESHOLD = 0.1  # ContrastiveCrop's box threshold t
 _TABLES = ("boxes", "heatmaps", "neighbours")
 
 
@@ -88,6 +99,22 @@ def sanitize_neighbours(neighbours: np.ndarray, n: int, own: np.ndarray | None =
     return np.where(ok[:, None], neighbours, own[:, None]).astype(np.int32), int((~ok).sum())
 
 
+def _valid_threshold(threshold: float) -> float:
+    """A threshold as a float, or one line saying why it is none."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ViewpipeError(f"a box threshold must be a number, got {threshold!r}") from None
+    if not np.isfinite(t):
+        raise ViewpipeError(f"a box threshold must be finite, got {threshold!r}")
+    return t
+
+
+def _threshold_word(threshold: float) -> int:
+    """The float64's bit pattern as the int64 header word that holds it."""
+    return int(np.float64(threshold).view(np.int64))
+
+
 class SampleState:
     """Named shared-memory tables, one row per sample: boxes (N×4 float32, normalised (h0, w0, h1, w1)),
     optional heatmaps (N×K×K uint8) and neighbours (N×k int32), with a version and an epoch counter.
@@ -117,9 +144,12 @@ class SampleState:
     # ------------------------------------------------------------------ creation and attachment
     @classmethod
     def create(
-        cls, n: int, *, name: str | None = None, heatmap_size: int = 0, neighbours: int = 0
+        cls, n: int, *, name: str | None = None, heatmap_size: int = 0, neighbours: int = 0,
+        threshold: float = DEFAULT_THRESHOLD,
     ) -> SampleState:
-        """Create the segment (full-image boxes, zero heatmaps, each sample its own neighbour) and own it."""
+        """Create the segment (full-image boxes, zero heatmaps not yet published, each sample its own neighbour,
+        the heatmaps' box `threshold`) and own it."""
+        threshold = _valid_threshold(threshold)
         if n <= 0:
             raise ViewpipeError(f"a sample state needs at least one sample, got n={n}")
         name = name or f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -128,6 +158,7 @@ class SampleState:
         fd, mm, lock = open_segment(segment_path(name), size)
         header = np.frombuffer(mm, dtype=np.int64, count=HEADER_BYTES // 8)
         header[H_N], header[H_HEAT], header[H_NEIGH] = layout.n, layout.heatmap_size, layout.n_neighbours
+        header[H_THRESHOLD] = _threshold_word(threshold)
         seal_header(header)
         del header
         state = cls(name, fd, mm, owner=True, lock=lock)
@@ -178,6 +209,25 @@ class SampleState:
     @property
     def epoch(self) -> int:
         return int(self._header[H_EPOCH])
+
+    @property
+    def threshold(self) -> float:
+        """The live box threshold of the heatmaps (loaders derive boxes at it)."""
+        return float(np.int64(self._header[H_THRESHOLD]).view(np.float64))
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """The clean input size (H, W) the heatmaps are upsampled to, None before heatmaps are published."""
+        word = int(self._header[H_INPUT])
+        return (word >> 32, word & 0xFFFF_FFFF) if word else None
+
+    def heatmap_key(self) -> tuple[int, int, int] | None:
+        """What derived boxes depend on: (heatmap generation, threshold word, input-size word); None while no
+        heatmaps are published (no table, none published yet, or no input size): loaders then read boxes."""
+        if "heatmaps" not in self._buffers:
+            return None
+        key = (int(self._header[self._ctrl("heatmaps")]), int(self._header[H_THRESHOLD]), int(self._header[H_INPUT]))
+        return key if key[0] > 0 and key[2] else None
 
     def invalid_rows(self, table: str = "boxes", total: bool = False) -> int:
         """Invalid rows replaced by the fallback in the last update of `table` (or in all updates, `total`)."""
@@ -258,10 +308,60 @@ class SampleState:
             self.set_epoch(epoch)
         return bad
 
-    def set_heatmaps(self, heatmaps: np.ndarray, rows: np.ndarray | None = None) -> None:
+    def set_heatmaps(self, heatmaps: np.ndarray, rows: np.ndarray | None = None, *,
+                     input_size: tuple[int, int] | None = None) -> None:
+        """Publish uint8 heatmaps (round(heatmap · 255)); `input_size` (H, W), the clean input size boxes are
+        derived at, is stored first (needed once: loaders derive boxes only when it is set)."""
         heatmaps = np.asarray(heatmaps, dtype=np.uint8)
         rows = self._check_rows("heatmaps", heatmaps, rows)
+        if input_size is not None:
+            h, w = (int(x) for x in input_size)
+            if not (0 < h < 2**31 and 0 < w < 2**31):
+                raise ViewpipeError(f"heatmaps: the input size must be two positive sides, got {tuple(input_size)}")
+            self._owner_check()
+            self._header[H_INPUT] = h << 32 | w
         self._publish("heatmaps", heatmaps, rows, 0)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Change the heatmaps' box threshold (owner); running loaders derive their boxes at it from then on."""
+        self._owner_check()
+        self._header[H_THRESHOLD] = _threshold_word(_valid_threshold(threshold))
+        self._header[H_VERSION] += 1
+
+    @classmethod
+    def set_threshold_of(cls, name: str, threshold: float) -> float:
+        """Change the threshold of the state `name` from a process that does not own it (`viewpipe state
+        set-threshold`): the header alone mapped read-write, one aligned word stored, the version bumped (the
+        one exception to the single-writer rule; see the module's docstring). Returns the old threshold."""
+        word = _threshold_word(_valid_threshold(threshold))
+        path = segment_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise ViewpipeError(f"no sample state named {name!r} ({path} is missing); `viewpipe state list` "
+                                "shows the names") from None
+        except PermissionError:
+            raise ViewpipeError(f"cannot open {path} to write its threshold (permission denied)") from None
+        try:
+            if os.fstat(fd).st_size < HEADER_BYTES:
+                raise ViewpipeError(f"shared segment {path} is incomplete; run `viewpipe state clean`")
+            mm = mmap.mmap(fd, HEADER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        header = np.frombuffer(mm, dtype=np.int64)
+        if header[H_MAGIC] != MAGIC or header[H_LAYOUT] != LAYOUT:
+            problem = f"shared segment {path} is not a viewpipe sample state (or of another version)"
+        elif not header[H_HEAT]:
+            problem = f"sample state {name!r} has no heatmaps table, so no threshold to change"
+        else:
+            problem, old = "", float(np.int64(header[H_THRESHOLD]).view(np.float64))
+            header[H_THRESHOLD] = word
+            header[H_VERSION] += 1
+        del header
+        mm.close()
+        if problem:
+            raise ViewpipeError(problem)
+        return old
 
     def set_neighbours(self, neighbours: np.ndarray, rows: np.ndarray | None = None) -> int:
         """Publish neighbour indices; rows with an index outside [0, N) become the sample itself."""
@@ -271,23 +371,36 @@ class SampleState:
         self._publish("neighbours", neighbours, rows, bad)
         return bad
 
-    def set_epoch(self, epoch: int) -> None:
+    def _owner_check(self) -> None:
         if not self.is_owner:
             raise ViewpipeError(f"sample state {self.name!r} is read-only in this process; only its creator writes")
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner_check()
         self._header[H_EPOCH] = int(epoch)
         self._header[H_VERSION] += 1
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, np.ndarray]:
-        """All published tables and counters, for a checkpoint."""
+        """All published tables and counters (the epoch; with heatmaps their threshold and input size, (0, 0)
+        before any), for a checkpoint."""
         out = {t: self.read(t) for t in self._buffers}
         out["epoch"] = np.array(self.epoch, dtype=np.int64)
+        if "heatmaps" in self._buffers:
+            out["threshold"] = np.array(self.threshold, dtype=np.float64)
+            out["input_size"] = np.array(self.input_size or (0, 0), dtype=np.int64)
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Publish tables from `state_dict()` output (tables absent from it are left as they are)."""
+        """Publish tables from `state_dict()` output (tables absent from it are left as they are); heatmaps with
+        their input size, and the threshold, where it holds them."""
+        if "threshold" in state and "heatmaps" in self._buffers:
+            self.set_threshold(float(np.asarray(state["threshold"])))
+        size = tuple(int(x) for x in np.asarray(state.get("input_size", (0, 0))).tolist())
         for t in self._buffers:
-            if t in state:
+            if t == "heatmaps" and t in state:
+                self.set_heatmaps(np.asarray(state[t]), input_size=size if all(size) else None)
+            elif t in state:
                 getattr(self, f"set_{t}")(np.asarray(state[t]))
         if "epoch" in state:
             self.set_epoch(int(np.asarray(state["epoch"])))
