@@ -17,7 +17,7 @@ from viewpipe.errors import ViewpipeError
 from viewpipe.heatmap_boxes import LiveBoxes, derive_boxes, exact_boxes
 from viewpipe.pipelines import ViewGroup, get_backend, parse_views
 from viewpipe.pipelines.plan import Planner, Substitutes
-from viewpipe.state import SampleState
+from viewpipe.state import SampleState, sanitize_boxes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,6 +37,11 @@ def _maps(rng: np.random.Generator, kind: int, b: int, k: int) -> np.ndarray:
     m = np.exp(-((g - c[:, :1]) ** 2)[:, 0, :, None] / 2 - ((g - c[:, 1:]) ** 2)[:, 0, None, :] / 2)
     return np.rint((m - m.min((1, 2), keepdims=True)) / np.ptp(m, (1, 2), keepdims=True).clip(1e-12) * 255).astype(
         np.uint8)
+
+
+def _table(heat: np.ndarray, size: tuple[int, int], t: float) -> np.ndarray:
+    """The boxes table the heatmaps give: `boxes_from_heatmaps`' boxes, invalid ones the full image."""
+    return sanitize_boxes(exact_boxes(heat, size, t))[0]
 
 
 def test_derived_boxes_equal_boxes_from_heatmaps_bit_for_bit() -> None:
@@ -84,16 +89,16 @@ def test_live_boxes_follow_table_heatmaps_and_threshold(state_name: str) -> None
         assert st.threshold == 0.1 and st.input_size is None and not live.derived()
         st.set_heatmaps(heat, input_size=(40, 24))
         assert live.derived() and st.input_size == (40, 24)
-        np.testing.assert_array_equal(live.boxes(idx), exact_boxes(heat[idx], (40, 24), 0.1))
+        np.testing.assert_array_equal(live.boxes(idx), _table(heat[idx], (40, 24), 0.1))
         st.set_threshold(0.6)
-        np.testing.assert_array_equal(live.boxes(idx), exact_boxes(heat[idx], (40, 24), 0.6))
+        np.testing.assert_array_equal(live.boxes(idx), _table(heat[idx], (40, 24), 0.6))
         out = run_python(f"from viewpipe.state import SampleState; print(SampleState.set_threshold_of({state_name!r}, "
                          "0.35))")
         assert out.returncode == 0 and out.stdout.strip() == "0.6", out.stderr
         assert st.threshold == 0.35
-        np.testing.assert_array_equal(live.boxes(idx), exact_boxes(heat[idx], (40, 24), 0.35))
+        np.testing.assert_array_equal(live.boxes(idx), _table(heat[idx], (40, 24), 0.35))
         st.set_heatmaps(heat[::-1].copy(), input_size=(16, 16))
-        np.testing.assert_array_equal(live.boxes(idx), exact_boxes(heat[::-1][idx], (16, 16), 0.35))
+        np.testing.assert_array_equal(live.boxes(idx), _table(heat[::-1][idx], (16, 16), 0.35))
         for bad in (float("nan"), "x"):
             with pytest.raises(ViewpipeError, match="threshold must be"):
                 st.set_threshold(bad)
@@ -102,6 +107,32 @@ def test_live_boxes_follow_table_heatmaps_and_threshold(state_name: str) -> None
             SampleState.set_threshold_of(st.name, 0.2)
     with pytest.raises(ViewpipeError, match="no sample state named"):
         SampleState.set_threshold_of(state_name + "-missing", 0.2)
+
+
+def test_live_boxes_read_the_pass_table_while_its_key_holds(state_name: str) -> None:
+    """The box pass's table (`set_derived_boxes`) is read as it is while heatmaps, threshold and input size are
+    those it was derived at; after a threshold change or a plain `set_boxes` the boxes are derived, equal to
+    what the table would hold (degenerate boxes, one row high, the full image as `sanitize_boxes` makes them)."""
+    heat = _maps(np.random.default_rng(6), 4, 20, 4)
+    heat[0] = 0
+    heat[0, 0, 2] = 255  # one hot cell at a 4 px input: a box one row high, invalid in the table
+    with SampleState.create(20, name=state_name, heatmap_size=4, threshold=0.3) as st:
+        live, idx = LiveBoxes(st), np.arange(20)
+        st.set_heatmaps(heat, input_size=(4, 4))
+        assert exact_boxes(heat[:1], (4, 4), 0.3)[0, 0] == exact_boxes(heat[:1], (4, 4), 0.3)[0, 2]  # h1 == h0
+        marked = exact_boxes(heat, (4, 4), 0.3)
+        marked[5] = (0.25, 0.25, 0.5, 0.5)  # a row the derivation would not give: shows the table is read
+        st.set_derived_boxes(marked, 0.3)
+        assert st.boxes_key() == st.heatmap_key()
+        np.testing.assert_array_equal(live.boxes(idx), st.boxes())
+        want = sanitize_boxes(exact_boxes(heat, (4, 4), 0.3))[0]
+        np.testing.assert_array_equal(want[0], FULL_BOX)
+        st.set_boxes(st.boxes())  # a plain table: no longer the heatmaps'
+        assert st.boxes_key() is None
+        np.testing.assert_array_equal(live.boxes(idx), want)
+        st.set_derived_boxes(want, 0.3)
+        st.set_threshold(0.5)
+        np.testing.assert_array_equal(live.boxes(idx), sanitize_boxes(exact_boxes(heat, (4, 4), 0.5))[0])
 
 
 def test_state_dict_and_files_keep_heatmaps_threshold_and_size(tmp_path: Path, state_name: str) -> None:
@@ -116,7 +147,7 @@ def test_state_dict_and_files_keep_heatmaps_threshold_and_size(tmp_path: Path, s
             load(st2)
             assert (st2.threshold, st2.input_size) == (0.42, (32, 48))
             np.testing.assert_array_equal(st2.heatmaps(), heat)
-            np.testing.assert_array_equal(LiveBoxes(st2).boxes(np.arange(10)), exact_boxes(heat, (32, 48), 0.42))
+            np.testing.assert_array_equal(LiveBoxes(st2).boxes(np.arange(10)), _table(heat, (32, 48), 0.42))
     with SampleState.create(10, name=state_name + "-c", heatmap_size=4) as st3:  # never published: stays so
         st3.load_state_dict(SampleState.create(10, name=state_name + "-d", heatmap_size=4).state_dict())
         assert st3.heatmap_key() is None
@@ -134,7 +165,7 @@ def test_threshold_set_from_the_command_reaches_a_running_loader(image_folder: P
     cfg = loader_cfg(augment=plain_augment(), crop=CropConfig(alpha=0.6), workers=0, shuffle=False)
     with SampleState.create(n, name=state_name, heatmap_size=4, threshold=0.6) as st:
         st.set_heatmaps(heat, input_size=(32, 32))
-        old, new = exact_boxes(heat, (32, 32), 0.6), exact_boxes(heat, (32, 32), 0.1)
+        old, new = _table(heat, (32, 32), 0.6), _table(heat, (32, 32), 0.1)
         assert not np.array_equal(old, new)
         loader = build(get_backend("torch"), image_folder, cfg, st, overlap=False)
         update_after, seen = 2, []
@@ -213,8 +244,7 @@ def test_planner_dispatches_heatmap_groups(state_name: str) -> None:
 
         np.testing.assert_array_equal(planner.plan(1, 2, idx).windows, expect(st.boxes(idx), False))
         st.set_heatmaps(heat, input_size=(32, 32))
-        np.testing.assert_array_equal(planner.plan(1, 2, idx).windows, expect(exact_boxes(heat[idx], (32, 32), 0.1),
-                                                                             True))
+        np.testing.assert_array_equal(planner.plan(1, 2, idx).windows, expect(_table(heat[idx], (32, 32), 0.1), True))
 
 
 def test_a_resumed_run_keeps_heatmaps_and_threshold(image_folder: Path, tmp_path: Path) -> None:
@@ -236,7 +266,8 @@ def test_a_resumed_run_keeps_heatmaps_and_threshold(image_folder: Path, tmp_path
         trainer.boxes.run(trainer.method, trainer.data, 0)
         heat = st.heatmaps()
         assert st.input_size == (24, 24) and heat.any()
-        np.testing.assert_array_equal(st.boxes(), exact_boxes(heat, (24, 24), cfg.ccrop.threshold))
+        np.testing.assert_array_equal(st.boxes(), _table(heat, (24, 24), cfg.ccrop.threshold))
+        assert st.boxes_key() == st.heatmap_key()  # the loaders read the pass's table until the threshold changes
         st.set_threshold(0.45)
         trainer.save({"epoch": 1, "batch": 0})
     finally:
@@ -246,6 +277,6 @@ def test_a_resumed_run_keeps_heatmaps_and_threshold(image_folder: Path, tmp_path
         st = resumed.state
         assert (st.threshold, st.input_size) == (0.45, (24, 24))
         np.testing.assert_array_equal(st.heatmaps(), heat)
-        np.testing.assert_array_equal(LiveBoxes(st).boxes(np.arange(len(st))), exact_boxes(heat, (24, 24), 0.45))
+        np.testing.assert_array_equal(LiveBoxes(st).boxes(np.arange(len(st))), _table(heat, (24, 24), 0.45))
     finally:
         resumed.close()

@@ -86,6 +86,12 @@ print(json.dumps({"import_s": t1 - t0, "attach_s": t2 - t1, "read_heatmaps_s": t
 """
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _timed(fn: Any) -> float:
     t0 = time.perf_counter()
     fn()
@@ -125,10 +131,45 @@ def bench(n: int, heatmap: int, neighbours: int, size: int) -> dict[str, Any]:
         r["set_threshold_of_s"] = _timed(lambda: SampleState.set_threshold_of(st.name, 0.3))
         r["rederive_batch256_s"] = _timed(lambda: live.boxes(np.arange(256)))
         r["owner_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        r["torch_threads"] = _torch_threads()
         r["cpus"] = len(os.sched_getaffinity(0))
     finally:
         st.close()
     return r
+
+
+def plan_cost(k: int, size: int, n: int = 65536, batch: int = 256, views: int = 2, batches: int = 40) -> dict:
+    """ms per `Planner.plan` of a batch (`views` views of `size`, images of size/2..2·size px, smooth k×k
+    heatmaps): boxes from the table (no heatmaps), from the box pass's table (heatmaps published with the boxes
+    derived at the live threshold), and after a threshold change: first visits (derived) and later ones."""
+    from viewpipe.augment import preset
+    from viewpipe.heatmap_boxes import derive_boxes
+    from viewpipe.pipelines import LoaderConfig
+    from viewpipe.pipelines.plan import Planner, Substitutes
+    from viewpipe.state import SampleState
+
+    cfg = LoaderConfig(views=views, batch_size=batch, augment=preset("mocov2", size=size))
+    rng = np.random.default_rng(0)
+    sizes, order, heat = rng.integers(size // 2, 2 * size, (n, 2)), rng.permutation(n), _blobs(n, k)
+    out = {}
+    with SampleState.create(n, heatmap_size=k) as st:
+        planner = Planner(cfg, 0, st, Substitutes(n, str), lambda i: sizes[i])
+
+        def run(first: int) -> float:
+            t0 = time.perf_counter()
+            for b in range(first, first + batches):
+                planner.plan(0, b, order[b * batch : (b + 1) * batch])
+            return (time.perf_counter() - t0) / batches * 1e3
+
+        run(0)
+        out["boxes_table_ms"] = run(0)
+        st.set_heatmaps(heat, input_size=(size, size))
+        st.set_derived_boxes(derive_boxes(heat, (size, size), st.threshold), st.threshold)
+        out["pass_table_ms"] = run(0)
+        st.set_threshold(0.3)
+        out["after_threshold_change_first_visit_ms"] = run(batches)
+        out["after_threshold_change_cached_ms"] = run(batches)
+    return out
 
 
 def state_command(args: Any) -> int:
@@ -144,5 +185,6 @@ def state_command(args: Any) -> int:
         print(show(args.args[0]))
     else:
         r = bench(args.n, args.heatmap, args.neighbours, args.size)
+        r["plan_batch256_2views"] = {f"K={k} at {s}": plan_cost(k, s) for k, s in ((args.heatmap, args.size), (4, 32))}
         print(json.dumps(r, indent=1))
     return 0

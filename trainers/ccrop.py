@@ -92,11 +92,13 @@ def heatmap_side(backbone: Backbone, size: int) -> int:
 
 @dataclass
 class BoxPassResult:
-    """One box update: every sample's uint8 heatmap, the boxes derived from them, the clean input side."""
+    """One box update: every sample's uint8 heatmap, the boxes derived from them at `threshold`, the clean
+    input side."""
 
     heatmaps: np.ndarray  # (N, K, K) uint8
     boxes: np.ndarray  # (N, 4) float32
     size: int
+    threshold: float
 
 
 class BoxUpdater(StateUpdater):
@@ -127,12 +129,16 @@ class BoxUpdater(StateUpdater):
         size = self.c.size or data.clean.size
         heat = heatmap_pass(method.backbone, data.source, replace(data.clean, size=size))
         threshold = data.state.threshold if data.state.has("heatmaps") else self.c.threshold
-        return BoxPassResult(heat, derive_boxes(heat, (size, size), threshold), size)
+        return BoxPassResult(heat, derive_boxes(heat, (size, size), threshold), size, threshold)
 
     def publish(self, state: SampleState, result: BoxPassResult, epoch: int) -> None:
-        if state.has("heatmaps"):
-            state.set_heatmaps(result.heatmaps, input_size=(result.size, result.size))
-        state.set_boxes(result.boxes, epoch=epoch)
+        """The heatmaps with their input size, then the boxes derived from them (recorded as such: loaders read
+        that table until the threshold changes)."""
+        if not state.has("heatmaps"):
+            state.set_boxes(result.boxes, epoch=epoch)
+            return
+        state.set_heatmaps(result.heatmaps, input_size=(result.size, result.size))
+        state.set_derived_boxes(result.boxes, result.threshold, epoch=epoch)
 
     def report(self, result: BoxPassResult, data: DataContext, epoch: int) -> dict[str, Any]:
         boxes = result.boxes

@@ -1,20 +1,25 @@
 """Boxes derived from the live heatmaps of a SampleState, bit for bit as `viewpipe.boxes.boxes_from_heatmaps(
 heatmaps.float() / 255, (H, W), threshold)` gives them, at a fraction of its cost.
 
-Why it is exact and cheap. The bilinear upsampling (align_corners=False) is separable: up = Wr · X · Wcᵀ with
-each output row (column) a convex combination of two neighbouring input rows (columns). Along one output row,
-between two input nodes, the value is linear in the interpolation weight, which is monotone in the column: its
-maximum over the columns that share a pair of nodes is at the first or the last of them. So "does row i have a
-pixel above t" needs only those candidate columns (at most 2K), and likewise each column only the candidate
-rows. The weights are torch's own (taken from `F.interpolate` on one-hot inputs), the sums are float64; they
-differ from torch's float32 pixels by well under 1e-6. A decision is taken only where the candidate maximum is
-more than `EPS` (4e-6) above or below the threshold; a sample with any decision nearer than that which could
-move its box edges is handed to `boxes_from_heatmaps` itself. Exact by construction; the fallback is rare
-(about 1% of smooth heatmaps at t = 0.1: an interpolated value within 4e-6 of t; and plateaus of a heatmap lying exactly at a threshold of k/255, say).
+Why it is exact and cheap. The bilinear upsampling (align_corners=False) is separable: up = Wr · X · Wcᵀ, each
+output row (column) a convex combination of two neighbouring input rows (columns). Outputs interpolated from
+the same pair of nodes form a run, along which the value is linear in a weight monotone in the output, so its
+maximum over a run is at the run's first or last output. Hence "does row i hold a pixel above t" needs only the
+columns that end runs (at most 2K), and "does a run of rows hold one" only its end rows: the rows of the first
+and the last run that may hold one are then scanned for the box's top and bottom edges, and likewise for the
+columns. The weights are torch's own (read from `F.interpolate` on one-hot inputs), the sums float64; they
+differ from torch's float32 pixels by under 1e-6. A decision is taken only where a value is more than `EPS`
+(4e-6) above or below the threshold; a sample with an undecided value that could move an edge is boxed from
+torch's own upsampled pixels (compared in float32, as torch compares a float tensor with a Python float).
+Exact by construction, checked against `boxes_from_heatmaps` on random maps, thresholds and sizes. The
+fallback is rare: about 1% of smooth heatmaps at t = 0.1 (an interpolated value within 4e-6 of t), and
+plateaus lying exactly at a threshold of k/255.
 
-`LiveBoxes(state)` is what a loader's planner reads: the derived boxes of the current heatmaps, threshold and
-input size, cached per sample until any of them changes (the state's `heatmap_key`); the state's boxes table
-while no heatmaps are published.
+`LiveBoxes(state)` is what a loader's planner reads: the boxes of the current heatmaps, threshold and input
+size as the boxes table holds them (invalid ones, such as a box one row high, the full image: `sanitize_boxes`).
+While the table is the one the box pass derived at exactly these (`SampleState.boxes_key`), it is read as it
+is, at today's cost; after a threshold change the boxes are derived here, cached per sample until the key
+changes again. Without published heatmaps: the boxes table.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+from viewpipe.state import sanitize_boxes
 
 EPS = 4e-6  # decisions nearer the threshold than this go to boxes_from_heatmaps (float32 error: < 1e-6)
 _CHUNK = 1024  # samples derived at once (bounds the working memory: about 2 · chunk · 2K · max(H, W) float64)
@@ -94,7 +101,28 @@ def _derive_chunk(heatmaps: np.ndarray, size: tuple[int, int], t: float, eps: fl
     boxes[~found_r] = (0.0, 0.0, 1.0, 1.0)
     fallback = np.flatnonzero(unsure_r | unsure_c | (found_r != found_c))
     if len(fallback):
-        boxes[fallback] = exact_boxes(heatmaps[fallback], size, t)
+        boxes[fallback] = _upsampled_boxes(heatmaps[fallback], size, t)
+    return boxes
+
+
+def _upsampled_boxes(heatmaps: np.ndarray, size: tuple[int, int], t: float) -> np.ndarray:
+    """`exact_boxes` with only the upsampling in torch (its float32 pixels); the comparison as torch makes
+    it (a Python float against a float32 tensor: in float32) and the edges in NumPy, to spare torch's per-op
+    cost on the few samples that need it."""
+    import torch
+    import torch.nn.functional as F
+
+    hm = torch.from_numpy(np.ascontiguousarray(heatmaps, dtype=np.uint8)).float() / 255
+    up = F.interpolate(hm[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+    above = up > np.float32(t)
+    rows, cols = above.any(2), above.any(1)
+    H, W = size
+    r0, c0 = rows.argmax(1), cols.argmax(1)
+    r1, c1 = H - 1 - rows[:, ::-1].argmax(1), W - 1 - cols[:, ::-1].argmax(1)
+    h, w = np.float32(H), np.float32(W)
+    boxes = np.stack([r0.astype(np.float32) / h, c0.astype(np.float32) / w,
+                      r1.astype(np.float32) / h, c1.astype(np.float32) / w], 1)
+    boxes[~rows.any(1)] = (0.0, 0.0, 1.0, 1.0)
     return boxes
 
 
@@ -153,6 +181,11 @@ class LiveBoxes:
             key = st.heatmap_key()
             if key is None:
                 return st.boxes(indices)
+            if st.boxes_key() == key:  # the table is these heatmaps' boxes at this threshold
+                out = st.boxes(indices)
+                if st.boxes_key() == key == st.heatmap_key():
+                    return out
+                continue
             if key != self._key:
                 self._key, self._done = key, np.zeros(len(st), bool)
                 if len(self._boxes) != len(st):
@@ -164,6 +197,6 @@ class LiveBoxes:
             if st.heatmap_key() != key:  # republished meanwhile: these rows may be of the next generation
                 continue
             t = float(np.int64(key[1]).view(np.float64))
-            self._boxes[todo] = derive_boxes(heat, (key[2] >> 32, key[2] & 0xFFFF_FFFF), t)
+            self._boxes[todo] = sanitize_boxes(derive_boxes(heat, (key[2] >> 32, key[2] & 0xFFFF_FFFF), t))[0]
             self._done[todo] = True
             return self._boxes[indices]

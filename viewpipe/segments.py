@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 SHM_DIR = Path(os.environ.get("VIEWPIPE_SHM_DIR", "/dev/shm"))
 PREFIX = "viewpipe."
 MAGIC = int.from_bytes(b"VIEWPIP1", "little")
-LAYOUT = 2  # the header's and tables' layout version (2: the heatmaps' threshold and input size words)
+LAYOUT = 3  # the header's and tables' layout version (3: the heatmaps' threshold, input size and boxes-key words)
 HEADER_BYTES = 4096
 
 # Header: int64 words.
@@ -43,6 +43,10 @@ H_LOCKED = 9  # 1: the owner holds an flock on the segment file for its lifetime
 # The heatmaps' box threshold, a float64's bit pattern, and the clean input size (H << 32 | W; 0: none yet) the
 # heatmaps are upsampled to: one aligned word each, so that one store changes either atomically.
 H_THRESHOLD, H_INPUT = 10, 11
+# What the boxes table was derived at, if it was (`SampleState.set_derived_boxes`): the heatmaps' generation
+# (0: not derived; written last), the threshold word and the input-size word. Loaders read the table while
+# these equal the live ones, and derive boxes themselves otherwise.
+H_BOXES_GEN, H_BOXES_THRESHOLD, H_BOXES_INPUT = 12, 13, 14
 H_TABLES = 16  # per table: generation, started, invalid rows in the last update, invalid rows in all updates
 _UNBORN_GRACE_S = 60.0  # a segment without a header this old was abandoned during creation
 

@@ -38,7 +38,7 @@ from .crop import FULL_BOX
 from .errors import ViewpipeError
 from .formats import write_atomic
 from .segments import (
-    H_EPOCH, H_HEAT, H_INPUT, H_LAYOUT, H_MAGIC, H_N, H_NEIGH, H_TABLES, H_THRESHOLD, H_VERSION, HEADER_BYTES, LAYOUT, MAGIC, PREFIX,
+    H_BOXES_GEN, H_BOXES_INPUT, H_BOXES_THRESHOLD, H_EPOCH, H_HEAT, H_INPUT, H_LAYOUT, H_MAGIC, H_N, H_NEIGH, H_TABLES, H_THRESHOLD, H_VERSION, HEADER_BYTES, LAYOUT, MAGIC, PREFIX,
     SHM_DIR, OwnerLock, SegmentInfo, clean_segments, forget_owned, list_segments, open_segment, reclaim_stale,
     register_owned, seal_header, segment_path,
 )
@@ -229,6 +229,13 @@ class SampleState:
         key = (int(self._header[self._ctrl("heatmaps")]), int(self._header[H_THRESHOLD]), int(self._header[H_INPUT]))
         return key if key[0] > 0 and key[2] else None
 
+    def boxes_key(self) -> tuple[int, int, int] | None:
+        """The `heatmap_key` the boxes table was derived at (`set_derived_boxes`), None if it was not: while it
+        equals the live key, the table holds exactly the boxes the heatmaps give."""
+        gen = int(self._header[H_BOXES_GEN])  # written last by the owner, so read first
+        key = (gen, int(self._header[H_BOXES_THRESHOLD]), int(self._header[H_BOXES_INPUT]))
+        return key if gen > 0 else None
+
     def invalid_rows(self, table: str = "boxes", total: bool = False) -> int:
         """Invalid rows replaced by the fallback in the last update of `table` (or in all updates, `total`)."""
         return int(self._header[self._ctrl(table) + (3 if total else 2)])
@@ -303,9 +310,22 @@ class SampleState:
         boxes = np.asarray(boxes, dtype=np.float32)
         rows = self._check_rows("boxes", boxes, rows)
         boxes, bad = sanitize_boxes(boxes)
+        self._owner_check()
+        self._header[H_BOXES_GEN] = 0  # no longer the heatmaps' boxes (before any row changes)
         self._publish("boxes", boxes, rows, bad)
         if epoch is not None:
             self.set_epoch(epoch)
+        return bad
+
+    def set_derived_boxes(self, boxes: np.ndarray, threshold: float, epoch: int | None = None) -> int:
+        """Publish all boxes as derived from the published heatmaps at `threshold` (and the input size stored
+        with them), and record that: loaders read this table instead of deriving while neither changes."""
+        bad = self.set_boxes(boxes, epoch=epoch)
+        heat = self.heatmap_key()
+        if heat is not None:
+            self._header[H_BOXES_THRESHOLD] = _threshold_word(_valid_threshold(threshold))
+            self._header[H_BOXES_INPUT] = heat[2]
+            self._header[H_BOXES_GEN] = heat[0]  # last: a reader that sees it sees the other two
         return bad
 
     def set_heatmaps(self, heatmaps: np.ndarray, rows: np.ndarray | None = None, *,
