@@ -139,15 +139,24 @@ def test_state_dict_and_files_keep_heatmaps_threshold_and_size(tmp_path: Path, s
     heat = _maps(np.random.default_rng(2), 0, 10, 4)
     with SampleState.create(10, name=state_name, heatmap_size=4) as st:
         st.set_heatmaps(heat, input_size=(32, 48))
+        st.set_derived_boxes(_table(heat, (32, 48), 0.1), 0.1)
         st.set_threshold(0.42)
         st.save(tmp_path / "s.npz")
         sd = st.state_dict()
+        assert np.isnan(sd["boxes_threshold"])  # the table is not the boxes at 0.42
+        st.set_derived_boxes(_table(heat, (32, 48), 0.42), 0.42)
+        derived = st.state_dict()
+        assert derived["boxes_threshold"] == 0.42
     for load in (lambda s: s.load_state_dict(sd), lambda s: s.load(tmp_path / "s.npz")):
         with SampleState.create(10, name=state_name + "-b", heatmap_size=4) as st2:
             load(st2)
             assert (st2.threshold, st2.input_size) == (0.42, (32, 48))
             np.testing.assert_array_equal(st2.heatmaps(), heat)
             np.testing.assert_array_equal(LiveBoxes(st2).boxes(np.arange(10)), _table(heat, (32, 48), 0.42))
+            assert st2.boxes_key() is None  # derived by the loaders (the saved table was of 0.1)
+    with SampleState.create(10, name=state_name + "-e", heatmap_size=4) as st4:
+        st4.load_state_dict(derived)
+        assert st4.boxes_key() == st4.heatmap_key()  # the table is read as it is after a resume
     with SampleState.create(10, name=state_name + "-c", heatmap_size=4) as st3:  # never published: stays so
         st3.load_state_dict(SampleState.create(10, name=state_name + "-d", heatmap_size=4).state_dict())
         assert st3.heatmap_key() is None

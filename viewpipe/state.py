@@ -321,12 +321,16 @@ class SampleState:
         """Publish all boxes as derived from the published heatmaps at `threshold` (and the input size stored
         with them), and record that: loaders read this table instead of deriving while neither changes."""
         bad = self.set_boxes(boxes, epoch=epoch)
+        self._mark_derived(threshold)
+        return bad
+
+    def _mark_derived(self, threshold: float) -> None:
+        """Record the boxes table as derived from the published heatmaps at `threshold`."""
         heat = self.heatmap_key()
         if heat is not None:
             self._header[H_BOXES_THRESHOLD] = _threshold_word(_valid_threshold(threshold))
             self._header[H_BOXES_INPUT] = heat[2]
             self._header[H_BOXES_GEN] = heat[0]  # last: a reader that sees it sees the other two
-        return bad
 
     def set_heatmaps(self, heatmaps: np.ndarray, rows: np.ndarray | None = None, *,
                      input_size: tuple[int, int] | None = None) -> None:
@@ -409,6 +413,9 @@ class SampleState:
         if "heatmaps" in self._buffers:
             out["threshold"] = np.array(self.threshold, dtype=np.float64)
             out["input_size"] = np.array(self.input_size or (0, 0), dtype=np.int64)
+            key, derived = self.heatmap_key(), self.boxes_key()  # the threshold the table was derived at, or NaN
+            at = np.int64(derived[1]).view(np.float64) if key is not None and derived == key else np.nan
+            out["boxes_threshold"] = np.array(at, dtype=np.float64)
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -424,6 +431,8 @@ class SampleState:
                 getattr(self, f"set_{t}")(np.asarray(state[t]))
         if "epoch" in state:
             self.set_epoch(int(np.asarray(state["epoch"])))
+        if np.isfinite(state.get("boxes_threshold", np.nan)):
+            self._mark_derived(float(np.asarray(state["boxes_threshold"])))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tables to an .npz file atomically (temporary name, then rename)."""
