@@ -27,7 +27,7 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     ("optim={lrr: 0.3}", "override optim={lrr: 0.3}: unknown key lrr in optim; known: "),
     ("lrr=0.3", "override lrr=0.3: unknown key lrr; known: amp, backbone,"),
     ("data.groups=[{count: 2, sise: 32}]", "override data.groups=[{count: 2, sise: 32}]: unknown key sise in "
-                                           "data.groups[0]; known: augment, box, count,"),
+                                           "data.groups[0]; known: augment, box, centres, count,"),
     ("optim.lr=fast", "override optim.lr=fast: optim.lr: expected float, got 'fast'"),
     ("data.size=1.5", "override data.size=1.5: data.size: expected int, got 1.5"),
     ("amp=yes please", "override amp=yes please: amp: expected true or false, got 'yes please'"),

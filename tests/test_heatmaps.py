@@ -289,3 +289,15 @@ def test_a_resumed_run_keeps_heatmaps_and_threshold(image_folder: Path, tmp_path
         np.testing.assert_array_equal(LiveBoxes(st).boxes(np.arange(len(st))), _table(heat, (24, 24), 0.45))
     finally:
         resumed.close()
+
+
+def test_state_bench_measures_a_small_state() -> None:
+    """`viewpipe state bench`'s measurement (its figures at ImageNet's scale are in docs/loaders.md): every step
+    timed, the reader process derives every box."""
+    from viewpipe.tools.statecmd import bench
+
+    r = bench(3000, 4, 3, 32)
+    assert r["n"] == 3000 and r["reader"]["derive_all_s"] > 0 and r["segment_mb"] > 0
+    assert {"create_s", "publish_heatmaps_s", "publish_neighbours_s", "set_threshold_of_s"} <= set(r)
+    with pytest.raises(ViewpipeError, match="must be >= 1"):
+        bench(0, 4, 3, 32)
