@@ -162,16 +162,18 @@ def test_state_dict_and_files_keep_heatmaps_threshold_and_size(tmp_path: Path, s
         assert st3.heatmap_key() is None
 
 
-def test_threshold_set_from_the_command_reaches_a_running_loader(image_folder: Path, state_name: str,
+@pytest.mark.parametrize("workers", [0, 2])
+def test_threshold_set_from_the_command_reaches_a_running_loader(image_folder: Path, state_name: str, workers: int,
                                                                   capsys: pytest.CaptureFixture) -> None:
     """`viewpipe state set-threshold NAME T` after batch u: every batch from u + prefetch on is planned with the
-    boxes derived at T, those up to u with the old ones (the reference backend, in-process)."""
+    boxes derived at T, those up to u with the old ones (the reference backend, without and with DataLoader
+    workers: bounds 1 and 5)."""
     from viewpipe.tools.cli import main
 
     n = 96
     heat = np.zeros((n, 4, 4), np.uint8)
     heat[:, 0, 0], heat[:, 0, 1], heat[:, 3, 3] = 255, 120, 40
-    cfg = loader_cfg(augment=plain_augment(), crop=CropConfig(alpha=0.6), workers=0, shuffle=False)
+    cfg = loader_cfg(augment=plain_augment(), crop=CropConfig(alpha=0.6), workers=workers, shuffle=False)
     with SampleState.create(n, name=state_name, heatmap_size=4, threshold=0.6) as st:
         st.set_heatmaps(heat, input_size=(32, 32))
         old, new = _table(heat, (32, 32), 0.6), _table(heat, (32, 32), 0.1)
@@ -191,6 +193,7 @@ def test_threshold_set_from_the_command_reaches_a_running_loader(image_folder: P
                 assert main(["state", "set-threshold", state_name, "0.1"]) == 0
         assert "threshold 0.6 -> 0.1" in capsys.readouterr().out
         p = loader.prefetch
+        assert p == (1 if workers == 0 else 5) and len(seen) > update_after + p
         assert seen[: update_after + 1] == ["old"] * (update_after + 1)
         assert seen[update_after + p :] == ["new"] * (len(seen) - update_after - p), (seen, p)
         assert main(["state", "show", state_name]) == 0

@@ -40,7 +40,8 @@ def show(name: str) -> str:
                   "neighbours": (len(st), st.layout.n_neighbours)}
         for t, shape in shapes.items():
             if st.has(t):
-                lines.append(f"  {t}: {' x '.join(map(str, shape))}, {st.invalid_rows(t, total=True)} invalid rows so far")
+                bad = st.invalid_rows(t, total=True)
+                lines.append(f"  {t}: {' x '.join(map(str, shape))}, {bad} invalid rows so far")
         if st.has("heatmaps"):
             size = st.input_size
             where = (f"published, upsampled to {size[0]}x{size[1]}: loaders derive boxes from them"

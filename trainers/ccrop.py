@@ -105,9 +105,9 @@ class BoxUpdater(StateUpdater):
     """ContrastiveCrop's box update as a state updater: after an epoch (the module's schedule), the online
     backbone's heatmaps of the whole training set (`heatmap_pass` at `ccrop.size`, default data.size), published
     with their input size to the sample state, and the boxes derived from them at the state's live threshold
-    (ccrop.threshold when the run starts; `viewpipe state set-threshold` may change it) as its boxes; the main rank saves a PNG grid of images with their boxes. `use_box(epoch)`:
-    whether the epoch's crops use the boxes (the epochs after the first update) or plain RandomResizedCrop
-    (those before)."""
+    (ccrop.threshold when the run starts; `viewpipe state set-threshold` may change it) as its boxes; the main
+    rank saves a PNG grid of images with their boxes. `use_box(epoch)`: whether the epoch's crops use the boxes
+    (the epochs after the first update) or plain RandomResizedCrop (those before)."""
 
     name = "box"
     before_epoch = False

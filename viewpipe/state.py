@@ -38,7 +38,8 @@ from .crop import FULL_BOX
 from .errors import ViewpipeError
 from .formats import write_atomic
 from .segments import (
-    H_BOXES_GEN, H_BOXES_INPUT, H_BOXES_THRESHOLD, H_EPOCH, H_HEAT, H_INPUT, H_LAYOUT, H_MAGIC, H_N, H_NEIGH, H_TABLES, H_THRESHOLD, H_VERSION, HEADER_BYTES, LAYOUT, MAGIC, PREFIX,
+    H_BOXES_GEN, H_BOXES_INPUT, H_BOXES_THRESHOLD, H_EPOCH, H_HEAT, H_INPUT, H_LAYOUT, H_MAGIC, H_N, H_NEIGH,
+    H_TABLES, H_THRESHOLD, H_VERSION, HEADER_BYTES, LAYOUT, MAGIC, PREFIX,
     SHM_DIR, OwnerLock, SegmentInfo, clean_segments, forget_owned, list_segments, open_segment, reclaim_stale,
     register_owned, seal_header, segment_path,
 )
