@@ -24,6 +24,7 @@ changes again. Without published heatmaps: the boxes table.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -152,16 +153,18 @@ def derive_boxes(heatmaps: np.ndarray, size: tuple[int, int], threshold: float, 
 
 
 class LiveBoxes:
-    """The boxes a loader crops by: derived from the state's live heatmaps (`derive_boxes` at its threshold
-    and input size) once heatmaps are published, its boxes table before (or without a heatmap table). Derived
-    boxes are cached per sample until the heatmaps, the threshold or the input size change (`heatmap_key`), so
-    each sample is derived once per change; the cache is N×4 float32 plus N flags per process."""
+    """The boxes a loader crops by, once heatmaps are published those of the live heatmaps at the live threshold
+    and input size: the boxes table while it was derived at exactly these (`boxes_key`), else derived here
+    (`derive_boxes`, invalid boxes the full image as in the table) and cached per sample until the heatmaps, the
+    threshold or the input size change (`heatmap_key`): each sample derived once per change, the cache N×4
+    float32 plus N flags per process. Before heatmaps are published (or without a heatmap table): the table."""
 
     def __init__(self, state: Any) -> None:
         self.state = state
         self._key: tuple | None = None
         self._boxes = np.zeros((0, 4), np.float32)
         self._done = np.zeros(0, bool)
+        self._lock = threading.Lock()  # planners may run on several threads (a backend's callbacks)
 
     def __getstate__(self) -> dict:
         return {"state": self.state}  # a copy in another process starts with an empty cache
@@ -170,12 +173,17 @@ class LiveBoxes:
         self.__init__(d["state"])
 
     def derived(self) -> bool:
-        """Whether boxes come from heatmaps now (rather than the boxes table)."""
+        """Whether heatmaps are published: boxes are theirs (read from the table or derived)."""
         return self.state.heatmap_key() is not None
 
     def boxes(self, indices: np.ndarray) -> np.ndarray:
         """(B, 4) float32 boxes of `indices` for the state's current version."""
         indices = np.asarray(indices, dtype=np.int64)
+        with self._lock:
+            return self._boxes_locked(indices)
+
+    def _boxes_locked(self, indices: np.ndarray) -> np.ndarray:
+        """`boxes` under the cache's lock; retried when the state changes while it reads."""
         st = self.state
         while True:
             key = st.heatmap_key()
