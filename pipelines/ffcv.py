@@ -46,7 +46,11 @@ def _import_ffcv() -> None:
         raise ViewpipeError(f"ffcv 1.0.2 imports distutils, which this Python ({sys.version.split()[0]}) lacks "
                             f"({exc}); install setuptools>=68 (pip install 'viewpipe[ffcv]') and leave "
                             "SETUPTOOLS_USE_DISTUTILS unset") from None
-    import_optional("ffcv.loader", "ffcv", "FFCV")
+    threads = torch.get_num_threads()  # importing ffcv sets torch's threads to 1: keep the caller's
+    try:
+        import_optional("ffcv.loader", "ffcv", "FFCV")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _quiet_stale_dispatcher_finalizers() -> None:

@@ -153,7 +153,7 @@ class Planner:
         use = self.state is not None and crop.use_box
         boxes = self.live.boxes(indices) if use else None
         heat = self.state.heatmaps(indices) if use and self._guided and self.live.derived() else None
-        return np.concatenate([clean_windows(sizes, g.size, g.resize, g.count) if g.clean else
+        return np.concatenate([clean_windows(sizes, g.count) if g.clean else
                                self._group_windows(rng, i, sizes, boxes, heat)
                                for i, g in enumerate(self.cfg.view_groups())], 1)
 
@@ -167,26 +167,12 @@ class Planner:
         return view_windows(rng, sizes, boxes if g.use_box else None, g.count, self.cfg.group_crop(i))
 
 
-def clean_windows(sizes: np.ndarray, size: int, resize: int = 0, views: int = 1) -> np.ndarray:
-    """(B, views, 4) int32 windows of a clean view (no random draw): the whole image (`resize` 0), or the
-    region that torchvision's Resize(resize) + CenterCrop(size) keeps, in the image's pixels (rounded: the
-    shorter side becomes `resize`, the longer `int(resize · long / short)`, the crop starts at
-    `round((side - size) / 2)` of each resized side)."""
+def clean_windows(sizes: np.ndarray, views: int = 1) -> np.ndarray:
+    """(B, views, 4) int32 windows of a clean view (no random draw): the whole image, which the view is made
+    from (resized to its size, or with its group's `resize` by torchvision's Resize + CenterCrop)."""
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-    H, W = sizes[:, 0], sizes[:, 1]
-    if resize <= 0:
-        win = np.stack([np.zeros_like(H), np.zeros_like(W), H, W], 1)
-    else:
-        short = np.minimum(H, W)
-        rh = np.where(H <= W, resize, (resize * H / short).astype(np.int64))  # torchvision's resized sides
-        rw = np.where(W <= H, resize, (resize * W / short).astype(np.int64))
-        top, left = np.round((rh - size) / 2), np.round((rw - size) / 2)
-        sy, sx = H / rh, W / rw
-        y0, x0 = np.round(top * sy), np.round(left * sx)
-        h = np.clip(np.round((top + size) * sy) - y0, 1, H)
-        w = np.clip(np.round((left + size) * sx) - x0, 1, W)
-        win = np.stack([np.clip(y0, 0, H - h), np.clip(x0, 0, W - w), h, w], 1)
-    return np.repeat(win.astype(np.int32)[:, None], views, axis=1)
+    win = np.concatenate([np.zeros_like(sizes), sizes], 1).astype(np.int32)
+    return np.repeat(win[:, None], views, axis=1)
 
 
 def sample_check(source: Any, sizes: Any) -> Callable[[np.ndarray], dict[int, str]]:

@@ -233,6 +233,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="image folder, .npz JPEG collection or converted dataset (default: generated images); "
                    "the dali and ffcv backends read a converted copy, made once and cached")
     p.add_argument("--split", default="train", help="split of a .npz collection (default: train)")
+    p.add_argument("--make-data", metavar="DIR", help="first write --make-count JPEGs at ImageNet's sizes made from "
+                   "the --data images into DIR (kept for the next run), and bench on them")
+    p.add_argument("--make-count", type=int, default=8000, metavar="N", help="with --make-data (default: 8000)")
     p.add_argument("--backend", action="append", metavar="NAME",
                    help="a registered backend to measure (viewpipe.pipelines.backends(); repeatable; default: all)")
     p.add_argument("--views", default="2", help="views per image: a count (each --size px), or multi-crop view groups "
@@ -272,6 +275,13 @@ def main(args: argparse.Namespace) -> int:
     from viewpipe.pipelines import DaliOptions, LoaderConfig, ViewGroup, backends as registered, get_backend, parse_views
     from viewpipe.sources import open_source
 
+    if args.make_data:
+        from viewpipe.tools.bench_data import make_natural
+
+        if not args.data:
+            raise ViewpipeError("--make-data needs --data: the images to make the natural-size JPEGs from")
+        args.data = str(make_natural(Path(args.data), Path(args.make_data), args.make_count, args.split))
+        args.split = "train"
     if args.clean_pass:  # (with torch's threads as a training run has them)
         from viewpipe.tools.bench_pass import main as pass_main
 

@@ -144,10 +144,10 @@ AugmentSettings = schema_of(
 
 
 # the loader's ViewGroup, but its own keys: `box` (the user's name of use_box), size 0 and scale null (data's),
-# and an augmentation over data.augment
+# and an augmentation over data.augment; clean views (`clean`, `resize`) are the whole-dataset passes', not training's
 GroupSettings = schema_of(
     ViewGroup, "GroupSettings", "One multi-crop view group: `count` views of `size` px, their own crop and "
-    "augmentation (null: data's).", omit=("use_box",),
+    "augmentation (null: data's).", omit=("use_box", "clean", "resize"),
     count=bounded(lo=1, help="views of each image in this group"),
     size=bounded(0, 0, help="the views' side in px (0: data.size)"),
     scale=(tuple[float, float] | None, bounded(None, 0.0, 1.0, lo_open=True, ordered=True,
