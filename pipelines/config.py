@@ -138,6 +138,10 @@ class LoaderConfig:
         """For each view, the index of its group."""
         return [g for g, group in enumerate(self.view_groups()) for _ in range(group.count)]
 
+    def groups_of_views(self) -> list[ViewGroup]:
+        """For each view, its group."""
+        return [group for group in self.view_groups() for _ in range(group.count)]
+
     def view_sizes(self) -> list[int]:
         """For each view, its output side."""
         groups = self.view_groups()

@@ -66,6 +66,7 @@ class _Callback:
 
     def __init__(self, reader: _Reader, planner: Planner) -> None:
         self.reader, self.planner, self.companions = reader, planner, planner.companions
+        self.groups = planner.cfg.groups_of_views()  # each view's group, for its graph inputs
         self.epoch, self.start = 0, 0
         self.batches: list[np.ndarray] = []
 
@@ -82,14 +83,14 @@ class _Callback:
             out += [[self.reader.read(k) for k in plan.neighbours.tolist()], plan.neighbours]
         out.append(plan.windows)
         for v in range(plan.windows.shape[1]):
-            out += self.view_inputs(plan.windows[:, v], v % self.planner.cfg.views)
+            out += self.view_inputs(plan.windows[:, v], v % len(self.groups))
         return tuple(out)
 
     def view_inputs(self, windows: np.ndarray, v: int) -> list[np.ndarray]:
         """The graph's two per-sample inputs of view v: its window as an ROI (start, end), or for a clean view
         with a `resize` the resized size and the centre crop's start (torchvision's Resize + CenterCrop).
         (y, x) order: DALI follows the HWC shape order."""
-        group = self.planner.cfg.view_groups()[self.planner.cfg.group_of_views()[v]]
+        group = self.groups[v]
         if group.clean and group.resize:
             rc = resized_centre(windows[:, 2:4], group.size, group.resize).astype(np.float32)
             return [np.ascontiguousarray(rc[:, :2]), np.ascontiguousarray(rc[:, 2:])]
@@ -120,14 +121,15 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
     dtypes = ([types.UINT8, types.INT64, types.INT64] + ([types.UINT8, types.INT64] if source.companions else [])
               + [types.INT32] + [types.FLOAT] * (2 * n_views))
     decode = decode_graph(fn, types, device_id, hw_decoder_load)
-    groups = [cfg.view_groups()[g] for g in cfg.group_of_views()]
+    groups = cfg.groups_of_views()
 
     def cut(images, v: int, a, b):  # noqa: ANN001, ANN202  (DALI DataNodes)
         """View v of the decoded images: its window (ROI a..b) resized to its size, or a clean view with a
         `resize`: the image resized to size a, then the size×size from b (`_Callback.view_inputs`)."""
         if groups[v].clean and groups[v].resize:
             full = fn.resize(images, size=a, antialias=True, interp_type=types.INTERP_LINEAR)
-            return fn.slice(full, b, [float(sizes[v])] * 2, axes=[0, 1], normalized_anchor=False, normalized_shape=False)
+            return fn.slice(full, b, [float(sizes[v])] * 2, axes=[0, 1], normalized_anchor=False,
+                            normalized_shape=False)
         return fn.resize(images, size=[sizes[v]] * 2, roi_start=a, roi_end=b, roi_relative=False, antialias=True,
                          interp_type=types.INTERP_LINEAR)
 

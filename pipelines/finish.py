@@ -41,9 +41,8 @@ class ViewFinisher:
         for group, aug in zip(self.cfg.view_groups(), self.augmenters):
             win = torch.as_tensor(windows)[:, start : start + group.count]
             if group.clean:
-                out += [aug.finish(resize_windows(images, win[:, v], group.size, layout,
-                                                                 group.resize), start + v, generator)
-                        for v in range(group.count)]
+                cut = [resize_windows(images, win[:, v], group.size, layout, group.resize) for v in range(group.count)]
+                out += [aug.finish(x, start + v, generator) for v, x in enumerate(cut)]
             else:
                 out += aug(images, win, generator, layout=layout, first_view=start)
             start += group.count

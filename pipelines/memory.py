@@ -100,8 +100,9 @@ class MemoryLoader(Loader):
     """`Loader` over a dataset decoded once into device memory (see the module). `source`: a converted
     dataset, an image folder or a .npz (`viewpipe.sources.open_source`, split `cfg.split`); decoded at start
     in `cfg.workers` threads, once per Source object and device (`resident`: loaders over the same Source, such
-    as a run's training loader and its passes over the whole dataset, share the device copy). A box or neighbour update is used from the `prefetch`-th batch after it (1,
-    plus one with overlap). Samples that do not decode are replaced for the whole run and reported."""
+    as a run's training loader and its passes over the whole dataset, share the device copy). A box or
+    neighbour update is used from the `prefetch`-th batch after it (1, plus one with overlap). Samples that do
+    not decode are replaced for the whole run and reported."""
 
     def open(self, source: str | os.PathLike[str] | Source) -> Samples:
         source = open_source(source, self.cfg.split) if isinstance(source, (str, os.PathLike)) else source

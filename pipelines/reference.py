@@ -104,7 +104,7 @@ class ReferenceBatches(Dataset):
         self.source, self.cfg = source, cfg
         self.labels = np.asarray(source.labels, dtype=np.int64)
         self.group, self.sizes = cfg.group_of_views(), cfg.view_sizes()
-        self.groups = [cfg.view_groups()[g] for g in self.group]
+        self.groups = cfg.groups_of_views()
         augs = [cfg.group_augment(self.group[v]) for v in range(cfg.views)]  # (a group may have its own views)
         self.transforms = [torchvision_view_transform(a.views[v % len(a.views)], a) for v, a in enumerate(augs)]
 

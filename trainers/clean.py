@@ -76,7 +76,8 @@ class CleanOptions:
         photometric change, every sample once in dataset order (no shuffle, no drop_last)."""
         return LoaderConfig(
             views=1, batch_size=max(1, self.batch_size), crop=CropConfig(use_box=False),
-            augment=AugmentConfig(self.size, (CLEAN_VIEW,), tuple(self.mean), tuple(self.std)),  # type: ignore[arg-type]
+            augment=AugmentConfig(self.size, (CLEAN_VIEW,), tuple(self.mean),  # type: ignore[arg-type]
+                                  tuple(self.std)),
             workers=self.workers, shuffle=False, drop_last=False, groups=(ViewGroup(1, self.size, clean=True,
                                                                                    resize=self.resize),),
             dtype="bfloat16" if self.amp else "float32", channels_last=self.channels_last, device=str(self.device),

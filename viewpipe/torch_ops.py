@@ -94,11 +94,11 @@ def resized_centre(sizes: np.ndarray, size: int, resize: int) -> np.ndarray:
 
 def resize_windows(images: torch.Tensor, windows: torch.Tensor | np.ndarray, size: int, layout: str = "auto",
                    resize: int = 0) -> torch.Tensor:
-    """One window (top, left, h, w) per uint8 image (N,H,W,3) / (N,3,H,W) (windows (N, 4)) resized to size×size as PIL's bilinear resize
-    does it (a triangle filter widened when shrinking: torch's antialiased bilinear; rounded to uint8), or with
-    `resize` > 0 resized by `resized_centre`'s rule and its centre size×size kept; image by image on the
-    images' device: (N, 3, size, size) uint8. How clean views are made (no random crop), so that a pass over
-    the dataset sees what PIL would give it."""
+    """One window (top, left, h, w) per uint8 image (N,H,W,3) / (N,3,H,W) (windows (N, 4)) resized to
+    size×size as PIL's bilinear resize does it (a triangle filter widened when shrinking: torch's antialiased
+    bilinear; rounded to uint8), or with `resize` > 0 resized by `resized_centre`'s rule and its centre
+    size×size kept; image by image on the images' device: (N, 3, size, size) uint8. How clean views are made
+    (no random crop), so that a pass over the dataset sees what PIL would give it."""
     x = images.permute(0, 3, 1, 2) if is_hwc(images.shape[1:], layout) else images  # (uint8 kept)
     windows = torch.as_tensor(windows).reshape(-1, 4).tolist()
     out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8, device=x.device)
