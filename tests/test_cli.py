@@ -220,7 +220,7 @@ def test_quality_row_schedule_states_the_box_updates_of_its_budget() -> None:
     from viewpipe.tools.quality import schedule
     from viewpipe.trainers.config import load_config
 
-    cfg = load_config("mocov2_ccrop_cifar10")
+    cfg = load_config("mocov2_ccrop_cifar10", ["data.path=d", "data.test_path=t"])
     history = [{"epoch": 1}, {"epoch": 2, "box_update": 1}, {"epoch": 5, "box_update": 2}]
     assert schedule(cfg, history) == "boxes after epochs 3, 6"
     assert schedule(cfg, [{"epoch": 0}]) == "no box update"

@@ -196,10 +196,11 @@ def test_shipped_configs_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)  # not the repository: the names come from the package
     names = config_names()
     assert "mocov2_ccrop_cifar10" in names and "mocov2_multicrop_ccrop_imagenet" in names
+    data = ["data.path=data/train", "data.test_path=data/test"]
     for name in names:
-        load_config(name)  # every shipped config loads by name
+        load_config(name, data)  # every shipped config loads by name
     assert find_config("mocov2_ccrop_cifar10") == find_config("mocov2_ccrop_cifar10.yaml")
-    assert load_config("mocov2_ccrop_cifar10").out == "runs/mocov2_ccrop_cifar10"
+    assert load_config("mocov2_ccrop_cifar10", data).out == "runs/mocov2_ccrop_cifar10"
     local = tmp_path / "mocov2_ccrop_cifar10.yaml"  # a file of that name wins
     local.write_text("epochs: 3\n")
     assert load_config("mocov2_ccrop_cifar10.yaml").epochs == 3
@@ -242,3 +243,45 @@ def test_settings_take_the_core_dataclasses_keys() -> None:
 def test_workers_default_to_the_cores() -> None:
     assert TrainConfig().data.workers == cpu_cores() == load_config(None).data.workers
     assert effective_workers(10_000) == cpu_cores() and effective_workers(0) == 0
+
+
+def test_shipped_configs_name_no_path_outside_the_users_own() -> None:
+    """The CIFAR-10 configs leave the data to the user (`???`): each missing key is one line naming it; an
+    empty kNN test set turns the monitor off. No shipped config names a path above its working directory."""
+    for name in config_names():
+        text = find_config(name).read_text()
+        assert "../" not in text and "shared/" not in text, name
+        if not name.endswith("_cifar10"):
+            continue
+        with pytest.raises(ViewpipeError) as info:
+            load_config(name)
+        assert one_line(info) == (f"{name}.yaml: data.path is not set; add data.path=... to the command line "
+                                  "(the config's comments say what it takes)")
+        with pytest.raises(ViewpipeError, match=r"data\.test_path is not set"):
+            load_config(name, ["data.path=data/train"])
+        cfg = load_config(name, ["data.path=data/train", "data.test_path="])
+        assert (cfg.data.path, cfg.data.test_path) == ("data/train", "")
+
+
+def test_help_config_lists_every_methods_arguments() -> None:
+    """`--help-config` lists each registered method's constructor arguments with type, default and a meaning
+    taken from the constructor's docstring, so the list cannot fall behind the code."""
+    import inspect
+
+    from viewpipe.trainers.base import METHODS
+    from viewpipe.trainers.confighelp import arg_meanings
+
+    lines = help_config().splitlines()
+    header = next(line for line in lines if line.startswith("KEY "))
+    cols = [0, header.index("TYPE"), header.index("DEFAULT"), header.index("MEANING"), None]
+    rows = [[line[a:b].strip() for a, b in zip(cols, cols[1:])] for line in lines if line.startswith("method_args.")]
+    for method, cls in METHODS.items():
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]
+        meanings = arg_meanings(inspect.getdoc(cls.__init__) or "")
+        assert set(meanings) == {p.name for p in params}, f"{method}: document every argument in Args:"
+        listed = {r[0][len("method_args."):]: r for r in rows if r[3].startswith(f"[{method}] ")}
+        assert set(listed) == {p.name for p in params}, method
+        for p in params:
+            assert meanings[p.name] and listed[p.name][3] == f"[{method}] {meanings[p.name]}"
+    assert ["method_args.queue", "int", "65536", "[mocov2] keys in the FIFO queue of negatives."] in rows
+    assert ["method_args.levels", "tuple[int, ...]", "[3, 4]"] in [r[:3] for r in rows]

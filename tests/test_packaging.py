@@ -44,7 +44,7 @@ def test_wheel_installs_namespaced_packages(tmp_path, image_folder) -> None:
         from viewpipe.trainers.config import find_config
         from viewpipe.tools.cli import main
         print(find_config("mocov2_ccrop_cifar10"))
-        code = main(["pretrain", "--config", "mocov2_ccrop_cifar10", "data.path={image_folder}", "data.backend=torch",
+        code = main(["pretrain", "--config", "mocov2_ccrop_cifar10", "data.path={image_folder}", "data.test_path=", "data.backend=torch",
                      "backbone=resnet_tiny", "device=cpu", "epochs=1", "max_steps=1", "data.batch_size=8",
                      "data.workers=1", "knn_every=0", "ccrop.enabled=false", "method_args={{queue:64}}",
                      "out={tmp_path / 'run'}"])

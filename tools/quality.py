@@ -45,7 +45,7 @@ PUBLISHED = {"mocov2": "87.82 (a third-party table)", "snclr": "87.36 (a third-p
 class QualityConfig:
     """One table: the data, the common epochs and batch size, and where the runs go."""
 
-    data: str = "../shared/data/cifar10_jpeg/cifar10_jpeg.npz"
+    data: str = ""  # CIFAR-10 as a .npz JPEG collection with train and test splits (required)
     out: str = "runs/quality"
     epochs: int = 100
     batch_size: int = 512
@@ -93,8 +93,8 @@ def prepare_data(q: QualityConfig, workers: int) -> tuple[Path, Path]:
 
     src = Path(q.data)
     if not src.is_file():
-        raise ViewpipeError(f"{src}: no such file; give the CIFAR-10 JPEG collection with --data "
-                            "(../shared/data/cifar10_jpeg/cifar10_jpeg.npz)")
+        raise ViewpipeError(f"{src}: no such file; give CIFAR-10 as a .npz JPEG collection with --data "
+                            "(train_jpeg/train_offsets/train_labels and the same for test)")
     data = Path(q.out) / "data"
     npz = src if not (q.train_images or q.test_images) else subset_npz(
         src, data / f"cifar10-{q.train_images or 'all'}-{q.test_images or 'all'}.npz", q.train_images, q.test_images)
@@ -118,7 +118,7 @@ def row_config(row: str, q: QualityConfig, train: Path, test: Path, workers: int
     size / the config's (the linear scaling rule the configs' recipes use)."""
     from viewpipe.trainers.config import load_config
 
-    base = load_config(config_path(row))
+    base = load_config(config_path(row), [f"data.path={train}", f"data.test_path={test}"])
     f = q.epochs / base.epochs
     scale = lambda e: max(1, round(e * f))  # noqa: E731
     args = dict(base.method_args)
@@ -341,7 +341,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "CsMl (as released and multi-level) and SNCLR (configs/*_cifar10.yaml) at the same epochs "
                        "and batch size, score each with the kNN monitor and a linear probe, and write OUT/quality.md, OUT/quality.json and OUT/knn_per_epoch.png. "
                        "Resumes an interrupted table.")
-    p.add_argument("--data", default=QualityConfig.data, help="the CIFAR-10 JPEG collection (.npz)")
+    p.add_argument("--data", required=True, help="CIFAR-10 as a .npz JPEG collection with train and test splits "
+                   "(train_jpeg, train_offsets, train_labels; test_*)")
     p.add_argument("--out", default=QualityConfig.out)
     p.add_argument("--epochs", type=int, default=QualityConfig.epochs)
     p.add_argument("--batch-size", type=int, default=QualityConfig.batch_size)

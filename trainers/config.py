@@ -87,13 +87,41 @@ def _merge(cfg: Any, label: str, values: dict, key: str | None = None) -> Any:
         raise ViewpipeError(f"{at(label, getattr(exc, 'full_key', '') or '')}: {_first_line(exc)}") from None
 
 
-def _resolved(cfg: Any, where: str) -> dict:
-    """The merged config as plain data, its `${...}` interpolations resolved."""
+REQUIRED = "???"  # OmegaConf's mandatory value: a config file's key that the user must set (data.path=...)
+
+
+def required_keys(values: dict, prefix: str = "") -> list[str]:
+    """The dotted keys a config file's `values` set to `???`: keys its user must give (`key=value`)."""
+    found = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            found += required_keys(v, f"{prefix}{k}.")
+        elif v == REQUIRED:
+            found.append(f"{prefix}{k}")
+    return found
+
+
+def _mark_required(cfg: Any, keys: list[str]) -> Any:
+    """`cfg` with each of `keys` unset (OmegaConf's merge keeps a default over `???`, so it is set here)."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+
+    for key in keys:
+        OmegaConf.update(cfg, key, REQUIRED)
+    return cfg
+
+
+def _resolved(cfg: Any, where: str) -> dict:
+    """The merged config as plain data, its `${...}` interpolations resolved; a required key left unset is one
+    line naming it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", "") or "a key"
+        raise ViewpipeError(f"{where}: {key} is not set; add {key}=... to the command line (the config's "
+                            f"comments say what it takes)") from None
     except OmegaConfBaseException as exc:
         raise ViewpipeError(f"{at(where, getattr(exc, 'full_key', '') or '')}: {_first_line(exc)}") from None
 
@@ -101,13 +129,13 @@ def _resolved(cfg: Any, where: str) -> dict:
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] = ()) -> TrainConfig:
     """A TrainConfig: the defaults, merged with the YAML file `path` (a path, or a shipped config's name:
     `find_config`), then with each `key=value` override in turn, as OmegaConf structured configs (the
-    dataclasses are the schema); `${...}` interpolations resolved; validated (`validate`). Errors name the
-    file's key or the override."""
+    dataclasses are the schema); `${...}` interpolations resolved; validated (`validate`). A file's `???` value
+    is a key the overrides must set. Errors name the file's key or the override."""
     from omegaconf import OmegaConf
 
     where, values = _file_layer(path)
     parsed = [(item, *parse_override(item)) for item in overrides]  # every layer read before any is merged
-    cfg = _merge(OmegaConf.structured(TrainConfig), where, values)
+    cfg = _mark_required(_merge(OmegaConf.structured(TrainConfig), where, values), required_keys(values))
     for item, steps, value in parsed:
         key, values = override_values(cfg, steps, value, item)
         cfg = _merge(cfg, f"override {item}", values, key)

@@ -1,11 +1,14 @@
 """`viewpipe pretrain --help-config`: every key of the schema (`trainers/schema.py`) on one line, with its type,
 default and meaning, and the range or choices `validate` holds it to; a section met before is referred to,
-not listed again."""
+not listed again. `method_args` are listed per method from its constructor: the signature's types and defaults,
+the meanings of its docstring's `Args:` section."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import typing
 
 from viewpipe.trainers.schema import TrainConfig, choices_of, cpu_cores
@@ -21,6 +24,11 @@ def _default_text(f: dataclasses.Field) -> str:
             return f"{value} (the cores here)"
     else:
         value = f.default
+    return _value_text(value)
+
+
+def _value_text(value: object) -> str:
+    """A default as YAML would write it."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -73,9 +81,48 @@ def describe(cls: type = TrainConfig) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def arg_meanings(doc: str) -> dict[str, str]:
+    """The `name: meaning` entries of a docstring's `Args:` section (Google style; continuation lines indented
+    deeper are joined)."""
+    meanings: dict[str, str] = {}
+    lines = doc.split("Args:", 1)[1].splitlines() if "Args:" in doc else []
+    base, name = None, None
+    for line in lines:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        start = re.match(r"\s*(\w+): (.*)", line)
+        if start and (base is None or indent == base):
+            base, name = indent, start[1]
+            meanings[name] = start[2].strip()
+        elif name is not None and base is not None and indent > base:
+            meanings[name] += " " + line.strip()
+        else:
+            break
+    return meanings
+
+
+def method_args_rows() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every registered method's constructor arguments (after the backbone),
+    `method_args.NAME` with the method named in the meaning."""
+    from viewpipe.trainers.base import METHODS
+
+    rows = []
+    for method, cls in METHODS.items():
+        meanings = arg_meanings(inspect.getdoc(cls.__init__) or "")
+        params = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, backbone
+        for p in params:
+            tp = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+            rows.append((f"method_args.{p.name}", tp, _value_text(p.default), f"[{method}] {meanings.get(p.name, '')}"))
+    return rows
+
+
 def help_config() -> str:
-    """`viewpipe pretrain --help-config`: every key, its type, default and meaning, one line each."""
+    """`viewpipe pretrain --help-config`: every key, its type, default and meaning, one line each; the methods'
+    arguments after `method_args`."""
     rows = describe()
+    at = next(i for i, r in enumerate(rows) if r[0] == "method_args") + 1
+    rows[at:at] = method_args_rows()
     w0, w1, w2 = (max(len(r[i]) for r in rows) for i in (0, 1, 2))
     lines = ["Config keys (YAML, or overrides KEY=VALUE; null: inherit, [] / {}: empty). A key's default "
              "comes from the defaults below, then the --config file, then the overrides.", "",

@@ -186,6 +186,23 @@ class CsMl(Method):
                  weights: tuple[float, float] = (1.0, 0.0), late_weights: tuple[float, float] = (0.5, 0.5),
                  cutmix_beta: float = 2.0, levels: tuple[int, ...] = (3, 4),
                  level_weights: tuple[float, ...] = (0.5, 1.0), mine_resize: int = 0, shuffle_bn: bool = True) -> None:
+        """Args:
+            dim: width of each level's embedding.
+            hidden: width of each head's hidden layer (0: that level's width).
+            queue: keys in the FIFO queue of negatives (one queue per level).
+            momentum: m of the key encoder's EMA.
+            tau: temperature τ of InfoNCE.
+            k: neighbours per sample mined into the sample state (the companion is drawn among them).
+            interval: epochs between neighbour minings (mined before epoch 0 and every `interval` epochs).
+            switch_epoch: the loss weights change to `late_weights` after this epoch (epochs from 0).
+            weights: (a, b) of the loss up to switch_epoch: a weighs each view's own positive, b its neighbour's.
+            late_weights: (a, b) after switch_epoch.
+            cutmix_beta: β of the CutMix ratio λ₀ ~ Beta(β, β) that mixes a view with its neighbour's.
+            levels: the backbone's stages (1-based, the last is 4 on a ResNet) that get a head and a loss.
+            level_weights: one loss weight per level.
+            mine_resize: the mining pass's resize before the centre crop (0: resize to data.size).
+            shuffle_bn: shuffle the keys' batch across ranks for BatchNorm (MoCo's shuffle-BN).
+        """
         super().__init__()
         levels, level_weights = tuple(int(s) for s in levels), tuple(float(w) for w in level_weights)
         if not levels or any(not 1 <= s <= len(backbone.dims) for s in levels):

@@ -67,6 +67,15 @@ class MoCoV2(Method):
 
     def __init__(self, backbone: Backbone, dim: int = 128, hidden: int = 0, queue: int = 65536,
                  momentum: float = 0.999, tau: float = 0.2, symmetric: bool = False, shuffle_bn: bool = True) -> None:
+        """Args:
+            dim: width of the embedding q (the head's output).
+            hidden: width of the head's hidden layer (0: the backbone's width).
+            queue: keys in the FIFO queue of negatives.
+            momentum: m of the key encoder's EMA, θ_k ← m·θ_k + (1−m)·θ_q.
+            tau: temperature τ of InfoNCE.
+            symmetric: add the loss with the views swapped (and enqueue both views' keys).
+            shuffle_bn: shuffle the keys' batch across ranks for BatchNorm (MoCo's shuffle-BN).
+        """
         super().__init__()
         hidden = hidden or backbone.dim
         self.backbone = backbone

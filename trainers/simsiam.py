@@ -32,6 +32,11 @@ class SimSiam(Method):
     ImageNet: dim 2048, pred_hidden 512."""
 
     def __init__(self, backbone: Backbone, dim: int = 512, pred_hidden: int = 128, fix_pred_lr: bool = True) -> None:
+        """Args:
+            dim: width of the projector's layers and of z.
+            pred_hidden: width of the predictor's hidden layer (the bottleneck).
+            fix_pred_lr: keep the predictor's lr at the base lr (no schedule), as the paper.
+        """
         super().__init__()
         self.backbone = backbone
         self.projector = mlp([backbone.dim, dim, dim, dim], last_bn=True, last_bn_affine=False)

@@ -104,6 +104,21 @@ class SNCLR(Method):
                  tau: float = 1.0, momentum: float = 0.99, cosine_momentum: bool = True, attention: str = "cosine",
                  gamma: float = 1.0, log_of_sum: bool = False, threshold: bool = False, proj_layers: int = 0,
                  pred_bias: bool = False) -> None:
+        """Args:
+            dim: width of the projector's and predictor's output.
+            mlp_dim: width of the projector's and predictor's hidden layers.
+            bank: keys in the FIFO bank the neighbours are searched in (shared by the ranks).
+            topk: K, neighbours of each key taken as soft positives.
+            tau: temperature τ of the logits.
+            momentum: base momentum of the key encoder's EMA.
+            cosine_momentum: raise the momentum from its base to 1 along a half cosine over training.
+            attention: how neighbours are weighted: cosine (the release's, parameter-free) or learned (the paper's).
+            gamma: γ, the scale of the learned attention's weights.
+            log_of_sum: the paper's loss, the log outside the weighted sum (default: the release's sum of logs).
+            threshold: zero the weights ≤ 1/K (an option of the release).
+            proj_layers: layers of the projector (0: 3 for a ViT, 2 otherwise).
+            pred_bias: give the predictor's last Linear a bias.
+        """
         super().__init__()
         if attention not in ("cosine", "learned"):
             raise ViewpipeError(f"snclr attention {attention!r}: expected cosine (the release) or learned (the paper)")
