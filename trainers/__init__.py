@@ -6,7 +6,7 @@
   `schema.py` (the dataclasses), `overrides.py` (`key=value`), `validation.py` (the checks) and
   `confighelp.py` (`--help-config`).
 - `base.py` the `Method` interface and the method registry; one module per method, each registering its class
-  with `@register(name)`: `mocov2.py`, `simsiam.py`, `csml.py`, `snclr.py`.
+  with `@register(name)`: `mocov2.py`, `simsiam.py`, `csml.py`, `snclr.py`, `simclr.py`, `byol.py`.
 - `updaters.py` the state-updater protocol: passes over the whole dataset published to the sample state, which
   a method declares and the engine runs (`ccrop.py` ContrastiveCrop's boxes, `csml.py` CsMl's neighbours);
   `clean.py` those passes' clean images.
@@ -17,4 +17,4 @@ The dependency direction is tools → trainers → pipelines → viewpipe.
 """
 
 # importing a method module registers its method; error messages list them in this order
-from . import mocov2, simsiam, csml, snclr  # noqa: F401, I001
+from . import mocov2, simsiam, csml, snclr, simclr, byol  # noqa: F401, I001
