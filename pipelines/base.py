@@ -7,6 +7,7 @@ batches the planner decides (`open`, `planned_ahead`, `pending`). Every loader i
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, TypeVar
 
@@ -166,3 +167,53 @@ def get_backend(name: str) -> type[Loader]:
     if name not in known:
         raise ViewpipeError(f"unknown backend {name!r}; available: {', '.join(known)}")
     return known[name]
+
+
+def make_loader(path: str | os.PathLike[str] | Any, backend: str = "auto", *, batch_size: int = 256,
+                views: int | str = 2, size: int = 224, augment: str = "mocov2", scale: tuple[float, float] = (0.2, 1.0),
+                alpha: float = 0.6, state: Any = None, device: str = "auto", workers: int | None = None,
+                dtype: str = "float32", channels_last: bool = False, shuffle: bool = True, seed: int = 0,
+                split: str = "train", rank: int | None = None, world: int | None = None) -> Loader:
+    """A loader of `path` yielding `Batch`es of augmented views, with the settings a run usually changes (for
+    all of them build a `LoaderConfig` and call `get_backend(name)(path, cfg, state)`).
+
+    Args:
+        path: an image folder (<class>/<image>), a .npz JPEG collection, or `viewpipe convert`'s output (which
+            the dali and ffcv backends need).
+        backend: a registered backend (`backends()`); "auto": the device's default.
+        batch_size: samples per batch (per rank); the last incomplete batch is dropped.
+        views: views per sample at `size`, or multi-crop groups such as "2x224,6x96@0.05-0.2" (`parse_views`).
+        size: the views' side in px.
+        augment: the augmentation preset (`viewpipe.augment.PRESETS`).
+        scale: RandomResizedCrop's area range.
+        alpha: α of ContrastiveCrop's Beta, used when `state` holds boxes.
+        state: a `SampleState` whose live boxes (and neighbours) the loader reads; None: RandomResizedCrop.
+        device: where views are made: "cpu", "cuda[:i]", "auto" (CUDA if any).
+        workers: decode threads or processes (default: up to 8 of the machine's cores).
+        dtype: the views' dtype, "float32" or "bfloat16".
+        channels_last: the views' memory format.
+        shuffle: a new random order each epoch (`loader.set_epoch(e)`).
+        seed: the seed of the order, the crops and the augmentation.
+        split: the split of a .npz collection.
+        rank: this process's rank (default: torch.distributed's, else 0).
+        world: the number of ranks (default: torch.distributed's, else 1).
+
+    >>> from viewpipe import make_loader
+    >>> loader = make_loader("data/train", "torch", batch_size=8, views=2, size=32, device="cpu", workers=0)
+    >>> for batch in loader:
+    ...     q, k = batch.views  # each (8, 3, 32, 32), normalised
+    >>> tuple(q.shape), tuple(batch.labels.shape)
+    ((8, 3, 32, 32), (8,))
+    """
+    from viewpipe.augment import preset
+    from viewpipe.crop import CropConfig
+    from viewpipe.pipelines.config import parse_views
+
+    name = default_backend(Loader.choose_device(device).type) if backend == "auto" else backend
+    groups = parse_views(views, scale) if isinstance(views, str) else ()
+    cfg = LoaderConfig(views=views if isinstance(views, int) else 2, batch_size=batch_size,
+                       crop=CropConfig(alpha=alpha, scale=scale, use_box=state is not None),
+                       augment=preset(augment, size=size), shuffle=shuffle, seed=seed, dtype=dtype,
+                       channels_last=channels_last, groups=groups, device=device, split=split,
+                       **({} if workers is None else {"workers": workers}))
+    return get_backend(name)(path, cfg, state, rank=rank, world=world)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from viewpipe import fused, torch_ops
+from viewpipe.crop import CropConfig, view_windows
 from viewpipe.augment_params import (
     CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, PRESET_NORMS, PRESETS,
     AugmentConfig, ViewAugment, ViewParams, draw_params, preset, spatial_size,
@@ -98,6 +99,34 @@ class Augmenter(nn.Module):
             raise ValueError(f"windows must have shape (N={N}, views, 4), got {tuple(windows.shape)}")
         views = self._ops(images.device).crop_views(images, windows, self.cfg.size, sizes=sizes, layout=layout)
         return [self.finish(views[v * N : (v + 1) * N], first_view + v, generator) for v in range(windows.shape[1])]
+
+    def random_views(self, images: torch.Tensor | Sequence[torch.Tensor], views: int | None = None,
+                     boxes: torch.Tensor | np.ndarray | None = None, crop: CropConfig = CropConfig(),
+                     generator: torch.Generator | None = None, layout: str = "auto") -> list[torch.Tensor]:
+        """`views` views of each image (default 2, as a contrastive pair) with crop windows drawn here:
+        RandomResizedCrop at `crop`'s scale and ratio, or, given ContrastiveCrop `boxes` (N, 4) as fractions
+        (h0, w0, h1, w1), crops centred inside each box by Beta(α, α) (α = `crop.alpha`). All draws come from
+        `generator`, so a seed gives the same views.
+
+        >>> import torch
+        >>> from viewpipe import Augmenter, preset
+        >>> images = torch.randint(0, 256, (4, 3, 64, 80), dtype=torch.uint8)  # a uint8 batch, on any device
+        >>> q, k = Augmenter(preset("mocov2", size=32)).random_views(images, generator=torch.Generator().manual_seed(0))
+        >>> tuple(q.shape), q.dtype
+        ((4, 3, 32, 32), torch.float32)
+        """
+        own = None  # a list's images keep their own sizes inside the padded batch
+        if isinstance(images, torch.Tensor):
+            sizes = np.tile(spatial_size(images, layout), (images.shape[0], 1))
+        else:
+            sizes = np.array([spatial_size(im[None], layout) for im in images]).reshape(-1, 2)
+            images, layout, own = to_nchw(images, layout), "chw", torch.from_numpy(sizes)
+        seed = int(torch.randint(2 ** 62, (), generator=generator))
+        crop = CropConfig(crop.alpha, crop.scale, crop.ratio, boxes is not None, crop.tries)
+        box_rows = None if boxes is None else np.asarray(torch.as_tensor(boxes, dtype=torch.float32).cpu())
+        count = views or max(2, len(self.cfg.views))
+        windows = view_windows(np.random.default_rng(seed), sizes, box_rows, count, crop)
+        return self(images, torch.from_numpy(windows), generator, layout, sizes=own)
 
     def finish(self, x: torch.Tensor, view: int, generator: torch.Generator | None = None,
                layout: str = "chw") -> torch.Tensor:

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import mmap
+import os
 import shutil
 import time
 from pathlib import Path
@@ -111,8 +112,8 @@ def _started_max_side(dst: Path, read_report: Callable[[], Any]) -> int | None:
 
 
 def convert(
-    src: Path,
-    dst: Path,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
     formats: tuple[str, ...] = ("ffcv", "dali"),
     workers: int = 1,
     split: str = "train",
@@ -127,6 +128,7 @@ def convert(
 
     `max_side`: downscale images whose longer side exceeds it (0: keep natural size); None: the side the
     resumed conversion was started with, else `default_max_side(formats)` (500 with FFCV, else natural)."""
+    src, dst = Path(src), Path(dst)
     # --resume reads the report for max_side and for whether it is finished: parse it once (a failed read or
     # parse is not cached: it fails again, as it did, where it is read next)
     read_report = functools.cache(lambda: json.loads((dst / REPORT).read_text()))

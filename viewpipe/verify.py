@@ -32,10 +32,11 @@ class Damaged(ViewpipeError):
                          f"{dst}: {len(problems)} damaged samples or files (each named above); convert again")
 
 
-def verify(dst: Path) -> dict:
+def verify(dst: str | os.PathLike[str]) -> dict:
     """Re-read everything a conversion wrote and check it: counts, labels, sizes, and every sample's bytes
     against the checksums the conversion stored (indexes written before checksums: a full decode instead).
     Raises `Damaged`, naming every damaged sample (index, source, shard or file), or returns the counts."""
+    dst = Path(dst)
     report_path = dst / REPORT
     if not report_path.exists() or not json.loads(report_path.read_text()).get("complete"):
         raise ViewpipeError(f"{dst}: not a finished conversion (no complete {REPORT}); run or resume `viewpipe convert`")
