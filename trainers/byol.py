@@ -54,6 +54,13 @@ class BYOL(Method):
 
     def __init__(self, backbone: Backbone, dim: int = 128, hidden: int = 512, pred_hidden: int = 512,
                  momentum: float = 0.996, cosine_momentum: bool = True) -> None:
+        """Args:
+            dim: width of the projection z and of the prediction p.
+            hidden: width of the projector's hidden layer (0: the backbone's width).
+            pred_hidden: width of the predictor's hidden layer.
+            momentum: τ_base of the target's EMA, ξ ← τ·ξ + (1−τ)·θ.
+            cosine_momentum: raise τ from τ_base to 1 by a half cosine over training (the paper), else keep it.
+        """
         super().__init__()
         if not 0 <= momentum <= 1:
             raise ViewpipeError(f"byol momentum = {momentum}: expected τ_base in [0, 1]")

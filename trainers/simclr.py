@@ -87,6 +87,13 @@ class SimCLR(Method):
 
     def __init__(self, backbone: Backbone, dim: int = 128, hidden: int = 0, tau: float = 0.5,
                  base_tau: float = 0.0, head_bn: bool = False) -> None:
+        """Args:
+            dim: width of the embedding z (the head's output).
+            hidden: width of the head's hidden layer (0: the backbone's width).
+            tau: temperature τ of NT-Xent.
+            base_tau: multiply the loss by τ / base_tau, as the ContrastiveCrop release (0: the paper's loss).
+            head_bn: BatchNorm after both head layers (the original code's head), without biases.
+        """
         super().__init__()
         if base_tau < 0:
             raise ViewpipeError(f"simclr base_tau = {base_tau}: expected 0 (no scaling) or a positive temperature")
