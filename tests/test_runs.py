@@ -11,11 +11,12 @@ import os
 import shlex
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,31 +51,39 @@ def logged_steps(out: Path) -> list[int]:
     return [r["step"] for r in records(out) if "event" not in r]
 
 
-def events(folder: Path) -> list:
-    """Every TensorBoard event in the event files of `folder`, read from their TFRecord framing (u64 length,
-    u32 CRC, the Event proto, u32 CRC)."""
-    from tensorboardX.proto import event_pb2
-
-    found = []
+def event_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("events.out.tfevents.*"))
     assert files, f"no TensorBoard event file in {folder}"
-    for f in files:
-        data, i = f.read_bytes(), 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            found.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
-            i += 12 + n + 4
-        assert i == len(data), f"{f}: a record is cut"
-    return found
+    return files
+
+
+def events(folder: Path) -> list:
+    """Every TensorBoard event (the Event protos) in the event files of `folder`, in file order, read by
+    tensorboard's own loader (it checks the records' framing)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [e for f in event_files(folder) for e in EventFileLoader(str(f)).Load()]
+
+
+def accumulated(folder: Path) -> Any:
+    """What TensorBoard shows of the run folder `folder`: its event files read by tensorboard's
+    EventAccumulator (every event kept; a resumed run's purge_step applied, as TensorBoard applies it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
 
 
 def scalars(folder: Path) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {}
-    for e in events(folder):
-        for v in e.summary.value:
-            if v.HasField("simple_value"):
-                out.setdefault(v.tag, {})[e.step] = v.simple_value
-    return out
+    """Tag -> step -> value of every scalar TensorBoard shows of `folder` (each step once: `steps` says so)."""
+    acc = accumulated(folder)
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def steps(folder: Path, tag: str) -> list[int]:
+    """The steps of scalar `tag` in TensorBoard's view of `folder`, repeats kept."""
+    return [e.step for e in accumulated(folder).Scalars(tag)]
 
 
 def interrupt_at(trainer: Trainer, call: int, times: int = 1) -> None:
@@ -171,6 +180,7 @@ def test_interrupted_then_resumed_logs_every_step_once(image_folder: Path, tmp_p
     assert [r["epoch"] for r in records(out) if r.get("event") == "epoch"] == [0, 1]
     purges = [e.step for e in events(out) if e.HasField("session_log") and e.session_log.status == 1]
     assert purges == [7]  # TensorBoard hides the first run's steps 7 and 8
+    assert steps(out, "train/loss") == list(range(1, 13))  # as TensorBoard shows it: each step once
 
 
 def test_trim_log_keeps_what_the_checkpoint_has_seen(tmp_path: Path) -> None:
@@ -253,13 +263,16 @@ def test_tensorboard_events_and_console_lines(image_folder: Path, tmp_path: Path
     knn = [r["knn_top1"] for r in result["history"]]
     assert tb["epoch/knn_top1"] == pytest.approx({1: knn[0], 2: knn[1]}, rel=1e-6)
     assert sorted(tb["epoch/loss"]) == [1, 2]
-    images = [(e.step, v) for e in events(out) for v in e.summary.value if v.HasField("image")]
-    assert [(s, v.tag) for s, v in images] == [(1, "ccrop/boxes")]  # the update after epoch 0 (none after the last)
-    png = (out / "boxes_epoch0000.png").read_bytes()
+    acc = accumulated(out)
+    assert acc.Tags()["images"] == ["ccrop/boxes"]
+    images = acc.Images("ccrop/boxes")
+    assert [e.step for e in images] == [1]  # the update after epoch 0 (none after the last)
     from PIL import Image
 
-    shown = Image.open(io.BytesIO(images[0][1].image.encoded_image_string))
-    assert shown.size == Image.open(io.BytesIO(png)).size == (images[0][1].image.width, images[0][1].image.height)
+    shown = Image.open(io.BytesIO(images[0].encoded_image_string))
+    png = Image.open(out / "boxes_epoch0000.png")
+    assert shown.size == png.size == (images[0].width, images[0].height)
+    assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(png.convert("RGB")))
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

@@ -253,43 +253,30 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def plot_knn(rows: list[dict], path: Path, title: str, width: int = 900, height: int = 540) -> None:
-    """A PNG line chart of kNN top-1 against epoch, one line per row, with axes, ticks and a legend (PIL only,
-    so that the table needs no plotting library)."""
-    from PIL import Image, ImageDraw
+    """A width×height PNG line chart of kNN top-1 against epoch, one line (with markers) per row, the legend
+    beside the axes (matplotlib, Agg: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    left, right, top, bottom = 70, width - 250, 56, height - 60
     series = [(r["name"], sorted((int(e), v) for e, v in r["knn"].items())) for r in rows if r["knn"]]
-    xs = [e for _, s in series for e, _ in s] or [1]
     ys = [v for _, s in series for _, v in s] or [0.0]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
     y0 = max(0.0, math.floor(min(ys) / 10) * 10)
     y1 = min(100.0, max(y0 + 10, math.ceil(max(ys) / 10) * 10))
-    y0 = min(y0, y1 - 10)  # (every score 100: the axis still spans 10 points)
-    px = lambda e: left + (e - x0) / (x1 - x0) * (right - left)  # noqa: E731
-    py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
-    d.rectangle([left, top, right, bottom], outline="black")
-    for v in np.linspace(y0, y1, 6):
-        d.line([left - 5, py(v), left, py(v)], fill="black")
-        d.line([left, py(v), right, py(v)], fill=(225, 225, 225))
-        d.text((left - 45, py(v) - 6), f"{v:.0f}", fill="black")
-    for e in sorted(set(np.linspace(x0, x1, min(11, x1 - x0 + 1)).round().astype(int).tolist())):
-        d.line([px(e), bottom, px(e), bottom + 5], fill="black")
-        d.text((px(e) - 8, bottom + 8), str(e), fill="black")
-    d.text(((left + right) // 2 - 20, bottom + 28), "epoch", fill="black")
-    d.text((left, 10), title, fill="black")
-    d.text((8, top - 20), "kNN top-1 (%)", fill="black")
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.08, 0.11, 0.62, 0.8))
     for j, (name, s) in enumerate(series):
-        c = COLOURS[j % len(COLOURS)]
-        pts = [(px(e), py(v)) for e, v in s]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for x, y in pts:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.line([right + 20, top + 20 + 22 * j, right + 45, top + 20 + 22 * j], fill=c, width=3)
-        d.text((right + 52, top + 13 + 22 * j), name, fill="black")
-    img.save(path)
+        ax.plot([e for e, _ in s], [v for _, v in s], "-o", color=np.array(COLOURS[j % len(COLOURS)]) / 255,
+                linewidth=2, markersize=5, label=name)
+    ax.set_ylim(min(y0, y1 - 10), y1)  # (every score 100: the axis still spans 10 points)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    ax.grid(True, color="0.88")
+    ax.set(xlabel="epoch", ylabel="kNN top-1 (%)", title=title)
+    ax.title.set_fontsize(9)
+    if series:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, fontsize=9)
+    fig.savefig(path, dpi=100)
 
 
 def quality(q: QualityConfig) -> list[dict]:

@@ -152,23 +152,22 @@ class BoxUpdater(StateUpdater):
 
 
 def box_grid(source: Source, boxes: np.ndarray, path: Path, n: int = 32, side: int = 96, cols: int = 8) -> None:
-    """A PNG of `n` images spread over the dataset, each resized to side×side, with its box drawn in red."""
-    from PIL import Image, ImageDraw
+    """A PNG of `n` images spread over the dataset, each resized to side×side with its box drawn in red
+    (torchvision's draw_bounding_boxes, 2 px inside the box's edges), `cols` to a row (make_grid)."""
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes, make_grid
 
     from viewpipe.formats import decode_rgb
 
-    n = min(n, len(source))
-    rows = (n + cols - 1) // cols
-    grid = Image.new("RGB", (cols * side, rows * side), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, i in enumerate(np.linspace(0, len(source) - 1, n).round().astype(int).tolist()):  # across classes
-        img = decode_rgb(source.read(i), source.describe(i)).resize((side, side), Image.BILINEAR)
-        x, y = (j % cols) * side, (j // cols) * side
-        grid.paste(img, (x, y))
-        h0, w0, h1, w1 = boxes[i].tolist()
-        draw.rectangle([x + w0 * side, y + h0 * side, x + w1 * side - 1, y + h1 * side - 1], outline=(255, 0, 0),
-                       width=2)
-    grid.save(path)
+    tiles = []
+    for i in np.linspace(0, len(source) - 1, min(n, len(source))).round().astype(int).tolist():  # across classes
+        img = decode_rgb(source.read(i), source.describe(i)).convert("RGB").resize((side, side), Image.BILINEAR)
+        h0, w0, h1, w1 = boxes[i].tolist()  # fractions of the image's sides -> xyxy pixels, edges inclusive
+        xyxy = torch.tensor([[w0 * side, h0 * side, max(w0 * side, w1 * side - 1), max(h0 * side, h1 * side - 1)]])
+        tiles.append(draw_bounding_boxes(torch.from_numpy(np.array(img)).permute(2, 0, 1), xyxy, colors="red",
+                                         width=2))
+    grid = make_grid(tiles, nrow=cols, padding=0, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove
 from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.config import (TrainConfig, build_augment, build_crop, build_groups, effective_workers,
                                       save_config, to_dict, validate)
+from viewpipe.trainers.loggers import Logger, check_available, numeric, open_loggers, read_png
 from viewpipe.trainers.optim import build_optimizer, lr_at, set_lr
 from viewpipe.trainers.updaters import DataContext, StateUpdater
 
@@ -102,6 +103,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
         self.cfg = validate(cfg)
+        check_available(cfg.logger)  # (every rank: a missing package stops them all, before anything is built)
         if not cfg.data.path:
             raise ViewpipeError("data.path is empty: give the training data (data.path=... or a config file)")
         self.device, self.rank, self.world, self.local_rank = setup(cfg.device)
@@ -198,13 +200,14 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.method.param_groups())
 
     def _open_log(self, resume: str | None, ckpt: dict | None) -> None:
-        """log.jsonl (its records after a resumed checkpoint's step dropped: those steps run again); TensorBoard
-        opens with `fit`; batch jobs (stdout not a terminal) get a line per log point instead of a bar."""
+        """log.jsonl (its records after a resumed checkpoint's step dropped: those steps run again); the loggers
+        (TensorBoard, W&B) open with `fit`; batch jobs (stdout not a terminal) get a line per log point instead of
+        a bar."""
         if self.main and resume:
             trim_log(self.out / "log.jsonl", self.step)
         self._resumed_from = str(self._good[0]) if ckpt is not None and self._good else None
         self._log = open(self.out / "log.jsonl", "a") if self.main else None
-        self._tb: Any = None  # rank 0's TensorBoard writer, opened by fit()
+        self._loggers: list[Logger] | None = None  # rank 0's loggers (`logger=`), opened by fit()
         self._console = self.main and not sys.stdout.isatty()
 
     def _check_run_folder(self, resume: str | None) -> None:
@@ -379,42 +382,30 @@ class Trainer:
             self._log.write(json.dumps(record) + "\n")
             self._log.flush()
 
-    def _open_tensorboard(self) -> None:
-        """Rank 0's TensorBoard writer: event files in the run folder beside log.jsonl. A resumed run hides the
-        old file's events after its checkpoint's step (purge_step), as it trims log.jsonl."""
-        if not self.main or self._tb is not None:
-            return
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            warn("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)")
-            self._tb = False
-            return
-        self._tb = SummaryWriter(logdir=str(self.out), purge_step=self.step + 1 if self.step else None)
+    def _open_loggers(self) -> None:
+        """Rank 0's loggers of `logger=` (`trainers/loggers.py`): TensorBoard's event files beside log.jsonl, a
+        W&B run; a resumed run hides TensorBoard's events after its checkpoint's step and continues its W&B run."""
+        if self.main and self._loggers is None:
+            self._loggers = open_loggers(self.cfg, self.out, self.step, resumed=self._resumed_from is not None)
 
-    def _scalars(self, prefix: str, record: dict, step: int, skip: tuple[str, ...] = ()) -> None:
-        """The numeric fields of `record` as TensorBoard scalars `prefix/<name>` at `step` (rank 0)."""
-        if not self._tb:
-            return
-        for k, v in record.items():
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+    def _scalars(self, prefix: str, record: dict, skip: tuple[str, ...] = (), epoch: int | None = None) -> None:
+        """The numeric fields of `record` as scalars `prefix/<name>` at the current step (rank 0's loggers)."""
+        values = numeric(record, skip)
+        for logger in self._loggers or ():
+            logger.scalars(prefix, values, self.step, epoch)
 
-    def _epoch_to_tensorboard(self, record: dict) -> None:
+    def _epoch_to_loggers(self, record: dict) -> None:
         """An epoch's record: its scalars (the epoch mean loss, updater fields, the kNN accuracy: the kNN curve)
         at x = epochs done, and the ContrastiveCrop box grid (its PNG) as an image."""
-        if not self._tb:
+        if not self._loggers:
             return
         done = record["epoch"] + 1
-        self._scalars("epoch", record, done, skip=("epoch", "step"))
-        grid = record.get("box_grid")
-        if grid and Path(grid).is_file():
-            import numpy as np
-            from PIL import Image
-
-            with Image.open(grid) as img:
-                self._tb.add_image("ccrop/boxes", np.asarray(img.convert("RGB")), done, dataformats="HWC")
-        self._tb.flush()
+        self._scalars("epoch", record, skip=("epoch", "step"), epoch=done)
+        grid = read_png(record.get("box_grid", ""))
+        for logger in self._loggers:
+            if grid is not None:
+                logger.image("ccrop/boxes", grid, self.step, epoch=done)
+            logger.flush()
 
     def _console_line(self, r: dict, steps: int) -> None:
         """One compact line on stdout (batch jobs: stdout is not a terminal, so no progress bar)."""
@@ -444,7 +435,7 @@ class Trainer:
 
         self._first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=self.device)
         self._bad_loss = torch.zeros((), device=self.device)
-        self._open_tensorboard()
+        self._open_loggers()
         self.log({"event": "start", "step": self.step, "epoch": self.epoch, "world": self.world,
                   "resumed_from": self._resumed_from})
         try:
@@ -588,7 +579,7 @@ class Trainer:
         if self.cfg.optim.skip_nonfinite:
             last["skipped_nonfinite"] = self.skipped_nonfinite
         self.log(last)
-        self._scalars("train", last, self.step, skip=("step", "epoch", "batch"))
+        self._scalars("train", last, skip=("step", "epoch", "batch"))
         if self._console:
             self._console_line(last, run.steps)
         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}",
@@ -616,7 +607,7 @@ class Trainer:
             print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                             if v is not None), flush=True)
         self.log({"event": "epoch", **record})
-        self._epoch_to_tensorboard(record)
+        self._epoch_to_loggers(record)
         self.save({"epoch": self.epoch, "batch": 0})
 
     def train_step(self, batch: Batch, lr: float, progress: float) -> tuple[torch.Tensor, dict]:
@@ -674,9 +665,12 @@ class Trainer:
             self._loader.close()
         if self._log is not None:
             self._log.close()
-        if getattr(self, "_tb", None):
-            self._tb.close()
-        self.state.close()
+        loggers, self._loggers = getattr(self, "_loggers", None) or [], []
+        try:
+            for logger in loggers:
+                logger.close()
+        finally:
+            self.state.close()
 
 
 def pretrain(cfg: TrainConfig, resume: str | None = None) -> dict:

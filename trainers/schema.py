@@ -225,6 +225,18 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (`logger=wandb`; `pip install viewpipe[wandb]`): where the run goes and how."""
+
+    project: str = doc("viewpipe", "W&B project")
+    entity: str = doc("", "W&B entity (user or team; empty: your default)")
+    name: str = doc("", "W&B run name (empty: the run folder's name)")
+    mode: str = choice("auto", "online", "offline", "disabled", help="online, offline (files under OUT/wandb, "
+                       "wandb sync uploads them), disabled; auto: WANDB_MODE, else online")
+    tags: list[str] = doc(help="W&B run tags", factory=list)
+
+
+@dataclass
 class TrainConfig:
     """A pretraining run. `method_args` go to the method's constructor (see each method's file)."""
 
@@ -248,5 +260,8 @@ class TrainConfig:
     knn_k: int = bounded(200, 1, help="kNN monitor: neighbours")
     knn_t: float = bounded(0.1, 0.0, lo_open=True, help="kNN monitor: temperature")
     log_every: int = bounded(20, 1, help="steps between log lines")
+    logger: str = doc("tensorboard", "where the scalars, box grids and kNN curve go besides log.jsonl: tensorboard, "
+                                     "wandb, or both comma-separated (tensorboard,wandb); none: log.jsonl only")
+    wandb: WandbConfig = doc(help="Weights & Biases, for logger=wandb", factory=WandbConfig)
     save_every: int = bounded(0, 0, help="steps between mid-epoch checkpoints (0: at the end of each epoch only)")
     max_steps: int = bounded(0, 0, help="stop after this many steps of this process (0: no limit)")

@@ -13,6 +13,7 @@ import typing
 from typing import Any
 
 from viewpipe.errors import ViewpipeError
+from viewpipe.trainers.loggers import check_logger_spec
 from viewpipe.trainers.schema import DataConfig, TrainConfig, choices_of
 
 # method_args whose range is the same in every method that takes them: (lo, hi, lo_open, hi_open, integer)
@@ -210,13 +211,14 @@ def _check_views(cfg: TrainConfig, where: str) -> None:
 
 def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     """`cfg` when every value is in range (the `bounded` and `choice` fields, the method's views, the
-    method_args whose range is known, the augmentation presets), or a one-line ViewpipeError naming the first
-    offending key as written (`config.optim.lr: expected a number >= 0, got -0.1`; `where` is the config file,
-    or "config"). What depends on the data or the ranks (batch size against the dataset, divisibility) is
-    checked by the Trainer before training."""
+    method_args whose range is known, the augmentation presets, the loggers), or a one-line ViewpipeError
+    naming the first offending key as written (`config.optim.lr: expected a number >= 0, got -0.1`; `where` is
+    the config file, or "config"). What depends on the data or the ranks (batch size against the dataset,
+    divisibility) is checked by the Trainer before training."""
     _check_fields(cfg, where)
     _check_presets(cfg.data, where)
     _check_views(cfg, where)
+    check_logger_spec(cfg.logger, f"{where}.logger")
     if not isinstance(cfg.method_args, dict):
         raise ViewpipeError(f"{where}.method_args: expected a mapping, got {cfg.method_args!r}")
     for key, value in cfg.method_args.items():
