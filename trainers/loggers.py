@@ -7,8 +7,8 @@ loss, the updaters' fields, `epoch/knn_top1`, the kNN curve) and the Contrastive
 are at x = epochs done: TensorBoard writes them at that step; W&B logs every record at its global step (W&B's
 steps only grow) with a field `epoch` = epochs done, made the x-axis of `epoch/*` and `ccrop/*` by
 `define_metric(..., step_metric="epoch")`. A resumed run continues its W&B run (the id is kept in
-`OUT/wandb_id`); the steps it runs again after the checkpoint are dropped by W&B (with a warning when online),
-as TensorBoard hides them (purge_step)."""
+`OUT/wandb_id`). The steps it runs again after the checkpoint replace the old ones in TensorBoard (purge_step);
+online, W&B ignores them with a warning (its steps only grow): an exact resume logs the same losses."""
 
 from __future__ import annotations
 
