@@ -41,7 +41,7 @@ CIFAR ?= ../shared/data/cifar10_jpeg/cifar10_jpeg.npz
 quality-kit:
 	mkdir -p .dkq/wheels && cp $(CIFAR) .dkq/
 	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform any -d .dkq/wheels omegaconf tensorboardX pyyaml tqdm
+		--platform manylinux_2_17_x86_64 --platform any -d .dkq/wheels omegaconf tensorboardX pyyaml tqdm matplotlib
 	rm -f .dkq/wheels/numpy-*  # the machine has its own, which its torch was built against
 	@du -sh .dkq
 

@@ -6,7 +6,7 @@
 #   bash docs/quality-on-gpu.sh [BUDGET_S]       (default 420: the table's training time, in seconds)
 #
 # It installs the wheels and viewpipe (on the machine's torch), times one epoch of every row, chooses the
-# number of epochs that fits BUDGET_S for the seven rows together (kNN every tenth of the run, a linear probe at
+# number of epochs that fits BUDGET_S for the eleven rows together (kNN every tenth of the run, a linear probe at
 # the end of each row), runs the table and copies quality.md/json/png and the rows' logs to $OUT (or ./runs).
 # Rows are resumable: run it again after a timeout and it continues where it stopped. QUALITY_ARGS adds options
 # to both `viewpipe quality` calls (a dry run on a CPU: QUALITY_ARGS="--train-images 1000 --test-images 200
@@ -16,7 +16,7 @@ BUDGET_S=${1:-420}
 KIT=${KIT:-.dkq}
 DEST=${OUT:-runs}/quality-gpu
 read -r -a EXTRA <<< "${QUALITY_ARGS:-}"
-python3 -m pip install -q --no-index --find-links "$KIT/wheels" omegaconf tensorboardX pyyaml tqdm  # what is missing
+python3 -m pip install -q --no-index --find-links "$KIT/wheels" omegaconf tensorboardX pyyaml tqdm matplotlib  # what is missing
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 mkdir -p "$DEST"
 DATA="$KIT/cifar10_jpeg.npz"

@@ -207,7 +207,7 @@ def test_shipped_configs_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ViewpipeError) as info:
         load_config("mocov3_cifar10")
     assert one_line(info).startswith("mocov3_cifar10: no such config file, nor a shipped config of that name; "
-                                     "shipped: csml_cifar10, ")
+                                     "shipped: byol_ccrop_cifar10, ")
 
 
 def test_help_config_lists_every_key() -> None:

@@ -54,7 +54,7 @@ def test_config_file_overrides_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ViewpipeError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
     for f in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        load_config(f)  # every shipped config loads
+        load_config(f, ["data.path=data/train", "data.test_path=data/test"])  # every shipped config loads
 
 
 def test_lr_schedule_warmup_and_cosine() -> None:
@@ -190,6 +190,7 @@ def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(image_folder:
     ("mocov2", "method_args={queue: 64}"),
     ("csml", "method_args={queue: 64, k: 3, interval: 1}"),
     ("snclr", "method_args={bank: 64, topk: 4, dim: 32, mlp_dim: 64}"),
+    ("simclr", "method_args={dim: 16, hidden: 32}"),  # negatives gathered from both ranks, with gradients
 ])
 def test_two_gloo_ranks_train_in_step(image_folder: Path, tmp_path: Path, method: str, args: str) -> None:
     """Two processes as torchrun starts them (gloo on the CPU): both finish, the weights stay identical. CsMl:
