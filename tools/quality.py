@@ -1,6 +1,7 @@
-"""`viewpipe quality`: the CIFAR-10 quality table, a benchmark of representations rather than of speed. Seven rows
-(MoCo v2, MoCo v2 + ContrastiveCrop, SimSiam, SimSiam + ContrastiveCrop, CsMl as released (last stage only), CsMl
-multi-level, SNCLR: configs/<row>_cifar10.yaml, ResNet-18, the memory backend by default) pretrained at the same epochs and batch size and scored by the kNN monitor (k = 200, τ = 0.1) on the
+"""`viewpipe quality`: the CIFAR-10 quality table, a benchmark of representations rather than of speed. Eleven
+rows (MoCo v2, SimCLR, BYOL and SimSiam, each with and without ContrastiveCrop, CsMl as released (last stage
+only), CsMl multi-level, SNCLR: configs/<row>_cifar10.yaml, ResNet-18, the memory backend by default)
+pretrained at the same epochs and batch size and scored by the kNN monitor (k = 200, τ = 0.1) on the
 test images after every `--knn-every` epochs and, at the end of each row, by a linear probe on the frozen backbone
 (`--linear-epochs`, on clean features: no augmentation); each row's training speed is also measured on synthetic
 views already on the device, so the table says how far the loader keeps the GPU busy. Writes quality.md (the
@@ -31,6 +32,10 @@ from viewpipe.errors import ViewpipeError
 ROWS: dict[str, str] = {  # row → its name in the table; the config is configs/<row>_cifar10.yaml
     "mocov2": "MoCo v2",
     "mocov2_ccrop": "MoCo v2 + ContrastiveCrop",
+    "simclr": "SimCLR",
+    "simclr_ccrop": "SimCLR + ContrastiveCrop",
+    "byol": "BYOL",
+    "byol_ccrop": "BYOL + ContrastiveCrop",
     "simsiam": "SimSiam",
     "simsiam_ccrop": "SimSiam + ContrastiveCrop",
     "csml": "CsMl (the release: last stage only)",
@@ -323,9 +328,9 @@ def quality_main(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quality", help="the CIFAR-10 quality table: seven rows, kNN per epoch and a linear probe",
-                       description="Pretrain MoCo v2, MoCo v2 + ContrastiveCrop, SimSiam, SimSiam + ContrastiveCrop, "
-                       "CsMl (as released and multi-level) and SNCLR (configs/*_cifar10.yaml) at the same epochs "
+    p = sub.add_parser("quality", help="the CIFAR-10 quality table: eleven rows, kNN per epoch and a linear probe",
+                       description="Pretrain MoCo v2, SimCLR, BYOL and SimSiam, each with and without "
+                       "ContrastiveCrop, CsMl (as released and multi-level) and SNCLR (configs/*_cifar10.yaml) at the same epochs "
                        "and batch size, score each with the kNN monitor and a linear probe, and write OUT/quality.md, OUT/quality.json and OUT/knn_per_epoch.png. "
                        "Resumes an interrupted table.")
     p.add_argument("--data", required=True, help="CIFAR-10 as a .npz JPEG collection with train and test splits "

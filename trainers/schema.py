@@ -240,7 +240,7 @@ class WandbConfig:
 class TrainConfig:
     """A pretraining run. `method_args` go to the method's constructor (see each method's file)."""
 
-    method: str = doc("mocov2", "mocov2, simsiam, csml, snclr")
+    method: str = doc("mocov2", "a registered method (trainers/base.py METHODS); its arguments: method_args below")
     backbone: str = doc("resnet18_cifar", "backbone (trainers/models.py), e.g. resnet18_cifar, resnet50, vit_small")
     method_args: dict[str, Any] = doc(help="the method's constructor arguments, e.g. {queue: 4096, tau: 0.2}",
                                       factory=dict)
