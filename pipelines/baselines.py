@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from viewpipe.augment import ViewAugment
-from viewpipe.errors import ViewpipeError, import_optional
+from viewpipe.cuda_builds import import_dali
+from viewpipe.errors import ViewpipeError
 from viewpipe.formats import DatasetIndex, decode_rgb, shard_paths
 from viewpipe.pipelines.base import Batch, Loader, Samples
 from viewpipe.pipelines.config import LoaderConfig
@@ -90,7 +91,7 @@ class DaliDecodeLoader(DaliLoader):
         return f"{self.name}, decode only ({'nvJPEG' if self.device_id is not None else 'CPU'}, ceiling)", 1
 
     def _new_pipeline(self):  # noqa: ANN202  (a DALI Pipeline)
-        dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+        dali = import_dali(gpu=self.device_id is not None)
         from nvidia.dali import fn, types
 
         decode = decode_graph(fn, types, self.device_id, self.hw_decoder_load)
@@ -251,7 +252,7 @@ class StockDaliLoader(Loader):
     reads = "dali"
 
     def open(self, source: str | os.PathLike[str] | Source) -> Samples:
-        import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+        import_dali()
         root = source if isinstance(source, (str, os.PathLike)) else source.root
         index = DatasetIndex.load(root)
         if (index.shards < 0).any():
@@ -272,7 +273,7 @@ class StockDaliLoader(Loader):
 
     def _build(self):  # noqa: ANN202  (a DALI Pipeline)
         """The graph: read, decode once, V views (see the module)."""
-        dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+        dali = import_dali(gpu=self.device_id is not None)
         from nvidia.dali import fn, types
 
         cfg = self.cfg

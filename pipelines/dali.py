@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from viewpipe.errors import import_optional
+from viewpipe.cuda_builds import import_dali
 from viewpipe.pipelines.base import Batch, Loader, Samples, register
 from viewpipe.pipelines.config import LoaderConfig
 from viewpipe.pipelines.plan import BatchPlan, Planner, sample_check
@@ -113,7 +113,7 @@ def decode_graph(fn, types, device_id: int | None, hw_decoder_load: float):  # n
 def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None, num_threads: int,
                     hw_decoder_load: float, prefetch: int):  # noqa: ANN202  (a DALI Pipeline)
     """The graph: decode each image once, then one `fn.resize` per view with its window as the ROI."""
-    dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+    dali = import_dali(gpu=device_id is not None)
     from nvidia.dali import fn, types
 
     V, sizes = cfg.views, cfg.view_sizes()
@@ -155,7 +155,7 @@ def _build_pipeline(source: _Callback, cfg: LoaderConfig, device_id: int | None,
 def _decode_failures(data: list[np.ndarray]) -> list[str | None]:
     """For each encoded image, why DALI's CPU decoder rejects it (None when it decodes): run one by one
     through a one-sample pipeline, rebuilt after each failure (a failed DALI pipeline cannot run again)."""
-    dali = import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+    dali = import_dali()
     from nvidia.dali import fn, types
 
     @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_async=False,
@@ -218,7 +218,7 @@ class DaliLoader(Loader):
         self._running = False  # the pipeline has an epoch in flight that must be drained before the next
 
     def open(self, source: str | os.PathLike[str] | Source) -> Samples:
-        import_optional("nvidia.dali", "dali", "NVIDIA DALI")
+        import_dali()
         self.reader = _Reader(ShardSource(source) if isinstance(source, (str, os.PathLike)) else source)
         return Samples(len(self.reader), self.reader.sizes, self.reader.describe,
                        sample_check(self.reader.source, self.reader.sizes))
