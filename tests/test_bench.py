@@ -323,3 +323,17 @@ def test_bench_train_passes_hw_decoder_load(image_folder: Path) -> None:
     assert [r["name"] for r in rows][1:] == ["dali loader, 2 views, boxes"]
     one_line_error(viewpipe("bench", "--train", "--data", str(image_folder), "--hw-decoder-load", "-1"),
                    "--hw-decoder-load")
+
+
+def test_bench_train_profile_writes_a_trace_of_each_row(image_folder: Path, tmp_path: Path) -> None:
+    """`bench --train --profile DIR`: one Chrome trace per row, each step split into the loader's hand-out and
+    the step, the timing unchanged (the traced steps come after it)."""
+    res = viewpipe("bench", "--train", "--data", str(image_folder), "--backend", "torch", "--batch-size", "8",
+                   "--batches", "2", "--workers", "1", "--size", "24", "--profile", str(tmp_path / "prof"), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout)["rows"]
+    traces = sorted((tmp_path / "prof").glob("*.pt.trace.json"))
+    assert len(traces) == len(rows) == 2
+    for trace in traces:
+        names = [e.get("name") for e in json.loads(trace.read_text())["traceEvents"]]
+        assert names.count("viewpipe: next batch") == names.count("viewpipe: train_step") == 10

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -260,7 +260,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-speed", type=float, default=None, metavar="IMG/S",
                    help="with --pass: the training speed (e.g. from --train) an epoch runs at, for each box "
                    "update's share of an epoch")
-    p.add_argument("--method", default="mocov2", help="with --train: the method (mocov2, simsiam)")
+    p.add_argument("--profile", metavar="DIR", help="with --train: after each row's timing, trace "
+                   f"{PROFILED_STEPS} more steps with torch.profiler into DIR/<row>.pt.trace.json (Perfetto, "
+                   "chrome://tracing, TensorBoard's profiler plugin)")
+    p.add_argument("--method", default="mocov2", help="with --train: the method (a registered one, e.g. mocov2, "
+                   "simsiam, simclr, byol)")
     p.add_argument("--backbone", default="", help="with --train or --pass: the backbone (default: resnet50 on a GPU, "
                    "resnet_tiny on the CPU)")
     p.set_defaults(func=main)
@@ -386,8 +390,9 @@ def table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def time_steps(trainer: Any, batches: Iterable, steps: int, name: str) -> BenchRow:
-    """Time `steps` training steps fed by `batches` after 3 warm-up steps (cuDNN autotuning, worker start)."""
+def time_steps(trainer: Any, batches: Iterable, steps: int, name: str, profile: str | None = None) -> BenchRow:
+    """Time `steps` training steps fed by `batches` after 3 warm-up steps (cuDNN autotuning, worker start); with
+    `profile` (a folder), then trace more steps into it (`profile_steps`), after the timing so as not to slow it."""
     import torch
     from tqdm import tqdm
 
@@ -403,7 +408,38 @@ def time_steps(trainer: Any, batches: Iterable, steps: int, name: str) -> BenchR
         images += len(batch.indices)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return BenchRow(name, images, time.perf_counter() - t0, trainer.cfg.data.views)
+    row = BenchRow(name, images, time.perf_counter() - t0, trainer.cfg.data.views)
+    if profile:
+        profile_steps(trainer, it, PROFILED_STEPS, Path(profile) / f"{slug(name)}.pt.trace.json")
+    return row
+
+
+PROFILED_STEPS = 10  # steps of each row in a --profile trace
+
+
+def slug(name: str) -> str:
+    """A file name for a row's name."""
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def profile_steps(trainer: Any, it: Iterator, steps: int, path: Path) -> None:
+    """`steps` training steps under torch.profiler (CPU and CUDA activity, shapes), each split into the loader's
+    hand-out and the step, written as a Chrome trace `path` (ui.perfetto.dev, chrome://tracing and TensorBoard's
+    profiler plugin read it): what happens between the loader's hand-out and the step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            with record_function("viewpipe: next batch"):
+                batch = next(it)
+            with record_function("viewpipe: train_step"):
+                trainer.train_step(batch, trainer.cfg.optim.lr, 0.0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
 
 
 def train_main(args: argparse.Namespace, data: Path, source: Source, backends: list[str]) -> int:
@@ -439,7 +475,7 @@ def train_main(args: argparse.Namespace, data: Path, source: Source, backends: l
             views = [torch.randn(B, 3, S, S, device=dev, generator=g) for _ in range(args.views)]
             fixed = Batch(views, torch.zeros(B, dtype=torch.long), torch.arange(B))
             rows.append(time_steps(t, itertools.repeat(fixed), args.batches,
-                                   f"synthetic views on the {dev.type}, {args.method} {backbone}"))
+                                   f"synthetic views on the {dev.type}, {args.method} {backbone}", args.profile))
         finally:
             t.close()
         rng = np.random.default_rng(0)
@@ -449,7 +485,8 @@ def train_main(args: argparse.Namespace, data: Path, source: Source, backends: l
                 t.state.set_boxes(random_boxes(rng, t.n))
                 loader = t.loader(1)  # an epoch after the first box update: ContrastiveCrop boxes on
                 batches = (b for e in itertools.count(1) for b in (loader.set_epoch(e), loader)[1])
-                rows.append(time_steps(t, batches, args.batches, f"{name} loader, {args.views} views, boxes"))
+                rows.append(time_steps(t, batches, args.batches, f"{name} loader, {args.views} views, boxes",
+                                       args.profile))
             finally:
                 t.close()
     synthetic = rows[0].images_per_s
