@@ -6,6 +6,7 @@ line and the config to the DALI loader."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -337,3 +338,39 @@ def test_bench_train_profile_writes_a_trace_of_each_row(image_folder: Path, tmp_
     for trace in traces:
         names = [e.get("name") for e in json.loads(trace.read_text())["traceEvents"]]
         assert names.count("viewpipe: next batch") == names.count("viewpipe: train_step") == 10
+
+
+def test_natural_size_data_has_the_sizes_quality_and_entropy_it_states(image_folder: Path, tmp_path: Path) -> None:
+    """`bench --make-data`'s writer: frames drawn from its stated distribution (a χ² test, fixed seed), quality
+    90 (the quantisation tables PIL writes at 90), and, after calibrating the noise on the images at hand,
+    ImageNet's bytes per pixel within 15 %; natural.json says what was written."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from viewpipe.tools.bench_data import IMAGENET_BYTES_PER_PIXEL, SIZES, make_natural
+
+    n = 160
+    out = make_natural(image_folder, tmp_path / "natural", n, seed=0)
+    files = sorted(out.rglob("*.jpg"))
+    assert len(files) == n
+    frames, bytes_, pixels = Counter(), 0, 0
+    reference = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(reference, format="JPEG", quality=90)
+    q90 = Image.open(reference).quantization
+    for f in files:
+        with Image.open(f) as img:
+            frames[(img.height, img.width)] += 1
+            assert img.quantization == q90
+            pixels += img.height * img.width
+        bytes_ += f.stat().st_size
+    weights = np.array([w for *_, w in SIZES]) / sum(w for *_, w in SIZES)
+    observed = np.array([frames[(h, w)] for h, w, _ in SIZES])
+    assert observed.sum() == n
+    chi2 = float((((observed - n * weights) ** 2) / (n * weights)).sum())
+    assert chi2 < 27.88  # χ²(9 dof) at p = 0.001
+    assert abs(bytes_ / pixels / IMAGENET_BYTES_PER_PIXEL - 1) < 0.15
+    stated = json.loads((out / "natural.json").read_text())
+    assert stated["count"] == n and stated["bytes"] == bytes_ and stated["noise_sigma"] > 0
+    assert sum(stated["frames"].values()) == n and stated["mean_pixels"] == pixels / n
+    assert make_natural(image_folder, out, n) == out and len(list(out.rglob("*.jpg"))) == n  # kept, not redone
