@@ -62,9 +62,12 @@ def calibrate_noise(images: list[np.ndarray], target: float = IMAGENET_BYTES_PER
     return round((lo + hi) / 2, 2)
 
 
-def make_natural(src: Path, dst: Path, count: int, split: str = "train", seed: int = 0) -> Path:
+def make_natural(src: Path, dst: Path, count: int, split: str = "train", seed: int = 0, workers: int = 1) -> Path:
     """Write `count` natural-size JPEGs made from the images of `src` (an image folder or a .npz JPEG
-    collection, cycled) into the class folders of `dst`; returns `dst`. An existing complete folder is kept."""
+    collection, cycled) into the class folders of `dst`, on `workers` processes (the same files for any number);
+    returns `dst`. An existing complete folder is kept."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     from viewpipe.sources import open_source
@@ -75,22 +78,41 @@ def make_natural(src: Path, dst: Path, count: int, split: str = "train", seed: i
     if report.is_file() and json.loads(report.read_text()).get("count") == count:
         return dst
     source = open_source(src, split)
-    rng = np.random.default_rng(seed)
     frames = np.array([s[:2] for s in SIZES])
-    picks = rng.choice(len(SIZES), size=count, p=np.array([s[2] for s in SIZES]) / sum(s[2] for s in SIZES))
+    weights = np.array([s[2] for s in SIZES]) / sum(s[2] for s in SIZES)
+    sizes = frames[np.random.default_rng(seed).choice(len(SIZES), size=count, p=weights)]
     probe = [_upscaled(source.read(k % len(source)), 375, 500) for k in range(min(CALIBRATION_IMAGES, count))]
     sigma = calibrate_noise(probe, seed=seed)
-    written = 0
-    for i in tqdm(range(count), desc=f"natural-size JPEGs (noise σ {sigma})", unit="img", disable=None):
-        k = i % len(source)
-        h, w = frames[picks[i]].tolist()
-        folder = dst / f"c{int(source.labels[k]):03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        data = _encoded(_upscaled(source.read(k), h, w), sigma, rng)
-        (folder / f"{i:07d}.jpg").write_bytes(data)
-        written += len(data)
-    report.write_text(json.dumps(summary(count, sigma, written, frames[picks]), indent=1))
+    chunks = [range(i, min(i + 64, count)) for i in range(0, count, 64)]
+    job = _Writer(source, dst, sizes, sigma, seed)
+    with ProcessPoolExecutor(max(1, workers)) as pool, tqdm(total=count, unit="img", disable=None,
+                                                             desc=f"natural-size JPEGs (noise σ {sigma})") as bar:
+        written = 0
+        for n, size in zip(chunks, pool.map(job, chunks)):
+            written += size
+            bar.update(len(n))
+    report.write_text(json.dumps(summary(count, sigma, written, sizes), indent=1))
     return dst
+
+
+class _Writer:
+    """Writes images `i` of a chunk (picklable for the worker processes); image i's noise is drawn from its
+    own generator (seed, i), so the files do not depend on the chunking."""
+
+    def __init__(self, source: Any, dst: Path, sizes: np.ndarray, sigma: float, seed: int) -> None:
+        self.source, self.dst, self.sizes, self.sigma, self.seed = source, dst, sizes, sigma, seed
+
+    def __call__(self, chunk: range) -> int:
+        written = 0
+        for i in chunk:
+            k = i % len(self.source)
+            h, w = self.sizes[i].tolist()
+            folder = self.dst / f"c{int(self.source.labels[k]):03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            data = _encoded(_upscaled(self.source.read(k), h, w), self.sigma, np.random.default_rng([self.seed, i]))
+            (folder / f"{i:07d}.jpg").write_bytes(data)
+            written += len(data)
+        return written
 
 
 def summary(count: int, sigma: float, written: int, sizes: np.ndarray) -> dict[str, Any]:
