@@ -77,10 +77,17 @@ def parse_views(spec: str, scale: tuple[float, float] = (0.2, 1.0)) -> tuple[Vie
 @dataclass(frozen=True)
 class DaliOptions:
     """The DALI backend's own settings: `hw_decoder_load`, the share of the JPEG decoding given to the GPU's
-    hardware decoder (the rest on CUDA cores); `prefetch_queue_depth`, DALI's queue of batches made ahead."""
+    hardware decoder (the rest on CUDA cores); `prefetch_queue_depth`, DALI's queue of batches made ahead;
+    `plan_ahead`, 0: each batch planned and its bytes gathered in DALI's callback, on the consumer's thread,
+    N >= 1: by a thread, up to N batches before DALI asks (the same batches; a state update arrives N later)."""
 
     hw_decoder_load: float = 0.65
     prefetch_queue_depth: int = 2
+    plan_ahead: int = 0
+
+    def __post_init__(self) -> None:
+        if self.plan_ahead < 0:
+            raise ViewpipeError(f"dali: plan_ahead must be >= 0, got {self.plan_ahead}")
 
 
 @dataclass(frozen=True)

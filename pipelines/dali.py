@@ -21,11 +21,19 @@ the `prefetch`-th batch after the update on (`prefetch`: DALI's queue depth, plu
 look-ahead; batches already requested by DALI keep the old tables).
 Because the callback owns the batch index, restarting at any batch is one mechanism for both mid-epoch
 resume and recovery from an image that fails to decode (a failed DALI pipeline is rebuilt).
+
+With `cfg.dali.plan_ahead` = N ≥ 1, steps 1-3 run off the consumer's thread (`_Ahead`): a daemon thread makes
+the callback's outputs of the next N batches, which the callback takes in order; the batches are the same
+(each restart — resume, epoch, replaced sample — starts a new thread at that batch, from the substitutes of
+then), and an update arrives N batches later (`prefetch`: DALI's queue depth + N, plus one with overlap).
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import weakref
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -33,6 +41,7 @@ import numpy as np
 import torch
 
 from viewpipe.cuda_builds import import_dali
+from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines.base import Batch, Loader, Samples, register
 from viewpipe.pipelines.config import LoaderConfig
 from viewpipe.pipelines.plan import BatchPlan, Planner, sample_check
@@ -59,24 +68,93 @@ class _Reader:
         return self.source.view(k) if self.shards else np.frombuffer(self.source.read(k), dtype=np.uint8)
 
 
+class _Ahead:
+    """The callback's outputs of batches `first`, `first` + 1, ... `end` - 1, made in order by a daemon thread at
+    most `depth` batches ahead of those taken (`take`, in the same order). An exception the thread meets is
+    raised by the `take` of its batch; `stop` ends the thread (and it ends itself once the callback is gone)."""
+
+    def __init__(self, make: Callable[[int], tuple], first: int, end: int, depth: int) -> None:
+        self._slots, self._made, self._stopped = threading.Semaphore(depth), queue.SimpleQueue(), threading.Event()
+        self._thread = threading.Thread(target=_make_ahead, name="viewpipe-dali-plan-ahead", daemon=True,
+                                        args=(weakref.WeakMethod(make), range(first, end), self._slots, self._made,
+                                              self._stopped))
+        self._thread.start()
+
+    def take(self, b: int) -> tuple:
+        """Batch b's outputs (b: the batch after the one taken last), waiting for the thread."""
+        while True:
+            try:
+                made, out = self._made.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._made.empty():
+                    raise ViewpipeError(f"the DALI planning thread ended before batch {b}") from None
+        self._slots.release()
+        if made is None:
+            raise out
+        if made != b:
+            raise ViewpipeError(f"the DALI planning thread made batch {made} where batch {b} was asked for")
+        return out
+
+    def stop(self) -> None:
+        """End the thread (after the batch it is making) and drop what it made."""
+        self._stopped.set()
+        self._thread.join(timeout=60.0)
+
+
+def _make_ahead(make: weakref.WeakMethod, batches: range, slots: threading.Semaphore, made: queue.SimpleQueue,
+                stopped: threading.Event) -> None:
+    """`_Ahead`'s thread: each batch's outputs once a slot is free, until stopped or the callback is gone."""
+    try:
+        for b in batches:
+            while not slots.acquire(timeout=0.05):
+                if stopped.is_set() or make() is None:
+                    return
+            fn = make()
+            if stopped.is_set() or fn is None:
+                return
+            made.put((b, fn(b)))
+            del fn
+    except BaseException as exc:  # noqa: BLE001  (raised in the consumer by `take`)
+        made.put((None, exc))
+
+
 class _Callback:
     """The external-source callback: iteration `i` → batch `start + i` of the current epoch, planned by the
     shared `Planner`, as encoded images, labels, indices, [companion images and indices,] windows and per-view
-    ROIs."""
+    ROIs; made in the call, or with `ahead` ≥ 1 by a thread up to `ahead` batches before (`_Ahead`)."""
 
-    def __init__(self, reader: _Reader, planner: Planner) -> None:
+    def __init__(self, reader: _Reader, planner: Planner, ahead: int = 0) -> None:
         self.reader, self.planner, self.companions = reader, planner, planner.companions
         self.groups = planner.cfg.groups_of_views()  # each view's group, for its graph inputs
         self.epoch, self.start = 0, 0
         self.batches: list[np.ndarray] = []
+        self.ahead, self._thread = ahead, None
 
     def plan(self, b: int) -> BatchPlan:
         return self.planner.plan(self.epoch, b, self.batches[b])
+
+    def begin(self, b: int, batches: list[np.ndarray]) -> None:
+        """Start at batch b of `batches` (of `epoch`); with `ahead`, a new thread making them from b on."""
+        self.halt()
+        self.start, self.batches = b, batches
+        if self.ahead:
+            self._thread = _Ahead(self.make, b, len(batches), self.ahead)
+
+    def halt(self) -> None:
+        """Stop making batches ahead (what was made is dropped: a restart plans again)."""
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
 
     def __call__(self, i: int) -> tuple:
         b = self.start + i
         if b >= len(self.batches):
             raise StopIteration
+        return self.make(b) if self._thread is None else self._thread.take(b)
+
+    def make(self, b: int) -> tuple:
+        """Batch b's outputs: its plan's encoded images, labels, indices, [companions,] windows and ROIs."""
         plan = self.plan(b)
         out = [[self.reader.read(k) for k in plan.indices.tolist()], self.reader.labels[plan.indices], plan.indices]
         if plan.neighbours is not None:
@@ -201,7 +279,8 @@ class DaliLoader(Loader):
     converted dataset folder (its WebDataset shards) or any `Source` (read file by file). `cfg.device`: a CUDA
     device decodes with nvJPEG (`device="mixed"`, `cfg.dali.hw_decoder_load` of it on the hardware decoder),
     the CPU runs DALI's CPU-only mode; `cfg.workers` DALI threads. `prefetch`: DALI's queue depth
-    (`cfg.dali.prefetch_queue_depth`), plus one batch with overlap. A sample that fails to decode is replaced
+    (`cfg.dali.prefetch_queue_depth`) plus `cfg.dali.plan_ahead` (batches planned by a thread before DALI asks
+    for them, 0: none, planned in DALI's call), plus one batch with overlap. A sample that fails to decode is replaced
     by the next sample that decodes, for the rest of the run (the failed DALI pipeline is rebuilt)."""
 
     reads = "dali"
@@ -224,7 +303,7 @@ class DaliLoader(Loader):
                        sample_check(self.reader.source, self.reader.sizes))
 
     def planned_ahead(self) -> int:
-        return self.cfg.dali.prefetch_queue_depth
+        return self.cfg.dali.prefetch_queue_depth + self.cfg.dali.plan_ahead
 
     @classmethod
     def baselines(cls) -> tuple[type[Loader], ...]:
@@ -234,11 +313,13 @@ class DaliLoader(Loader):
 
     def make_callback(self) -> _Callback:
         """The external source feeding the graph."""
-        return _Callback(self.reader, self.planner)
+        return _Callback(self.reader, self.planner, self.cfg.dali.plan_ahead)
 
     def _stop(self) -> None:
         """End the epoch in flight: the source stops at once, the batches DALI prefetched are collected, and
-        the pipeline is rewound (a DALI pipeline can only be reset after its source has ended)."""
+        the pipeline is rewound (a DALI pipeline can only be reset after its source has ended); the planning
+        thread (`plan_ahead`) is stopped first."""
+        self._source.halt()
         if self._pipe is not None and self._running:
             self._source.batches = []
             try:
@@ -251,7 +332,7 @@ class DaliLoader(Loader):
     def _start(self, b: int, batches: list[np.ndarray]) -> None:
         """(Re)start the pipeline at batch `b` of `batches` (a failed pipeline is rebuilt)."""
         self._stop()
-        self._source.start, self._source.batches = b, batches
+        self._source.begin(b, batches)
         if self._pipe is None:
             self._pipe = self._new_pipeline()
         self._running = True
@@ -291,6 +372,7 @@ class DaliLoader(Loader):
                 out = self._pipe.run()
             except RuntimeError as exc:  # a sample that does not decode: replace it and restart at this batch
                 self._pipe, self._running = None, False  # a DALI pipeline that failed cannot run again
+                self._source.halt()  # (its batches ahead were planned with the old substitutes)
                 self._replace_failures(b, exc)
                 self._start(b, batches)
                 continue
@@ -312,6 +394,7 @@ class DaliLoader(Loader):
         return Batch(views, labels, indices, neighbours, torch.from_numpy(np.array(out[n_views + 2].as_tensor())))
 
     def close(self) -> None:
+        self._source.halt()  # (before the shards it reads are closed)
         self._pipe = None
         getattr(self.reader.source, "close", lambda: None)()
 
