@@ -277,6 +277,7 @@ LIVE = [
     ("dali", {"prefetch_queue_depth": 2, "overlap": False}, 2, 2),
     ("dali", {"prefetch_queue_depth": 3, "overlap": False}, 2, 3),
     ("dali", {"prefetch_queue_depth": 2, "overlap": True}, 2, 3),
+    ("dali", {"prefetch_queue_depth": 2, "plan_ahead": 2, "overlap": False}, 2, 4),  # + plan_ahead (its thread)
     ("ffcv", {"batches_ahead": 1}, 2, 3),  # batches_ahead + 2 (+ 1 with overlap)
     ("ffcv", {"batches_ahead": 3}, 2, 5),
     ("memory", {"overlap": False}, 2, 1),  # planned when the consumer asks (+ 1 with overlap)
@@ -325,8 +326,10 @@ def test_box_and_neighbour_update_reaches_the_running_loader(backend: str, kw: d
                 top_lo, top_hi, left_lo, left_hi = box_range(sizes_of(index, i), np.tile(new_box, (len(i), 1)), h, w)
                 assert (top >= 0).all() and (top <= top_hi).all() and (left >= 0).all() and (left <= left_hi).all()
             if b == update_after:
-                # (DALI calls its source in the consumer's thread; FFCV's thread and the workers fill their queues)
-                time.sleep({"torch": 1.0 if workers else 0, "dali": 0, "ffcv": 0.5, "memory": 0}[backend])
+                # (DALI calls its source in the consumer's thread, or with plan_ahead its thread fills a queue; FFCV's
+                # thread and the workers fill their queues)
+                time.sleep({"torch": 1.0 if workers else 0, "dali": 0.5 if kw.get("plan_ahead") else 0, "ffcv": 0.5,
+                            "memory": 0}[backend])
                 st.set_boxes(np.tile(new_box, (N, 1)))
                 st.set_neighbours(np.stack([np.arange(N)] * 2, 1).astype(np.int32))
         assert b == len(loader) - 1 >= update_after + loader.prefetch and changed > 0

@@ -18,7 +18,7 @@ from conftest import build, documented_windows, plain_augment, same_batches  # n
 from conftest import loader_cfg as cfg_  # noqa: E402
 from viewpipe.crop import CropConfig  # noqa: E402
 from viewpipe.formats import DatasetIndex, open_image, shard_paths  # noqa: E402
-from viewpipe.pipelines import epoch_order  # noqa: E402
+from viewpipe.pipelines import DaliOptions, epoch_order  # noqa: E402
 from viewpipe.pipelines.dali import DaliLoader  # noqa: E402
 from viewpipe.sources import ShardSource  # noqa: E402
 
@@ -104,12 +104,14 @@ def test_a_source_gives_the_same_batches_as_its_shards(dataset: Path, image_fold
     same_batches(a, b)
 
 
-def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tmp_path: Path,
+@pytest.mark.parametrize("ahead", [0, 2], ids=["in-callback", "plan-ahead-2"])
+def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tmp_path: Path, ahead: int,
                                                               capfd: pytest.CaptureFixture) -> None:
     """A file damaged after conversion (its header overwritten) does not stop the epoch: the sample is
     replaced by the next one, reported once on stderr and in `decode_failures`, and remembered on resume.
     The copy's index has no per-sample checksums (as one written before them), which would find the damage
-    before DALI's decoder does: here DALI's decode fails and the loader finds the sample by decoding again."""
+    before DALI's decoder does: here DALI's decode fails and the loader finds the sample by decoding again.
+    The same with the batches planned by a thread (`plan_ahead`): those planned before the failure plan again."""
     import shutil
 
     from viewpipe.formats import INDEX
@@ -125,7 +127,7 @@ def test_a_sample_that_fails_to_decode_is_replaced_and_counted(dataset: Path, tm
     with open(tar, "r+b") as f:
         f.seek(int(index.offsets[bad]))
         f.write(b"\0" * 64)
-    cfg = cfg_(augment=PLAIN)
+    cfg = cfg_(augment=PLAIN, dali=DaliOptions(plan_ahead=ahead))
     good = list(build(DaliLoader, dataset, cfg, device="cpu"))
     loader = build(DaliLoader, damaged, cfg, device="cpu")
     got = list(loader)

@@ -44,7 +44,9 @@ def test_the_source_names_the_damaged_sample(damaged: Path) -> None:
     assert src.damaged(np.arange(len(src))) == {BAD: src.damaged(np.array([BAD]))[BAD]}  # good ones checked once
 
 
-@pytest.mark.parametrize("backend,kw", [("torch", {}), ("dali", {"device": "cpu"}), ("memory", {})])
+@pytest.mark.parametrize("backend,kw", [("torch", {}), ("dali", {"device": "cpu"}), ("memory", {}),
+                                        ("dali", {"device": "cpu", "plan_ahead": 2})],
+                         ids=["torch", "dali", "memory", "dali-plan_ahead2"])
 def test_every_backend_replaces_it(damaged: Path, backend: str, kw: dict, capfd: pytest.CaptureFixture) -> None:
     cfg = LoaderConfig(views=2, batch_size=16, augment=preset("mocov2", size=24), workers=1, drop_last=False)
     loader = build(get_backend(backend), damaged, cfg, **kw)

@@ -21,6 +21,8 @@ from viewpipe.convert import convert
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKENDS = ["torch", "dali", "ffcv"]
+# each backend with its defaults, and DALI planning in a thread (`DaliOptions.plan_ahead`)
+CASES = [pytest.param(b, {}, id=b) for b in BACKENDS] + [pytest.param("dali", {"plan_ahead": 2}, id="dali-plan_ahead2")]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,9 @@ def dataset(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return dst
 
 
-def make(backend: str, data: Path, state: SampleState, overlap: bool):  # noqa: ANN201
+def make(backend: str, data: Path, state: SampleState, overlap: bool, **kw):  # noqa: ANN201
     cfg = LoaderConfig(views=2, batch_size=16, augment=preset("mocov2", size=24), workers=1, seed=5)
-    return build(get_backend(backend), data, cfg, state, overlap=overlap)
+    return build(get_backend(backend), data, cfg, state, overlap=overlap, **kw)
 
 
 def same(a: list, b: list) -> None:
@@ -43,11 +45,11 @@ def same(a: list, b: list) -> None:
         assert len(va) == len(vb) and all(torch.equal(p, q) for p, q in zip(va, vb))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_overlapped_batches_equal_the_synchronous_ones(backend: str, dataset: Path, state_name: str) -> None:
+@pytest.mark.parametrize("backend,kw", CASES)
+def test_overlapped_batches_equal_the_synchronous_ones(backend: str, kw: dict, dataset: Path, state_name: str) -> None:
     with SampleState.create(96, name=state_name) as st:
         st.set_boxes(np.tile(np.array([0.1, 0.2, 0.7, 0.9], np.float32), (96, 1)))
-        sync, ahead = make(backend, dataset, st, False), make(backend, dataset, st, True)
+        sync, ahead = make(backend, dataset, st, False, **kw), make(backend, dataset, st, True, **kw)
         assert not sync.overlap and ahead.overlap and ahead.prefetch == sync.prefetch + 1
         for epoch in range(2):  # two epochs: the position moves to the next epoch after the last batch
             expected = list(sync)
@@ -59,18 +61,18 @@ def test_overlapped_batches_equal_the_synchronous_ones(backend: str, dataset: Pa
             getattr(loader, "close", lambda: None)()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_position_is_the_consumers_not_the_look_ahead(backend: str, dataset: Path, state_name: str) -> None:
+@pytest.mark.parametrize("backend,kw", CASES)
+def test_position_is_the_consumers_not_the_look_ahead(backend: str, kw: dict, dataset: Path, state_name: str) -> None:
     """Stopped after k batches, the overlapped loader (which has already made batch k) reports batch k as the
     next one, and a loader resumed from that state yields the same remaining batches as an uninterrupted one."""
     with SampleState.create(96, name=state_name) as st:
         full = list(make(backend, dataset, st, False))
-        loader = make(backend, dataset, st, True)
+        loader = make(backend, dataset, st, True, **kw)
         k = 2
         it = iter(loader)
         head = [next(it) for _ in range(k)]
         assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["batch"] == k
-        resumed = make(backend, dataset, st, True)
+        resumed = make(backend, dataset, st, True, **kw)
         resumed.load_state_dict(loader.state_dict())
         same(full, head + list(resumed))
         assert resumed.state_dict()["epoch"] == 1
