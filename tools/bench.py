@@ -249,6 +249,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hw-decoder-load", type=float, default=None, metavar="F",
                    help="share of the images the DALI loaders decode on the GPU's hardware JPEG decoder, in [0, 1] "
                    "(default: the DALI loader's); also with --train (data.hw_decoder_load)")
+    p.add_argument("--dali-plan-ahead", type=int, default=0, metavar="N",
+                   help="the DALI loaders plan (and gather the bytes of) up to N batches ahead in a thread instead "
+                   "of in DALI's callback on the consumer's thread (0, the default; DaliOptions.plan_ahead); not "
+                   "with --train")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--train", action="store_true",
                    help="measure training steps instead: synthetic GPU-resident data, then each backend feeding "
@@ -333,7 +337,7 @@ def main(args: argparse.Namespace) -> int:
         views=groups[0].count if len(groups) == 1 else 2, groups=groups if len(groups) > 1 else (),
         batch_size=args.batch_size, crop=CropConfig(alpha=args.alpha),
         augment=preset(args.preset, size=groups[0].size), workers=args.workers,
-        dali=DaliOptions() if hw is None else DaliOptions(hw_decoder_load=hw),
+        dali=DaliOptions(plan_ahead=args.dali_plan_ahead, **({} if hw is None else {"hw_decoder_load": hw})),
     )
     check(n, cfg, args.batches)
     needed = formats_read(backends)
@@ -345,7 +349,8 @@ def main(args: argparse.Namespace) -> int:
         stock = stock_speed(rows)
         out = {"data": str(where), "images": n, "machine": machine(), "config": {
             "views": cfg.views, "batch_size": cfg.batch_size, "batches": args.batches, "workers": cfg.workers,
-            "size": args.size, "alpha": args.alpha, "preset": args.preset, "hw_decoder_load": hw},
+            "size": args.size, "alpha": args.alpha, "preset": args.preset, "hw_decoder_load": hw,
+            "dali_plan_ahead": args.dali_plan_ahead},
             "rows": [asdict(r) | {"images_per_s": r.images_per_s, "views_per_s": r.views_per_s,
                                   "of_stock_dali": r.images_per_s / stock if stock else None} for r in rows],
             "notes": notes}
