@@ -327,7 +327,7 @@ def scale_table(small: dict[str, float], big: dict[str, float], exps: dict[str, 
     for k, (label, unit) in LABELS.items():
         if k in big:
             e = f"{exps[k]:9.2f}" if k in exps else f"{'-':>9s}"
-            lines.append(f"{label + ' (' + unit + ')':36s} {small.get(k, float('nan')):14.3f} {big[k]:14.3f} {e}")
+            lines.append(f"{label + ' (' + unit + ')':36s} {small.get(k, float('nan')):14.4f} {big[k]:14.4f} {e}")
     return "\n".join(lines)
 
 
