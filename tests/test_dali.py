@@ -89,7 +89,7 @@ def test_missing_dali_is_a_clear_error(dataset: Path, monkeypatch: pytest.Monkey
     from viewpipe.errors import ViewpipeError
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
-    with pytest.raises(ViewpipeError, match=r"NVIDIA DALI is not installed.*viewpipe\[dali\]"):
+    with pytest.raises(ViewpipeError, match=r"NVIDIA DALI is not installed.*viewpipe\[dali-cuda1[23]\]"):
         build(DaliLoader, dataset, cfg_(), device="cpu")
 
 
