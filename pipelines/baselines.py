@@ -4,8 +4,10 @@ nothing else), the DALI backend's views as its graph cut them (no photometric op
 FFCV's stock `RandomResizedCropRGBImageDecoder` with one decode per view (the FFCV-SSL way), and a stock DALI
 two-view pipeline as DALI's and solo-learn's SSL examples write it (`fn.readers.webdataset`, one decode,
 per view `random_resized_crop`, `color_twist`, grayscale, `gaussian_blur` on a coin flip, solarize,
-`crop_mirror_normalize`): no boxes, no reproducible draws, torchvision's semantics only roughly; and the
-PIL decode ceiling (`PilDecodeLoader`), which `viewpipe bench` times first whatever the backends."""
+`crop_mirror_normalize`): no boxes, no reproducible draws, torchvision's semantics only roughly; the same
+pipeline as a DALI expert writes it (`ExpertDaliLoader`: conditionals, so each op runs on its drawn samples
+only, fp16 output, seeded draws); and the PIL decode ceiling (`PilDecodeLoader`), which `viewpipe bench`
+times first whatever the backends."""
 
 from __future__ import annotations
 
@@ -208,9 +210,9 @@ def _mux(fn, condition, if_true, if_false):  # noqa: ANN001, ANN202  (DALI DataN
     return condition * if_true + (condition ^ True) * if_false
 
 
-def _uniform(fn, lo: float, hi: float):  # noqa: ANN001, ANN202
+def _uniform(fn, lo: float, hi: float, **seed: int):  # noqa: ANN001, ANN202
     """A per-sample draw from U[lo, hi), or the constant where the range is empty (DALI refuses one)."""
-    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+    return fn.random.uniform(range=[lo, hi], **seed) if hi > lo else float(lo)
 
 
 def _view(fn, types, images, v: ViewAugment, size: int, scale: tuple[float, float],  # noqa: ANN001, ANN202
@@ -250,6 +252,7 @@ class StockDaliLoader(Loader):
     and resume are not this pipeline's (it is the speed to beat). `cfg.device` and `cfg.dali` as `DaliLoader`."""
 
     reads = "dali"
+    conditionals = False  # the graph's `if`s on DataNodes (DALI's `enable_conditionals`)
 
     def open(self, source: str | os.PathLike[str] | Source) -> Samples:
         import_dali()
@@ -271,6 +274,12 @@ class StockDaliLoader(Loader):
     def bench_row(self) -> tuple[str, int]:
         return f"{STOCK_DALI}, {self.cfg.views} views (RRC + DALI colour ops)", self.cfg.views
 
+    def view_graph(self, fn, types, images, v: ViewAugment, size: int,  # noqa: ANN001, ANN201  (DALI DataNodes)
+                   scale: tuple[float, float], ratio: tuple[float, float], kernel: int, mean: list[float],
+                   std: list[float], view: int):
+        """View `view` of the graph from the decoded images (`_view`: every op on every sample, then muxed)."""
+        return _view(fn, types, images, v, size, scale, ratio, kernel, mean, std)
+
     def _build(self):  # noqa: ANN202  (a DALI Pipeline)
         """The graph: read, decode once, V views (see the module)."""
         dali = import_dali(gpu=self.device_id is not None)
@@ -280,7 +289,8 @@ class StockDaliLoader(Loader):
         decode = decode_graph(fn, types, self.device_id, self.hw_decoder_load)
 
         @dali.pipeline_def(batch_size=cfg.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                           prefetch_queue_depth=cfg.dali.prefetch_queue_depth, seed=cfg.seed)
+                           prefetch_queue_depth=cfg.dali.prefetch_queue_depth, seed=cfg.seed,
+                           enable_conditionals=self.conditionals)
         def stock():  # noqa: ANN202
             jpegs, meta = fn.readers.webdataset(
                 paths=self.paths, index_paths=self.index_paths, ext=["jpg;png", "meta"],
@@ -291,8 +301,8 @@ class StockDaliLoader(Loader):
             for v, g in enumerate(cfg.group_of_views()):  # each view with its group's crop and augmentation
                 crop, aug = cfg.group_crop(g), cfg.group_augment(g)
                 mean, std = [255.0 * m for m in aug.mean], [255.0 * s for s in aug.std]
-                views.append(_view(fn, types, images, aug.views[v % len(aug.views)], aug.size, crop.scale,
-                                   crop.ratio, aug.kernel_size, mean, std))
+                views.append(self.view_graph(fn, types, images, aug.views[v % len(aug.views)], aug.size, crop.scale,
+                                             crop.ratio, aug.kernel_size, mean, std, v))
             return (*views, meta)
 
         pipe = stock()
@@ -307,9 +317,80 @@ class StockDaliLoader(Loader):
 
     def _batch(self, out: tuple) -> Batch:
         V = self.cfg.views
-        views = [_to_torch(out[v], self.device) for v in range(V)]
+        views = [self.as_nchw(_to_torch(out[v], self.device)) for v in range(V)]
         meta = np.array(out[V].as_tensor()).reshape(-1, 2)  # .meta: (sample index, label) int64
         return Batch(views, torch.from_numpy(meta[:, 1].copy()), torch.from_numpy(meta[:, 0].copy()))
 
+    def as_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of views as the graph gave it, as (B, 3, S, S) (this graph's are CHW already)."""
+        return x
+
     def close(self) -> None:
         self._pipe = None
+
+
+# ---------------------------------------------------------------------------- DALI: the expert stock pipeline
+EXPERT_OPS = ("crop", "jitter?", "brightness", "contrast", "saturation", "hue", "grayscale?", "blur?", "sigma",
+              "solarize?", "flip")  # each random op of an expert view, in the order of its seed
+
+
+def _op_seed(seed: int, view: int, op: str) -> int:
+    """The explicit DALI seed of one random op of one view: fixed by the loader's seed alone, so a view's crop
+    and coin flips do not move when another op is switched off (and the graph loses an operator)."""
+    return int(np.random.SeedSequence([seed, view, EXPERT_OPS.index(op)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _expert_view(fn, types, images, v: ViewAugment, size: int, scale: tuple[float, float],  # noqa: ANN001, ANN202
+                 ratio: tuple[float, float], kernel: int, mean: list[float], std: list[float],
+                 seed: Callable[[str], int], layout: str):
+    """One view as DALI's documentation writes it (`enable_conditionals=True`): each photometric op inside an
+    `if` on its own per-sample coin flip, so that DALI splits the batch and runs the op on the drawn samples
+    only; grayscale by `color_space_conversion` to GRAY and back to 3 channels (ITU-R BT.601, torchvision's);
+    crop, flip and normalise to fp16 `layout` in one `crop_mirror_normalize`. `seed(op)`: each op's seed."""
+    x = fn.random_resized_crop(images, size=[size, size], random_area=list(scale), random_aspect_ratio=list(ratio),
+                               seed=seed("crop"))
+    b, c, s, h = v.jitter
+    if v.jitter_p > 0 and any(v.jitter):
+        if fn.random.coin_flip(probability=v.jitter_p, dtype=types.BOOL, seed=seed("jitter?")):
+            x = fn.color_twist(x, brightness=_uniform(fn, max(0.0, 1 - b), 1 + b, seed=seed("brightness")),
+                               contrast=_uniform(fn, max(0.0, 1 - c), 1 + c, seed=seed("contrast")),
+                               saturation=_uniform(fn, max(0.0, 1 - s), 1 + s, seed=seed("saturation")),
+                               hue=_uniform(fn, -360.0 * h, 360.0 * h, seed=seed("hue")))  # degrees
+    if v.grayscale > 0:
+        if fn.random.coin_flip(probability=v.grayscale, dtype=types.BOOL, seed=seed("grayscale?")):
+            gray = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)
+            x = fn.cat(gray, gray, gray, axis=2)
+    if v.blur > 0:
+        if fn.random.coin_flip(probability=v.blur, dtype=types.BOOL, seed=seed("blur?")):
+            x = fn.gaussian_blur(x, sigma=_uniform(fn, *v.blur_sigma, seed=seed("sigma")), window_size=kernel)
+    if v.solarize > 0:
+        if fn.random.coin_flip(probability=v.solarize, dtype=types.BOOL, seed=seed("solarize?")):
+            t = round(255 * v.solarize_threshold)
+            x = fn.lookup_table(x, keys=list(range(256)), values=[255 - k if k >= t else k for k in range(256)],
+                                dtype=types.UINT8)
+    return fn.crop_mirror_normalize(x, mirror=fn.random.coin_flip(probability=v.flip, seed=seed("flip")),
+                                    mean=mean, std=std, output_layout=layout, dtype=types.FLOAT16)
+
+
+class ExpertDaliLoader(StockDaliLoader):
+    """The stock DALI pipeline as a DALI expert writes it (issue 24): the same reader, decode and crops as
+    `StockDaliLoader`, but blur, grayscale, solarize and the colour jitter run only on the samples whose coin
+    flip drew them (DALI conditionals), and the views leave `crop_mirror_normalize` as fp16 (DALI has no
+    bf16 output type; under the trainer's bf16 autocast the first layer casts them), (B, 3, S, S): contiguous
+    NCHW ("CHW" from DALI), or with `cfg.channels_last` DALI's "HWC" seen as NCHW in channels_last memory (no
+    copy). Every random op has an explicit seed from `cfg.seed`, the view and the op (`_op_seed`)."""
+
+    conditionals = True
+
+    def bench_row(self) -> tuple[str, int]:
+        return f"{STOCK_DALI}, {self.cfg.views} views, expert (conditionals, fp16)", self.cfg.views
+
+    def view_graph(self, fn, types, images, v: ViewAugment, size: int,  # noqa: ANN001, ANN201  (DALI DataNodes)
+                   scale: tuple[float, float], ratio: tuple[float, float], kernel: int, mean: list[float],
+                   std: list[float], view: int):
+        """View `view` of the graph (`_expert_view`), its ops seeded from `cfg.seed` and `view`."""
+        return _expert_view(fn, types, images, v, size, scale, ratio, kernel, mean, std,
+                            partial(_op_seed, self.cfg.seed, view), "HWC" if self.cfg.channels_last else "CHW")
+
+    def as_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2) if self.cfg.channels_last else x

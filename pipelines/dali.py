@@ -307,9 +307,9 @@ class DaliLoader(Loader):
 
     @classmethod
     def baselines(cls) -> tuple[type[Loader], ...]:
-        from viewpipe.pipelines.baselines import DaliDecodeLoader, DaliCutLoader, StockDaliLoader
+        from viewpipe.pipelines.baselines import DaliCutLoader, DaliDecodeLoader, ExpertDaliLoader, StockDaliLoader
 
-        return DaliDecodeLoader, DaliCutLoader, StockDaliLoader
+        return DaliDecodeLoader, DaliCutLoader, StockDaliLoader, ExpertDaliLoader
 
     def make_callback(self) -> _Callback:
         """The external source feeding the graph."""
