@@ -215,7 +215,7 @@ def test_every_loader_builds_from_the_same_arguments(converted: Path, state_name
                     assert isinstance(batch, Batch) and len(batch.indices) == 16
                     assert set(batch.indices.tolist()) <= set(range(N)) and loader.state_dict()["batch"] == 1
                 built.append(kind.__name__)
-    assert len(built) == len(BACKENDS) + 5  # (DALI's decode, cut and stock loaders; FFCV's decode and stock)
+    assert len(built) == len(BACKENDS) + 6  # (DALI's decode, cut, stock and expert loaders; FFCV's decode and stock)
 
 
 def test_shapes_dtypes_labels_and_length(backend: str, make: Callable, index: DatasetIndex) -> None:

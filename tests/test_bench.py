@@ -24,6 +24,7 @@ from viewpipe.pipelines import LoaderConfig
 
 VIEWPIPE = [sys.executable, "-m", "viewpipe.tools"]
 STOCK = "stock DALI, 2 views (RRC + DALI colour ops)"
+EXPERT = "stock DALI, 2 views, expert (conditionals, fp16)"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -221,13 +222,13 @@ def test_bench_dali_rows_from_a_cached_converted_copy(image_folder: Path) -> Non
     assert [r["name"] for r in rows] == [
         "decode only (PIL, ceiling)", "torch, 2 views, ContrastiveCrop boxes", "torch, 2 views, RandomResizedCrop",
         "dali, decode only (CPU, ceiling)",
-        "dali, 2 views, boxes, no photometric ops", STOCK,
+        "dali, 2 views, boxes, no photometric ops", STOCK, EXPERT,
         "dali, 2 views, ContrastiveCrop boxes", "dali, 2 views, RandomResizedCrop",
         "augmenter alone (torch, cpu), 2 views"]
     assert any("augmenter alone (fused): omitted" in n for n in notes)  # (no GPU here)
-    (stock_row,) = [r for r in rows if r["name"] == STOCK]
-    stock = stock_row["images_per_s"]
-    assert stock_row["of_stock_dali"] == 1.0 and stock_row["views"] == 2
+    stock_rows = [r for r in rows if r["name"] in (STOCK, EXPERT)]
+    stock = max(r["images_per_s"] for r in stock_rows)  # the faster stock pipeline is the column's 1.00
+    assert max(r["of_stock_dali"] for r in stock_rows) == 1.0 and {r["views"] for r in stock_rows} == {2}
     assert [r["name"] for r in rows if r["reference"]] == [rows[1]["name"], rows[2]["name"]]
     for r in rows:
         assert r["images"] == 2 * 8 and r["images_per_s"] > 0
@@ -251,8 +252,8 @@ def test_bench_table_has_the_stock_dali_column(converted: dict[str, Path]) -> No
     lines = res.stdout.splitlines()
     header = next(ln for ln in lines if "images/s" in ln)
     assert header.split()[-3:] == ["÷", "stock", "DALI"] and "× reference" in header
-    stock = next(ln for ln in lines if ln.startswith(STOCK))
-    assert stock.split()[-1] == "1.00"
+    stock = [ln for ln in lines if ln.startswith("stock DALI, 2 views")]
+    assert len(stock) == 2 and max(float(ln.split()[-1]) for ln in stock) == 1.0  # the faster one
     assert lines[-1].startswith("note: ")
     one_line_error(viewpipe("bench", "--data", str(converted["dali"]), "--hw-decoder-load", "1.5"),
                    "--hw-decoder-load", "[0, 1]")
