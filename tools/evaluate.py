@@ -7,7 +7,8 @@ DATA is an image folder, a .npz JPEG collection (its split from --split-train / 
 dataset, labelled (an unlabelled folder of images is refused: evaluation needs labels). kNN refuses a test set
 that is its train set (every image finds itself) unless --allow-same-set. The checkpoint is what `viewpipe
 pretrain` writes: it names the backbone and holds its weights, the view size of pretraining (the default
---size) and the normalisation.
+--size) and the normalisation. It is read as --resume and `export` read it: its checksum verified, and a damaged
+last.pt replaced by the last.prev.pt beside it, with one warning line.
 """
 
 from __future__ import annotations
@@ -46,21 +47,20 @@ class Pretrained:
 def load_checkpoint(path: str | os.PathLike[str]) -> Pretrained:
     """The backbone of a pretraining checkpoint; every problem is one `ViewpipeError` line (what, where, what
     to do)."""
-    import torch
-
+    from viewpipe.trainers.checkpoint import load_checkpoint as load_checked
+    from viewpipe.trainers.checkpoint import previous_path, warn
     from viewpipe.trainers.models import restore_backbone
 
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and (path.is_dir() or not previous_path(path).is_file()):
         what = "is a folder, not a checkpoint file" if path.is_dir() else "no such checkpoint"
         raise ViewpipeError(f"{path}: {what}; {_FIX}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001  pickle, zip and torch errors alike: the file is not readable
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ViewpipeError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {reason}); {_FIX}") from None
-    if not isinstance(ckpt, dict):
-        raise ViewpipeError(f"{path}: not a viewpipe checkpoint (a {type(ckpt).__name__}, not a dict); {_FIX}")
+    # the checked reader of --resume and export: the checksum verified, last.prev.pt when last.pt is damaged
+    # (one warning line then); a file without the checksum (plain torch.save) is read as before, unverified
+    ckpt, used, notes = load_checked(path, use="read")
+    if used != path:
+        warn(notes[0])
+    path = used
     if missing := [k for k in REQUIRED_KEYS if k not in ckpt]:
         raise ViewpipeError(f"{path}: not a viewpipe checkpoint (missing {', '.join(missing)}); {_FIX}")
     backbone, name = restore_backbone(ckpt, path, _FIX), ckpt["backbone_name"]

@@ -7,7 +7,7 @@ The format is torch.save's zip archive followed by a fixed-length trailer line
     \\nviewpipe-checkpoint sha256:<64 hex digits> bytes:<16 decimal digits>\\n
 
 holding the SHA-256 and the length of the archive before it. Zip readers find an archive from its end record
-and ignore what follows it, so `torch.load(path)` still reads these files as before (`viewpipe eval`, scripts);
+and ignore what follows it, so `torch.load(path)` still reads these files as before (scripts, other tools);
 `read_checkpoint` checks the trailer first and refuses a file whose bytes changed (a disk or copy error, bytes
 overwritten in the middle: what torch.load alone would load without complaint and train into NaN).
 A file without the trailer (written before checksums, or by plain torch.save) loads unverified with a warning.
@@ -213,7 +213,8 @@ def read_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[dict, s
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001  (pickle, zip and torch errors of every kind: one line)
         what = "not a checkpoint" if status == "unverified" else "checksum good but torch cannot load it"
-        raise CheckpointError(f"{path}: {what} ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint, {what} ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a viewpipe checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in required if k not in ckpt]
@@ -223,11 +224,18 @@ def read_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[dict, s
     return ckpt, note
 
 
-def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[dict, Path, list[str]]:
+# what the fall-back's lines say, by what the checkpoint is read for: (doing it, what to do when none is good)
+_USES = {"resume": ("resuming from", "resume from another checkpoint, or start afresh without --resume"),
+         "read": ("reading", "give another checkpoint (runs/<name>/last.pt of `viewpipe pretrain`)")}
+
+
+def load_checkpoint(path: Path, required: tuple[str, ...] = (), use: str = "resume") -> tuple[dict, Path, list[str]]:
     """`read_checkpoint(path)`, or, when that fails, the previous good checkpoint kept beside it
     (`previous_path(path)`). Returns (checkpoint, the path it came from, one-line warnings). A CheckpointError
-    naming both files when neither is good."""
+    naming both files when neither is good. `use`: what it is read for, in those lines ("resume": `--resume`
+    and `export`; "read": `viewpipe eval`)."""
     path = Path(path)
+    doing, fix = _USES[use]
     try:
         ckpt, note = read_checkpoint(path, required)
         return ckpt, path, [note] if note else []
@@ -235,15 +243,13 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = ()) -> tuple[dict, P
         first = str(exc)
     prev = previous_path(path)
     if not prev.exists():
-        raise CheckpointError(f"{first}; no previous checkpoint {prev.name} beside it to fall back to: resume "
-                              f"from another checkpoint, or start afresh without --resume")
+        raise CheckpointError(f"{first}; no previous checkpoint {prev.name} beside it to fall back to: {fix}")
     try:
         ckpt, note = read_checkpoint(prev, required)
     except CheckpointError as exc:
-        raise CheckpointError(f"{first}; {exc}; no good checkpoint to resume from: start afresh without "
-                              f"--resume") from None
+        raise CheckpointError(f"{first}; {exc}; no good checkpoint to {use} from: {fix}") from None
     step = f" (step {ckpt['step']})" if isinstance(ckpt.get("step"), int) else ""
-    warnings = [f"{first}; resuming from the previous checkpoint {prev}{step} instead"]
+    warnings = [f"{first}; {doing} the previous checkpoint {prev}{step} instead"]
     return ckpt, prev, warnings + ([note] if note else [])
 
 

@@ -16,13 +16,14 @@ from viewpipe.errors import ViewpipeError
 from viewpipe.trainers.confighelp import help_config
 from viewpipe.trainers.overrides import clear_replaced, override_values, parse_override
 from viewpipe.trainers.schema import (AugmentSettings, CCropConfig, CropSettings, DataConfig, GroupSettings,
-                                      OptimConfig, TrainConfig, ViewAugmentSettings, cpu_cores, effective_workers)
+                                      OptimConfig, TrainConfig, ViewAugmentSettings, cpu_cores, effective_workers,
+                                      workers_line)
 from viewpipe.trainers.validation import at, check_keys, validate
 
 __all__ = ["AugmentSettings", "CCropConfig", "CropSettings", "DataConfig", "GroupSettings", "OptimConfig",
            "TrainConfig", "ViewAugmentSettings", "build_augment", "build_crop", "build_groups", "config_names",
            "cpu_cores", "effective_workers", "find_config", "help_config", "load_config", "save_config",
-           "to_dict", "to_yaml", "validate"]
+           "to_dict", "to_yaml", "validate", "workers_line"]
 
 
 def config_names() -> list[str]:

@@ -36,7 +36,7 @@ from viewpipe.trainers.checkpoint import (load_checkpoint, previous_path, remove
                                           save_checkpoint, seed_all, set_rng_state, trim_log, warn)
 from viewpipe.trainers.clean import CleanOptions
 from viewpipe.trainers.config import (TrainConfig, build_augment, build_crop, build_groups, effective_workers,
-                                      save_config, to_dict, validate)
+                                      save_config, to_dict, validate, workers_line)
 from viewpipe.trainers.loggers import Logger, check_available, numeric, open_loggers, read_png
 from viewpipe.trainers.optim import build_optimizer, lr_at, set_lr
 from viewpipe.trainers.updaters import DataContext, StateUpdater
@@ -113,6 +113,8 @@ class Trainer:
         self._prepare_run_folder(resume)
         seed_all(cfg.seed + self.rank)
         self._open_data(cfg)
+        if self.local_rank == 0:  # (once per node)
+            print(workers_line(cfg.data.workers), flush=True)
         self._start_records()
         resume = self._resume_path(resume)
         ckpt = self._read(Path(resume)) if resume else None  # verified before anything is built; applied below

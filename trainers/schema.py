@@ -73,10 +73,29 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def local_ranks() -> int:
+    """The ranks on this node: torchrun's LOCAL_WORLD_SIZE (1 without torchrun, or when it is not a number)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def effective_workers(workers: int) -> int:
-    """`data.workers` capped at the cores there are: more loader processes than cores only compete (and torch
-    warns about it)."""
-    return min(workers, cpu_cores())
+    """`data.workers` of one rank, capped at its share of the node's cores (the cores // LOCAL_WORLD_SIZE, at
+    least 1): the ranks of a node share its cores, and more loader processes or DALI/FFCV threads than cores
+    only compete. The default (the cores) is thus the share; 0 stays 0 (no workers)."""
+    return min(workers, max(1, cpu_cores() // local_ranks()))
+
+
+def workers_line(workers: int) -> str:
+    """The line a run prints once at its start: the loader workers of each rank and where they come from."""
+    if workers <= 0:
+        return "data: no loader workers: batches are read in the main process (data.workers=0)"
+    n, cores, ranks = effective_workers(workers), cpu_cores(), local_ranks()
+    if ranks == 1:
+        return f"data: {n} workers ({cores} cores, 1 rank on this node)"
+    return f"data: {n} workers per rank ({cores} cores / {ranks} ranks on this node)"
 
 
 def schema_of(core: type, name: str, doc: str, *, optional: bool = False, omit: tuple[str, ...] = (),
@@ -188,7 +207,8 @@ class DataConfig:
     batch_size: int = bounded(512, 1, help="GLOBAL batch: divided among the ranks (each device gets "
                                            "batch_size / world size)")
     workers: int = bounded(0, 0, factory=cpu_cores,
-                           help="loader processes/threads per rank (default: the CPU cores; capped at them)")
+                           help="loader processes/threads per rank (default: the rank's share of the node's CPU cores, "
+                                "cores // LOCAL_WORLD_SIZE; capped at it)")
     hw_decoder_load: float = bounded(0.65, 0.0, 1.0, help="dali only: the share of images nvJPEG sends to the "
                                      "hardware JPEG decoder (A100, H100), the rest decoded by CUDA")
 

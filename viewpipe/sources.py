@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -114,15 +115,55 @@ class FolderSource:
         return len(self.paths)
 
     def read(self, index: int) -> bytes:
-        try:
-            with open(self.paths[index], "rb") as f:
-                return f.read()
-        except OSError as exc:
-            reason = f"cannot read ({exc.strerror})"
-            raise UnreadableFileError(f"{self.paths[index]}: {reason}; fix its permissions or remove it", reason) from None
+        """The file's bytes; an `UnreadableFileError` (one line) for one that cannot be read or is not a regular
+        file (`read_regular`)."""
+        return read_regular(self.paths[index])
 
     def describe(self, index: int) -> str:
         return self.paths[index]
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _not_regular(mode: int) -> str:
+    """"" for a regular file, else the reason a file of this mode is not read: "not a regular file (a FIFO)"."""
+    if stat.S_ISREG(mode):
+        return ""
+    return f"not a regular file ({next((what for is_kind, what in _KINDS if is_kind(mode)), 'of another kind')})"
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of the regular file at `path` (links followed). Opened without blocking and checked before it
+    is read: a FIFO named like an image would wait for a writer forever, a link to a device read without end,
+    a socket fail with an obscure errno. Any of them, or a file that cannot be read (a dangling link, no
+    permission), is an `UnreadableFileError`: one line naming the file, the reason and what to do."""
+    fd = -1
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        reason = _not_regular(os.fstat(fd).st_mode)
+        if not reason:
+            with os.fdopen(fd, "rb") as f:
+                fd = -1  # (closed with f)
+                return f.read()
+    except OSError as exc:
+        reason = _reason_of(path, exc)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    fix = "remove it" if reason.startswith("not a regular") else "fix its permissions or remove it"
+    raise UnreadableFileError(f"{path}: {reason}; {fix}", reason)
+
+
+def _reason_of(path: str, exc: OSError) -> str:
+    """Why `path` could not be opened or read: its kind when it is not a regular file (a socket refuses `open`
+    with ENXIO), else the system's "cannot read (<strerror>)"."""
+    try:
+        reason = _not_regular(os.stat(path).st_mode)
+    except OSError:
+        reason = ""
+    return reason or f"cannot read ({exc.strerror})"
 
 
 def _identity(path: str, unlistable: list[str]) -> tuple[int, int] | None:
