@@ -25,7 +25,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from viewpipe.dist import all_reduce_min, barrier, gather_objects, gather_ranks, setup, teardown
+from viewpipe.dist import (all_reduce_min, barrier, gather_objects, gather_ranks, lost_rank, node_leaders, peer_failure,
+                           peers, setup, teardown)
 from viewpipe.errors import ViewpipeError
 from viewpipe.pipelines import Batch, DaliOptions, LoaderConfig, get_backend
 from viewpipe.sources import open_source
@@ -106,8 +107,11 @@ class Trainer:
         check_available(cfg.logger)  # (every rank: a missing package stops them all, before anything is built)
         if not cfg.data.path:
             raise ViewpipeError("data.path is empty: give the training data (data.path=... or a config file)")
-        self.device, self.rank, self.world, self.local_rank = setup(cfg.device)
+        self.device, self.rank, self.world, self.local_rank = setup(cfg.device, cfg.dist_timeout_s)
         self.main = self.rank == 0
+        # the lowest rank of this process's node (what shares its /dev/shm) creates and writes the node's state
+        self.leader = node_leaders([p["node"] for p in peers()])[self.rank] if self.world > 1 else 0
+        self.writer = self.leader == self.rank
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "last.pt"
         self._prepare_run_folder(resume)
@@ -126,7 +130,7 @@ class Trainer:
                                   workers=effective_workers(d.workers), mean=tuple(self.augment.mean),
                                   std=tuple(self.augment.std), split=d.split, device=self.device, backend=d.backend,
                                   amp=self.device.type == "cuda" and cfg.amp, channels_last=cfg.channels_last)
-        self.data = DataContext(self.source, self.state, self.clean, writer=self.local_rank == 0, main=self.main,
+        self.data = DataContext(self.source, self.state, self.clean, writer=self.writer, main=self.main,
                                 out=self.out)
         self.boxes, self.updaters = state_updaters(cfg, self.method)
         self.epoch, self.step, self.history = 0, 0, []
@@ -222,20 +226,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ sample state and loader
     def _sample_state(self) -> SampleState:
-        """Local rank 0 of each node creates the node's segment, then the other ranks attach by name. With
+        """The lowest rank of each node (`dist.node_leaders`: whatever the rank layout) creates the node's segment,
+        then the node's other ranks attach to that one by name; each node's leader publishes the updates into its
+        node's segment. With
         ContrastiveCrop it holds the K×K heatmaps (K: the backbone's last-stage side at ccrop.size) and their
         live threshold, ccrop.threshold to start with (a resume restores the checkpoint's)."""
         from viewpipe.trainers.ccrop import heatmap_side
 
         k, c = self.method.needs_neighbours(), self.cfg.ccrop
         state = None
-        if self.local_rank == 0:
+        if self.writer:
             side = heatmap_side(self.method.backbone, c.size or self.cfg.data.size) if c.enabled else 0
             state = SampleState.create(self.n, neighbours=k, heatmap_size=side, threshold=c.threshold)
         if self.world == 1:
             return state
         names = gather_objects(state.name if state is not None else None)  # (after the creation)
-        return state if state is not None else SampleState.attach(names[self.rank - self.local_rank])
+        return state if state is not None else SampleState.attach(names[self.leader])
 
     def loader(self, epoch: int) -> Any:
         """The backend's loader for `epoch`: ContrastiveCrop boxes once the first update has happened, plain
@@ -320,7 +326,7 @@ class Trainer:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ViewpipeError(f"{self._good[0] if self._good else 'checkpoint'}: does not fit this config's "
                                 f"method and backbone ({first[:160]})") from None
-        if self.local_rank == 0:
+        if self.writer:
             self.state.load_state_dict(ckpt["sample_state"])
         if self.boxes is not None:
             self.boxes.updates = ckpt["box_updates"]
@@ -675,11 +681,32 @@ class Trainer:
             self.state.close()
 
 
+class PeerLost(ViewpipeError):
+    """Under torchrun, a collective failed because another rank is gone (killed, its node down) or did not answer
+    within `dist_timeout_s`: this rank stops, its shared memory removed; the message names the lost rank."""
+
+
 def pretrain(cfg: TrainConfig, resume: str | None = None) -> dict:
-    """Train `cfg` to its end (or `max_steps`) and return the final metrics."""
+    """Train `cfg` to its end (or `max_steps`) and return the final metrics. Under torchrun, a rank lost
+    mid-run stops the others with a PeerLost naming it (one line; `--resume auto` on every node continues)."""
+    where: list[Trainer] = []
+    try:
+        return _pretrain(cfg, resume, where)
+    except Exception as exc:
+        if not peer_failure(exc):
+            raise
+        me = where[0] if where else None
+        at = f" at step {me.step} (epoch {me._pos[0]})" if me is not None else " while starting"
+        rank = me.rank if me is not None else int(os.environ.get("RANK", 0))
+        raise PeerLost(f"rank {rank}{at}: {lost_rank(exc, rank)}; this rank stopped (its shared memory removed); "
+                       f"resume every node with --resume auto") from None
+
+
+def _pretrain(cfg: TrainConfig, resume: str | None, where: list) -> dict:
     finished = False
     try:
         trainer = Trainer(cfg, resume)
+        where.append(trainer)
         try:
             result = trainer.fit()
             finished = True

@@ -276,6 +276,8 @@ class TrainConfig:
     amp: bool = doc(True, "bf16 autocast on the GPU (never on the CPU)")
     channels_last: bool = doc(True, "channels_last memory format for the model and views")
     sync_bn: bool = doc(False, "SyncBatchNorm across ranks")
+    dist_timeout_s: float = bounded(300.0, 0.0, lo_open=True, help="several ranks: seconds a collective waits for "
+                                    "the others before the run stops naming the lost rank (torchrun)")
     knn_every: int = bounded(10, 0, help="epochs between kNN monitor runs (0: off); also after the last epoch")
     knn_k: int = bounded(200, 1, help="kNN monitor: neighbours")
     knn_t: float = bounded(0.1, 0.0, lo_open=True, help="kNN monitor: temperature")

@@ -6,11 +6,22 @@ local value, so callers never ask "is torch.distributed on?" themselves.
 Whole-dataset passes (ContrastiveCrop's boxes, CsMl's neighbours, the kNN monitor) split the dataset into
 strided shares: rank r of `world` takes samples r, r + world, r + 2·world, …; `gather_rows` puts every rank's
 rows back into dataset order on every rank.
+
+Several nodes: `setup` gathers every rank's `peer_record` (its node, host, pid) once. A node is what shares
+/dev/shm (the per-sample state's segments): the machine (hostname, boot id), the shared-memory mount and
+torchrun's node rank (GROUP_RANK), so two torchrun agents on one machine are two nodes with a state each;
+`node_leaders` maps each rank to its node's lowest rank, whatever the rank layout. Collectives time out after
+`setup`'s `timeout_s`; when a peer dies, `peer_failure` tells a collective's error apart and `lost_rank`
+names the rank that is gone, as far as this process can know.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
+import socket
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +31,7 @@ from viewpipe.errors import ViewpipeError
 
 
 _owned = False  # whether `setup` initialised the process group (and `teardown` should destroy it)
+_peers: list[dict] = []  # every rank's `peer_record`, in rank order, gathered by `setup`
 
 
 def is_on() -> bool:
@@ -47,19 +59,24 @@ def several() -> bool:
     return is_on() and dist.get_world_size() > 1
 
 
-def setup(device: str) -> tuple[torch.device, int, int, int]:
+def setup(device: str, timeout_s: float | None = None) -> tuple[torch.device, int, int, int]:
     """(device, rank, world, local rank) of this process for `device` ("auto", "cuda" or "cpu"). Under torchrun
     (WORLD_SIZE > 1) the process group is initialised here: NCCL on the GPU, gloo on the CPU; each process
-    uses the GPU of its local rank."""
+    uses the GPU of its local rank. `timeout_s`: how long a collective waits for the other ranks before it
+    raises (gloo) or the watchdog aborts the process (NCCL); None: torch's default. Every rank's
+    `peer_record` is gathered (`peers`)."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise ViewpipeError("device=cuda but torch sees no GPU; use device=auto or cpu")
     global _owned
     local = local_rank()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_on():
-        dist.init_process_group("nccl" if want_cuda else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if want_cuda else "gloo", timeout=timeout)
         _owned = True
     rank, world = rank_world()
+    global _peers
+    _peers = gather_objects(peer_record())
     if want_cuda:
         torch.cuda.set_device(local)
         return torch.device("cuda", local), rank, world, local
@@ -79,6 +96,104 @@ def teardown(wait: bool = True) -> None:
         finally:
             dist.destroy_process_group()
     _owned = False
+
+
+# ---------------------------------------------------------------------------------------------- nodes and peers
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def node_key() -> str:
+    """What identifies this process's node, the processes that share its /dev/shm: hostname, boot id, the
+    shared-memory folder's device and inode, and torchrun's node rank (GROUP_RANK; two agents on one machine
+    are two nodes)."""
+    from viewpipe.segments import SHM_DIR
+
+    try:
+        st = os.stat(SHM_DIR)
+        shm = f"{st.st_dev}:{st.st_ino}"
+    except OSError:
+        shm = str(SHM_DIR)
+    return "/".join((socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), shm,
+                     os.environ.get("GROUP_RANK", "")))
+
+
+def _start(pid: int) -> int:
+    """Start time of a running process in clock ticks since boot; -1 when it is gone (or a zombie)."""
+    fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)
+    if len(fields) < 2 or fields[1].split()[0] in ("Z", "X"):
+        return -1
+    return int(fields[1].split()[19])
+
+
+def peer_record() -> dict:
+    """This process as the other ranks see it: its node (`node_key`), host, node rank, pid and start time."""
+    pid = os.getpid()
+    return {"node": node_key(), "host": socket.gethostname(), "node_rank": os.environ.get("GROUP_RANK", ""),
+            "boot": _read("/proc/sys/kernel/random/boot_id"), "pid": pid, "start": _start(pid)}
+
+
+def peers() -> list[dict]:
+    """Every rank's `peer_record` in rank order, as `setup` gathered them (this process's alone before)."""
+    return _peers or [peer_record()]
+
+
+def node_leaders(nodes: list[str]) -> list[int]:
+    """For each rank (its node key at its index), the lowest rank on the same node: the one that creates and
+    writes the node's shared state. Independent of how ranks are laid out over the nodes."""
+    first: dict[str, int] = {}
+    for r, node in enumerate(nodes):
+        first.setdefault(node, r)
+    return [first[node] for node in nodes]
+
+
+_PEER_ERRORS = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "broken pipe",
+                "gloo", "nccl", "c10d", "processgroup")
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective's failure (a peer gone or not answering within the timeout) in a
+    process of a distributed run (a ViewpipeError never is)."""
+    from viewpipe.errors import ViewpipeError
+
+    if len(_peers) < 2 or isinstance(exc, (ViewpipeError, KeyboardInterrupt)):
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(k in str(exc).lower() for k in _PEER_ERRORS)
+
+
+def lost_rank(exc: BaseException, rank: int) -> str:
+    """Which rank is gone, as far as rank `rank` can know after `exc`: those on this machine whose process has
+    ended (pid checked); else, of the ranks on other machines, those of the host the error names (by name or
+    address), else all of them; else (every rank here, alive: one stopped, not answering) all the others.
+    With the error's first line."""
+    me = peers()[rank] if rank < len(peers()) else peer_record()
+    here = [r for r, p in enumerate(peers()) if r != rank and (p["host"], p["boot"]) == (me["host"], me["boot"])]
+    gone = [r for r in here if _start(peers()[r]["pid"]) != peers()[r]["start"]]
+    others = [r for r in range(len(peers())) if r != rank]
+    remote = [r for r in others if r not in here]
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\.cc:\d+\] ", "", text).split(". ", 1)[0][:200]  # (gloo's source location, advice)
+    if not gone:
+        gone = [r for r in remote if _names(text, r)] or remote or others
+    ranks = ", ".join(f"rank {r} (pid {peers()[r]['pid']} on {peers()[r]['host']}"
+                      f"{', node ' + peers()[r]['node_rank'] if peers()[r]['node_rank'] else ''})" for r in gone)
+    ranks = ranks if len(gone) == 1 else f"one of {ranks}"
+    return f"lost {ranks}: {text}"
+
+
+def _names(text: str, r: int) -> bool:
+    """Whether the error text names rank r's host (by name or by one of its addresses)."""
+    host = peers()[r]["host"]
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except OSError:
+        addrs = set()
+    return host in text or any(f"[{a}]" in text for a in addrs)
 
 
 # ---------------------------------------------------------------------------------------------- collectives
