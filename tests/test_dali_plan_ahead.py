@@ -148,3 +148,21 @@ def test_errors_reach_the_consumer_and_no_thread_is_left(converted: Path) -> Non
     assert not planning_threads()
     with pytest.raises(ViewpipeError, match="plan_ahead"):
         DaliOptions(plan_ahead=-1)
+
+
+def test_a_run_asks_for_it_with_data_dali_plan_ahead(converted: Path, tmp_path: Path) -> None:
+    """`data.dali_plan_ahead` reaches the training loader's DaliOptions, and its planning thread runs."""
+    from conftest import tiny_run_args
+    from viewpipe.trainers.config import load_config
+    from viewpipe.trainers.engine import Trainer
+
+    cfg = load_config(None, tiny_run_args(converted, tmp_path / "run", "data.dali_plan_ahead=2", backend="dali",
+                                          workers=1))
+    trainer = Trainer(cfg)
+    try:
+        loader = trainer.loader(0)
+        assert loader.cfg.dali.plan_ahead == 2 and loader.prefetch == loader.cfg.dali.prefetch_queue_depth + 2
+        assert len(next(iter(loader)).indices) == 16 and planning_threads()
+    finally:
+        trainer.close()
+    assert not planning_threads()

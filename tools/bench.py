@@ -251,8 +251,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: the DALI loader's); also with --train (data.hw_decoder_load)")
     p.add_argument("--dali-plan-ahead", type=int, default=0, metavar="N",
                    help="the DALI loaders plan (and gather the bytes of) up to N batches ahead in a thread instead "
-                   "of in DALI's callback on the consumer's thread (0, the default; DaliOptions.plan_ahead); not "
-                   "with --train")
+                   "of in DALI's callback on the consumer's thread (0, the default; DaliOptions.plan_ahead); "
+                   "also with --train (data.dali_plan_ahead)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--train", action="store_true",
                    help="measure training steps instead: synthetic GPU-resident data, then each backend feeding "
@@ -476,6 +476,7 @@ def train_main(args: argparse.Namespace, data: Path, source: Source, backends: l
     gpu = torch.cuda.is_available()
     needed = formats_read(backends)
     hw = [] if args.hw_decoder_load is None else [f"data.hw_decoder_load={args.hw_decoder_load}"]
+    hw += [f"data.dali_plan_ahead={args.dali_plan_ahead}"]
     converted = converted_data(data, args.split, needed, args.workers) if needed else None
     backbone = args.backbone or ("resnet50" if gpu else "resnet_tiny")
     rows: list[BenchRow] = []

@@ -255,7 +255,7 @@ class Trainer:
                               augment=self.augment, workers=effective_workers(d.workers), seed=self.cfg.seed,
                               channels_last=self.cfg.channels_last, groups=build_groups(d),
                               companions=self.method.needs_neighbours() > 0, device=str(self.device),
-                              dali=DaliOptions(hw_decoder_load=d.hw_decoder_load))
+                              dali=DaliOptions(hw_decoder_load=d.hw_decoder_load, plan_ahead=d.dali_plan_ahead))
             backend = get_backend(d.backend)
             self._loader = backend(self.source, lc, self.state, rank=self.rank, world=self.world)
             self._loader_box = use_box

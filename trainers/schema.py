@@ -211,6 +211,8 @@ class DataConfig:
                                 "cores // LOCAL_WORLD_SIZE; capped at it)")
     hw_decoder_load: float = bounded(0.65, 0.0, 1.0, help="dali only: the share of images nvJPEG sends to the "
                                      "hardware JPEG decoder (A100, H100), the rest decoded by CUDA")
+    dali_plan_ahead: int = bounded(0, 0, help="dali only: batches a thread plans and reads ahead of DALI's callback "
+                                   "(0: in the callback, on the training thread; DaliOptions.plan_ahead)")
 
 
 @dataclass
