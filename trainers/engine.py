@@ -117,8 +117,6 @@ class Trainer:
         self._prepare_run_folder(resume)
         seed_all(cfg.seed + self.rank)
         self._open_data(cfg)
-        if self.local_rank == 0:  # (once per node)
-            print(workers_line(cfg.data.workers), flush=True)
         self._start_records()
         resume = self._resume_path(resume)
         ckpt = self._read(Path(resume)) if resume else None  # verified before anything is built; applied below
@@ -444,6 +442,8 @@ class Trainer:
         self._first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=self.device)
         self._bad_loss = torch.zeros((), device=self.device)
         self._open_loggers()
+        if self.local_rank == 0:  # (once per node: the ranks of a node share its cores)
+            print(workers_line(cfg.data.workers), flush=True)
         self.log({"event": "start", "step": self.step, "epoch": self.epoch, "world": self.world,
                   "resumed_from": self._resumed_from})
         try:
