@@ -226,9 +226,8 @@ class Trainer:
     def _sample_state(self) -> SampleState:
         """The lowest rank of each node (`dist.node_leaders`: whatever the rank layout) creates the node's segment,
         then the node's other ranks attach to that one by name; each node's leader publishes the updates into its
-        node's segment. With
-        ContrastiveCrop it holds the K×K heatmaps (K: the backbone's last-stage side at ccrop.size) and their
-        live threshold, ccrop.threshold to start with (a resume restores the checkpoint's)."""
+        node's segment. With ContrastiveCrop it holds the K×K heatmaps (K: the backbone's last-stage side at
+        ccrop.size) and their live threshold, ccrop.threshold to start with (a resume restores the checkpoint's)."""
         from viewpipe.trainers.ccrop import heatmap_side
 
         k, c = self.method.needs_neighbours(), self.cfg.ccrop
@@ -239,7 +238,9 @@ class Trainer:
         if self.world == 1:
             return state
         names = gather_objects(state.name if state is not None else None)  # (after the creation)
-        return state if state is not None else SampleState.attach(names[self.leader])
+        state = state if state is not None else SampleState.attach(names[self.leader])
+        barrier()  # every rank holds its node's segment before any leader may close (and so remove) it
+        return state
 
     def loader(self, epoch: int) -> Any:
         """The backend's loader for `epoch`: ContrastiveCrop boxes once the first update has happened, plain
