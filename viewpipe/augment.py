@@ -19,6 +19,7 @@ Standalone use, on any uint8 batch::
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import ModuleType
 from typing import Sequence
 
@@ -122,7 +123,7 @@ class Augmenter(nn.Module):
             sizes = np.array([spatial_size(im[None], layout) for im in images]).reshape(-1, 2)
             images, layout, own = to_nchw(images, layout), "chw", torch.from_numpy(sizes)
         seed = int(torch.randint(2 ** 62, (), generator=generator))
-        crop = CropConfig(crop.alpha, crop.scale, crop.ratio, boxes is not None, crop.tries)
+        crop = replace(crop, use_box=boxes is not None)  # Beta centres only inside given boxes
         box_rows = None if boxes is None else np.asarray(torch.as_tensor(boxes, dtype=torch.float32).cpu())
         count = views or max(2, len(self.cfg.views))
         windows = view_windows(np.random.default_rng(seed), sizes, box_rows, count, crop)
